@@ -1,0 +1,56 @@
+//! The sans-IO core of Teleport: the array tree, the wire format, and the request
+//! state machines.
+//!
+//! This crate does no IO and reads no clock. Callers pass bytes in and take
+//! bytes out, and pass the current time in as a [`Timestamp`]. That is what lets
+//! the same code run under tokio + QUIC, in a browser over WebTransport, in a
+//! custom event loop, or in a simulator that advances time by hand.
+//!
+//! # Pieces
+//!
+//! - [`Tree`], [`Array`], [`DType`]: the values calls send and return.
+//! - [`encode`] and [`Decoder`]: the wire format (see `docs/wire-format.md`).
+//!   Encoding produces a gather list that references array buffers without
+//!   copying them; decoding is incremental and copies array data exactly once,
+//!   into 64-byte-aligned memory.
+//! - [`batch`]: stacking trees along a new axis 0 and splitting them back.
+//!
+//! # `no_std`
+//!
+//! The crate is `#![no_std]` and needs only `alloc`. The default `std` feature
+//! adds `std::error::Error` impls through the dependencies; the `ndarray`
+//! feature adds conversions to and from `ndarray` arrays.
+
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+mod array;
+mod dtype;
+mod limits;
+mod message;
+mod time;
+mod tree;
+pub mod wire;
+
+pub use array::Array;
+pub use dtype::{DType, Element};
+pub use limits::Limits;
+pub use message::{
+    Call, ErrorKind, Goodbye, GoodbyeReason, Hello, Kind, Message, RemoteError, Reply, RequestId,
+};
+pub use time::Timestamp;
+pub use tree::{Layout, LayoutNode, Map, Tree, TreeError};
+pub use wire::{decode_message, encode, DecodeError, Decoder, EncodeError, Encoded};
+
+/// Re-exported for the [`tree!`] macro; not part of the API.
+#[doc(hidden)]
+pub use alloc::vec as __alloc_vec;
+
+/// Re-exports of the element types that have no home in `core`.
+pub use half::{bf16, f16};
+pub use num_complex::{Complex32, Complex64};

@@ -1,0 +1,638 @@
+//! The incremental decoder: bytes in, in chunks of any size; messages out.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use bytes::{BufMut, Bytes, BytesMut};
+use core::time::Duration;
+use serde::Deserialize;
+
+use super::{align_up, head, tag, DecodeError, ALIGN, MAGIC, PREAMBLE_LEN, VERSION};
+use crate::message::{
+    Call, ErrorKind, Goodbye, GoodbyeReason, Hello, Kind, Message, RemoteError, Reply,
+};
+use crate::{Array, DType, Limits, Map, Tree};
+
+/// Reads a stream of messages from bytes that arrive in chunks of any size.
+///
+/// Feed it with [`Decoder::feed`] until it yields a message; the result is the same
+/// whatever the chunking. Every declared length is checked against [`Limits`]
+/// before memory is reserved for it. Array data is copied once, from the input
+/// chunks into a buffer aligned to 64 bytes, and every array in the message is a
+/// view into that buffer.
+///
+/// ```
+/// use teleport_protocol::{encode, tree, Decoder, Limits, Message};
+/// let bytes = encode(&Message::Ping { nonce: 7 }).unwrap().to_vec();
+/// let mut decoder = Decoder::new(Limits::default());
+/// let mut msgs = Vec::new();
+/// for chunk in bytes.chunks(5) {
+///     let mut input = chunk;
+///     while !input.is_empty() {
+///         if let Some(m) = decoder.feed(&mut input).unwrap() {
+///             msgs.push(m);
+///         }
+///     }
+/// }
+/// assert_eq!(msgs, [Message::Ping { nonce: 7 }]);
+/// ```
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Preamble {
+        buf: [u8; PREAMBLE_LEN],
+        filled: usize,
+    },
+    Header {
+        preamble: Preamble,
+        buf: Vec<u8>,
+    },
+    Data(DataState),
+    Failed,
+}
+
+#[derive(Debug)]
+struct DataState {
+    message: Message,
+    regions: Vec<Region>,
+    buf: BytesMut,
+    /// Bytes at the start of `buf` skipped to reach 64-byte alignment.
+    skip: usize,
+    remaining: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Preamble {
+    kind: Kind,
+    header_len: usize,
+    /// Header plus the padding that follows it.
+    header_total: usize,
+    data_len: u64,
+}
+
+/// A data region of the body, as declared in the header.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    offset: u64,
+    len: u64,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder {
+            limits,
+            state: State::Preamble {
+                buf: [0; PREAMBLE_LEN],
+                filled: 0,
+            },
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// True between messages: no partial message is buffered.
+    pub fn is_at_boundary(&self) -> bool {
+        matches!(self.state, State::Preamble { filled: 0, .. })
+    }
+
+    /// Call when the input has ended: fails if it ended inside a message.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        let needed = match &self.state {
+            State::Preamble { filled: 0, .. } => return Ok(()),
+            State::Preamble { filled, .. } => (PREAMBLE_LEN - filled) as u64,
+            State::Header { preamble, buf } => {
+                (preamble.header_total - buf.len()) as u64 + preamble.data_len
+            }
+            State::Data(d) => d.remaining as u64,
+            State::Failed => return Err(DecodeError::Poisoned),
+        };
+        Err(DecodeError::Truncated { needed })
+    }
+
+    /// Consumes bytes from the front of `input` and returns a message when one is
+    /// complete. Stops right after a message's last byte, so the rest of `input`
+    /// (the next message) is left for the next call.
+    ///
+    /// After an error the decoder stays failed: the stream's framing is lost.
+    pub fn feed(&mut self, input: &mut &[u8]) -> Result<Option<Message>, DecodeError> {
+        let result = self.feed_inner(input);
+        if result.is_err() {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    fn feed_inner(&mut self, input: &mut &[u8]) -> Result<Option<Message>, DecodeError> {
+        loop {
+            match &mut self.state {
+                State::Failed => return Err(DecodeError::Poisoned),
+                State::Preamble { buf, filled } => {
+                    let n = (PREAMBLE_LEN - *filled).min(input.len());
+                    buf[*filled..*filled + n].copy_from_slice(&input[..n]);
+                    *filled += n;
+                    *input = &input[n..];
+                    if *filled < PREAMBLE_LEN {
+                        return Ok(None);
+                    }
+                    let preamble = parse_preamble(buf, &self.limits)?;
+                    self.state = State::Header {
+                        preamble,
+                        buf: Vec::new(),
+                    };
+                }
+                State::Header { preamble, buf } => {
+                    let preamble = *preamble;
+                    let total = preamble.header_total;
+                    let message = if buf.is_empty() && input.len() >= total {
+                        // The whole header is in this chunk: parse it in place.
+                        let (h, rest) = input.split_at(total);
+                        *input = rest;
+                        parse_header(&preamble, &h[..preamble.header_len], &self.limits)?
+                    } else {
+                        let n = (total - buf.len()).min(input.len());
+                        buf.extend_from_slice(&input[..n]);
+                        *input = &input[n..];
+                        if buf.len() < total {
+                            return Ok(None);
+                        }
+                        parse_header(&preamble, &buf[..preamble.header_len], &self.limits)?
+                    };
+                    let (message, regions) = message;
+                    if preamble.data_len == 0 {
+                        self.reset();
+                        return Ok(Some(message));
+                    }
+                    // Checked against the limit in parse_preamble; the extra
+                    // ALIGN - 1 bytes let the data start on a 64-byte boundary.
+                    let data_len = usize::try_from(preamble.data_len)
+                        .map_err(|_| DecodeError::TooLargeForPlatform)?;
+                    let capacity = data_len
+                        .checked_add(ALIGN - 1)
+                        .ok_or(DecodeError::TooLargeForPlatform)?;
+                    let mut buf = BytesMut::with_capacity(capacity);
+                    let skip = (ALIGN - (buf.as_ptr() as usize) % ALIGN) % ALIGN;
+                    buf.put_bytes(0, skip);
+                    self.state = State::Data(DataState {
+                        message,
+                        regions,
+                        buf,
+                        skip,
+                        remaining: data_len,
+                    });
+                }
+                State::Data(d) => {
+                    let n = d.remaining.min(input.len());
+                    // The one copy on receive. `buf` has the capacity reserved, so
+                    // this never reallocates and the alignment holds.
+                    d.buf.extend_from_slice(&input[..n]);
+                    d.remaining -= n;
+                    *input = &input[n..];
+                    if d.remaining > 0 {
+                        return Ok(None);
+                    }
+                    let State::Data(d) = core::mem::replace(
+                        &mut self.state,
+                        State::Preamble {
+                            buf: [0; PREAMBLE_LEN],
+                            filled: 0,
+                        },
+                    ) else {
+                        unreachable!("matched State::Data above")
+                    };
+                    let data = d.buf.freeze().slice(d.skip..);
+                    let mut message = d.message;
+                    attach_data(&mut message, &data, &d.regions);
+                    return Ok(Some(message));
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.state = State::Preamble {
+            buf: [0; PREAMBLE_LEN],
+            filled: 0,
+        };
+    }
+}
+
+/// Decodes exactly one message from `bytes`, which must hold nothing else.
+pub fn decode_message(bytes: &[u8], limits: &Limits) -> Result<Message, DecodeError> {
+    let mut decoder = Decoder::new(limits.clone());
+    let mut input = bytes;
+    match decoder.feed(&mut input)? {
+        Some(message) if input.is_empty() => Ok(message),
+        Some(_) => Err(DecodeError::TrailingBytes { len: input.len() }),
+        None => {
+            decoder.finish()?;
+            unreachable!("finish fails inside a message")
+        }
+    }
+}
+
+fn parse_preamble(buf: &[u8; PREAMBLE_LEN], limits: &Limits) -> Result<Preamble, DecodeError> {
+    let magic: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    if buf[4] != VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            found: buf[4],
+            supported: VERSION,
+        });
+    }
+    let kind = Kind::from_code(buf[5]).ok_or(DecodeError::UnknownKind(buf[5]))?;
+    let flags = u16::from_le_bytes([buf[6], buf[7]]);
+    if flags != 0 {
+        return Err(DecodeError::ReservedFlags(flags));
+    }
+    let header_len = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    let data_len = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
+    if header_len > limits.max_header_len {
+        return Err(DecodeError::HeaderTooLarge {
+            len: header_len,
+            max: limits.max_header_len,
+        });
+    }
+    if data_len > limits.max_data_len {
+        return Err(DecodeError::DataTooLarge {
+            len: data_len,
+            max: limits.max_data_len,
+        });
+    }
+    if data_len > 0 && !matches!(kind, Kind::Call | Kind::Reply) {
+        return Err(DecodeError::UnexpectedData {
+            kind,
+            len: data_len,
+        });
+    }
+    let header_total = if data_len > 0 {
+        align_up(
+            (PREAMBLE_LEN as u64)
+                .checked_add(header_len)
+                .ok_or(DecodeError::SizeOverflow)?,
+        )
+        .ok_or(DecodeError::SizeOverflow)?
+            - PREAMBLE_LEN as u64
+    } else {
+        header_len
+    };
+    Ok(Preamble {
+        kind,
+        header_len: usize::try_from(header_len).map_err(|_| DecodeError::TooLargeForPlatform)?,
+        header_total: usize::try_from(header_total)
+            .map_err(|_| DecodeError::TooLargeForPlatform)?,
+        data_len,
+    })
+}
+
+/// A cursor over the header that reads postcard values and reports where a
+/// malformed one starts.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take<T: Deserialize<'a>>(&mut self, what: &'static str) -> Result<T, DecodeError> {
+        match postcard::take_from_bytes::<T>(&self.buf[self.pos..]) {
+            Ok((value, rest)) => {
+                self.pos = self.buf.len() - rest.len();
+                Ok(value)
+            }
+            Err(_) => Err(DecodeError::MalformedHeader {
+                offset: self.pos,
+                what,
+            }),
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+fn check_name(name: &str, limits: &Limits) -> Result<(), DecodeError> {
+    if name.len() > limits.max_name_len {
+        return Err(DecodeError::NameTooLong {
+            len: name.len(),
+            max: limits.max_name_len,
+        });
+    }
+    Ok(())
+}
+
+fn parse_header(
+    preamble: &Preamble,
+    header: &[u8],
+    limits: &Limits,
+) -> Result<(Message, Vec<Region>), DecodeError> {
+    let mut r = Reader {
+        buf: header,
+        pos: 0,
+    };
+    let mut tree_parser = TreeParser {
+        limits,
+        data_len: preamble.data_len,
+        end: 0,
+        regions: Vec::new(),
+        nodes: 0,
+    };
+    let message = match preamble.kind {
+        Kind::Hello => {
+            let h: head::Hello = r.take("hello")?;
+            check_name(h.agent, limits)?;
+            if let Some(t) = h.token {
+                check_name(t, limits)?;
+            }
+            Message::Hello(Hello {
+                agent: h.agent.into(),
+                token: h.token.map(String::from),
+            })
+        }
+        Kind::Call => {
+            let h: head::Call = r.take("call")?;
+            check_name(h.method, limits)?;
+            let method = h.method.into();
+            let args = tree_parser.parse(&mut r)?;
+            Message::Call(Call {
+                request_id: h.request_id,
+                method,
+                timeout: h.timeout_us.map(Duration::from_micros),
+                args,
+            })
+        }
+        Kind::Reply => {
+            let h: head::Reply = r.take("reply")?;
+            let result = match h.error {
+                None => Ok(tree_parser.parse(&mut r)?),
+                Some(e) => {
+                    check_name(e.type_name, limits)?;
+                    Err(RemoteError {
+                        kind: ErrorKind::from_code(e.kind),
+                        type_name: e.type_name.into(),
+                        message: e.message.into(),
+                    })
+                }
+            };
+            Message::Reply(Reply {
+                request_id: h.request_id,
+                result,
+            })
+        }
+        Kind::Ping => Message::Ping {
+            nonce: r.take("ping nonce")?,
+        },
+        Kind::Pong => Message::Pong {
+            nonce: r.take("pong nonce")?,
+        },
+        Kind::Cancel => Message::Cancel {
+            request_id: r.take("cancel request id")?,
+        },
+        Kind::Goodbye => {
+            let h: head::Goodbye = r.take("goodbye")?;
+            Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::from_code(h.reason),
+                message: h.message.into(),
+            })
+        }
+    };
+    if r.remaining() > 0 {
+        return Err(DecodeError::TrailingHeaderBytes { len: r.remaining() });
+    }
+    if tree_parser.end != preamble.data_len {
+        return Err(DecodeError::DataLengthMismatch {
+            declared: preamble.data_len,
+            expected: tree_parser.end,
+        });
+    }
+    Ok((message, tree_parser.regions))
+}
+
+/// Reads a pre-order node list into a tree whose arrays and bytes leaves are
+/// empty placeholders, recording their data regions in order.
+struct TreeParser<'l> {
+    limits: &'l Limits,
+    data_len: u64,
+    /// End of the last region placed so far.
+    end: u64,
+    regions: Vec<Region>,
+    nodes: usize,
+}
+
+/// A list or map being filled.
+enum Frame {
+    List(Vec<Tree>, u64),
+    Map(Map, u64, Option<String>),
+}
+
+impl TreeParser<'_> {
+    fn count_node(&mut self) -> Result<(), DecodeError> {
+        self.nodes += 1;
+        if self.nodes > self.limits.max_nodes {
+            return Err(DecodeError::TooManyNodes {
+                max: self.limits.max_nodes,
+            });
+        }
+        Ok(())
+    }
+
+    fn region(&mut self, offset: u64, len: u64) -> Result<(), DecodeError> {
+        let expected = align_up(self.end).ok_or(DecodeError::SizeOverflow)?;
+        if offset != expected {
+            return Err(DecodeError::MisplacedRegion {
+                expected,
+                found: offset,
+            });
+        }
+        let end = offset.checked_add(len).ok_or(DecodeError::SizeOverflow)?;
+        if end > self.data_len {
+            return Err(DecodeError::DataLengthMismatch {
+                declared: self.data_len,
+                expected: end,
+            });
+        }
+        self.end = end;
+        self.regions.push(Region { offset, len });
+        Ok(())
+    }
+
+    /// Checks a container's declared child count before reserving room for it.
+    fn children(&self, r: &Reader<'_>, n: u64, frames: usize) -> Result<usize, DecodeError> {
+        if frames + 1 > self.limits.max_depth {
+            return Err(DecodeError::TooDeep {
+                max: self.limits.max_depth,
+            });
+        }
+        // Every child takes at least one node and one header byte.
+        if n > (self.limits.max_nodes - self.nodes) as u64 {
+            return Err(DecodeError::TooManyNodes {
+                max: self.limits.max_nodes,
+            });
+        }
+        if n > r.remaining() as u64 {
+            return Err(DecodeError::MalformedHeader {
+                offset: r.pos,
+                what: "container declares more children than the header has bytes",
+            });
+        }
+        Ok(n as usize)
+    }
+
+    fn parse(&mut self, r: &mut Reader<'_>) -> Result<Tree, DecodeError> {
+        let mut frames: Vec<Frame> = Vec::new();
+        loop {
+            if let Some(Frame::Map(_, _, key)) = frames.last_mut() {
+                let k: &str = r.take("map key")?;
+                check_name(k, self.limits)?;
+                *key = Some(k.into());
+                self.count_node()?;
+            }
+            let tag: u32 = r.take("node tag")?;
+            self.count_node()?;
+            let mut node = match tag {
+                tag::NONE => Tree::None,
+                tag::BOOL => Tree::Bool(r.take("bool")?),
+                tag::INT => Tree::Int(r.take("int")?),
+                tag::FLOAT => Tree::Float(r.take("float")?),
+                tag::STR => Tree::Str(r.take::<&str>("string")?.into()),
+                tag::BYTES => {
+                    let (offset, len): (u64, u64) = r.take("bytes region")?;
+                    self.region(offset, len)?;
+                    Tree::Bytes(Bytes::new())
+                }
+                tag::ARRAY => {
+                    let (code, offset, rank): (u8, u64, u64) = r.take("array")?;
+                    let dtype = DType::from_code(code).ok_or(DecodeError::UnknownDType(code))?;
+                    if rank > self.limits.max_rank as u64 {
+                        return Err(DecodeError::RankTooLarge {
+                            rank,
+                            max: self.limits.max_rank,
+                        });
+                    }
+                    if rank > r.remaining() as u64 {
+                        return Err(DecodeError::MalformedHeader {
+                            offset: r.pos,
+                            what: "array rank exceeds the bytes left in the header",
+                        });
+                    }
+                    let mut shape = Vec::with_capacity(rank as usize);
+                    let mut len = dtype.size() as u64;
+                    for _ in 0..rank {
+                        let dim: u64 = r.take("array dimension")?;
+                        len = len.checked_mul(dim).ok_or(DecodeError::SizeOverflow)?;
+                        shape.push(
+                            usize::try_from(dim).map_err(|_| DecodeError::TooLargeForPlatform)?,
+                        );
+                    }
+                    self.region(offset, len)?;
+                    Tree::Array(Array::placeholder(dtype, shape))
+                }
+                tag::LIST => {
+                    let n: u64 = r.take("list length")?;
+                    if n == 0 {
+                        Tree::List(Vec::new())
+                    } else {
+                        let n = self.children(r, n, frames.len())?;
+                        frames.push(Frame::List(Vec::with_capacity(n), n as u64));
+                        continue;
+                    }
+                }
+                tag::MAP => {
+                    let n: u64 = r.take("map length")?;
+                    if n == 0 {
+                        Tree::Map(Map::new())
+                    } else {
+                        // A key is a node too: it costs memory like one.
+                        let n = self.children(r, n.saturating_mul(2), frames.len())? / 2;
+                        frames.push(Frame::Map(Map::with_capacity(n), n as u64, None));
+                        continue;
+                    }
+                }
+                _ => {
+                    return Err(DecodeError::MalformedHeader {
+                        offset: r.pos,
+                        what: "unknown node tag",
+                    })
+                }
+            };
+            // Attach the finished node to its parent; a parent that is now full is
+            // itself finished, and so on up.
+            loop {
+                let Some(frame) = frames.last_mut() else {
+                    return Ok(node);
+                };
+                let left = match frame {
+                    Frame::List(items, left) => {
+                        items.push(node);
+                        left
+                    }
+                    Frame::Map(map, left, key) => {
+                        let key = key.take().unwrap_or_default();
+                        map.push_unchecked(key, node);
+                        left
+                    }
+                };
+                *left -= 1;
+                if *left > 0 {
+                    break;
+                }
+                node = match frames.pop() {
+                    Some(Frame::List(items, _)) => Tree::List(items),
+                    Some(Frame::Map(map, _, _)) => {
+                        check_unique_keys(&map)?;
+                        Tree::Map(map)
+                    }
+                    None => unreachable!("frames.last_mut() was Some"),
+                };
+            }
+        }
+    }
+}
+
+/// Rejects a map with a repeated key: lookups would be ambiguous. Sorting keeps
+/// this O(n log n) for a hostile map with a million keys.
+fn check_unique_keys(map: &Map) -> Result<(), DecodeError> {
+    if map.len() < 2 {
+        return Ok(());
+    }
+    let mut keys: Vec<&str> = map.keys().collect();
+    keys.sort_unstable();
+    match keys.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(DecodeError::DuplicateKey(w[0].into())),
+        None => Ok(()),
+    }
+}
+
+/// Points every placeholder leaf of the message's tree at its region of `data`.
+fn attach_data(message: &mut Message, data: &Bytes, regions: &[Region]) {
+    let root = match message {
+        Message::Call(c) => &mut c.args,
+        Message::Reply(Reply { result: Ok(t), .. }) => t,
+        _ => return,
+    };
+    let mut regions = regions.iter();
+    let mut stack = alloc::vec![root];
+    while let Some(node) = stack.pop() {
+        // Regions were validated against data_len, which is data.len().
+        let mut slice = || {
+            regions
+                .next()
+                .map(|r| data.slice(r.offset as usize..(r.offset + r.len) as usize))
+                .unwrap_or_default()
+        };
+        match node {
+            Tree::Array(a) => a.attach(slice()),
+            Tree::Bytes(b) => *b = slice(),
+            Tree::List(l) => stack.extend(l.iter_mut().rev()),
+            Tree::Map(m) => stack.extend(m.values_mut().rev()),
+            _ => {}
+        }
+    }
+}

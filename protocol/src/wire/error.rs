@@ -1,0 +1,87 @@
+use alloc::string::String;
+
+use crate::message::Kind;
+
+/// Why a byte sequence is not a valid message.
+///
+/// After any error the [`Decoder`](super::Decoder) that returned it is unusable:
+/// the framing of the stream is lost. Over QUIC that costs one stream (one call);
+/// the connection and every other call carry on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("not a teleport message: magic bytes {0:02x?}, expected \"TLPT\"")]
+    BadMagic([u8; 4]),
+    #[error("unsupported wire format version {found} (this side speaks version {supported})")]
+    UnsupportedVersion { found: u8, supported: u8 },
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("reserved preamble flags {0:#06x} are set; they must be zero")]
+    ReservedFlags(u16),
+    #[error("header of {len} bytes exceeds the limit of {max} bytes")]
+    HeaderTooLarge { len: u64, max: u64 },
+    #[error("data of {len} bytes exceeds the limit of {max} bytes")]
+    DataTooLarge { len: u64, max: u64 },
+    #[error("a {kind:?} message carries no data, but declares {len} data bytes")]
+    UnexpectedData { kind: Kind, len: u64 },
+    #[error("malformed header at byte {offset}: {what}")]
+    MalformedHeader { offset: usize, what: &'static str },
+    #[error("{len} unread bytes at the end of the header")]
+    TrailingHeaderBytes { len: usize },
+    #[error("tree nesting exceeds the depth limit of {max}")]
+    TooDeep { max: usize },
+    #[error("tree exceeds the limit of {max} nodes")]
+    TooManyNodes { max: usize },
+    #[error("array of rank {rank} exceeds the rank limit of {max}")]
+    RankTooLarge { rank: u64, max: usize },
+    #[error("name of {len} bytes exceeds the limit of {max} bytes")]
+    NameTooLong { len: usize, max: usize },
+    #[error("unknown dtype code {0}")]
+    UnknownDType(u8),
+    #[error("duplicate map key {0:?}")]
+    DuplicateKey(String),
+    #[error("data region at offset {found} should start at offset {expected}")]
+    MisplacedRegion { expected: u64, found: u64 },
+    #[error("a declared size overflows 64 bits")]
+    SizeOverflow,
+    #[error("a declared size does not fit in this platform's address space")]
+    TooLargeForPlatform,
+    #[error("data section is {declared} bytes but the tree's regions end at {expected}")]
+    DataLengthMismatch { declared: u64, expected: u64 },
+    #[error("the stream ended inside a message ({needed} more bytes were expected)")]
+    Truncated { needed: u64 },
+    #[error("{len} bytes follow the end of the message")]
+    TrailingBytes { len: usize },
+    #[error("the decoder already failed; the rest of this stream cannot be framed")]
+    Poisoned,
+}
+
+impl DecodeError {
+    /// True when the message was well-formed but exceeded a configured [`Limits`]
+    /// value; a server answers these with an over-limit error rather than a
+    /// bad-request error.
+    ///
+    /// [`Limits`]: crate::Limits
+    pub fn is_over_limit(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::HeaderTooLarge { .. }
+                | DecodeError::DataTooLarge { .. }
+                | DecodeError::TooDeep { .. }
+                | DecodeError::TooManyNodes { .. }
+                | DecodeError::RankTooLarge { .. }
+                | DecodeError::NameTooLong { .. }
+                | DecodeError::TooLargeForPlatform
+        )
+    }
+}
+
+/// Why a message could not be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("the header could not be serialised: {0}")]
+    Header(postcard::Error),
+    #[error("the message's total size overflows 64 bits")]
+    SizeOverflow,
+}
