@@ -142,3 +142,56 @@ fn encode_references_array_buffers() {
     assert_eq!(e.len(), e.to_vec().len() as u64);
     assert_eq!(e.chunks()[0].len() % 64, 0);
 }
+
+/// Memory carved out of a larger Vec at a chosen distance from 64-byte alignment.
+struct Carved {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Carved {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+}
+
+impl AsMut<[u8]> for Carved {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + self.len]
+    }
+}
+
+struct TestAllocator {
+    misalign: usize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl wire::DataAllocator for TestAllocator {
+    fn allocate(&self, len: usize) -> Option<Box<dyn wire::DataBuffer>> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let vec = vec![0u8; len + 128];
+        let start = (64 - vec.as_ptr() as usize % 64) % 64 + self.misalign;
+        Some(Box::new(Carved { vec, start, len }))
+    }
+}
+
+#[test]
+fn data_allocator_is_used_when_aligned_and_skipped_when_not() {
+    let m = sample_messages()[2].clone();
+    let bytes = encode(&m).unwrap().to_vec();
+    for misalign in [0, 8] {
+        let alloc = std::sync::Arc::new(TestAllocator {
+            misalign,
+            calls: Default::default(),
+        });
+        let mut d = Decoder::new(Limits::default()).with_allocator(alloc.clone());
+        let mut input = &bytes[..];
+        let got = d.feed(&mut input).unwrap().unwrap();
+        assert_eq!(got, m);
+        assert_eq!(alloc.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let Message::Call(c) = got else { panic!() };
+        assert!(c.args.arrays().all(|a| a.is_aligned_to(64)));
+    }
+}
