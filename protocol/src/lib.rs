@@ -30,19 +30,25 @@ extern crate alloc;
 extern crate std;
 
 mod array;
+pub mod batch;
 mod dtype;
 mod limits;
 mod message;
+#[cfg(feature = "ndarray")]
+mod ndarray_conv;
+mod path;
 mod time;
 mod tree;
 pub mod wire;
 
 pub use array::Array;
+pub use batch::{SplitError, StackError, StackOutcome};
 pub use dtype::{DType, Element};
 pub use limits::Limits;
 pub use message::{
     Call, ErrorKind, Goodbye, GoodbyeReason, Hello, Kind, Message, RemoteError, Reply, RequestId,
 };
+pub use path::{PathSegment, TreePath};
 pub use time::Timestamp;
 pub use tree::{Layout, LayoutNode, Map, Tree, TreeError};
 pub use wire::{decode_message, encode, DecodeError, Decoder, EncodeError, Encoded};
