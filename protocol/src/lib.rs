@@ -30,9 +30,12 @@ extern crate alloc;
 extern crate std;
 
 mod array;
+pub mod batcher;
+pub mod client;
 mod dtype;
 mod limits;
 mod message;
+pub mod server;
 mod time;
 mod tree;
 pub mod wire;
