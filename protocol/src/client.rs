@@ -850,9 +850,11 @@ mod tests {
 
     #[test]
     fn hello_carries_agent_and_token_and_debug_hides_it() {
-        let mut config = ClientConfig::default();
-        config.token = Some("hunter2".into());
-        config.agent = "me".into();
+        let config = ClientConfig {
+            token: Some("hunter2".into()),
+            agent: "me".into(),
+            ..ClientConfig::default()
+        };
         assert!(!format!("{config:?}").contains("hunter2"));
         let mut c = ClientProtocol::new(config, at(0));
         match c.poll_output() {
@@ -868,8 +870,10 @@ mod tests {
 
     #[test]
     fn call_carries_method_args_and_timeout() {
-        let mut config = ClientConfig::default();
-        config.default_timeout = Some(secs(9));
+        let config = ClientConfig {
+            default_timeout: Some(secs(9)),
+            ..ClientConfig::default()
+        };
         let mut c = client(config);
         c.start_call(at(0), "add", tree!([1, 2]), Some(secs(2)))
             .unwrap();
@@ -889,8 +893,10 @@ mod tests {
 
     #[test]
     fn in_flight_limit_refuses_and_frees_slots() {
-        let mut config = ClientConfig::default();
-        config.max_in_flight = 2;
+        let config = ClientConfig {
+            max_in_flight: 2,
+            ..ClientConfig::default()
+        };
         let mut c = client(config);
         let a = start(&mut c, at(0), None);
         let _b = start(&mut c, at(0), None);
@@ -909,8 +915,10 @@ mod tests {
 
     #[test]
     fn zero_max_in_flight_means_one() {
-        let mut config = ClientConfig::default();
-        config.max_in_flight = 0;
+        let config = ClientConfig {
+            max_in_flight: 0,
+            ..ClientConfig::default()
+        };
         let mut c = client(config);
         assert_eq!(c.config().max_in_flight, 1);
         start(&mut c, at(0), None);
@@ -1206,9 +1214,11 @@ mod tests {
 
     #[test]
     fn no_pings_or_death_when_disabled() {
-        let mut config = ClientConfig::default();
-        config.ping_interval = None;
-        config.max_age = None;
+        let config = ClientConfig {
+            ping_interval: None,
+            max_age: None,
+            ..ClientConfig::default()
+        };
         let mut c = client(config);
         let a = start(&mut c, at(0), None);
         assert_eq!(c.poll_timeout(), None);
@@ -1265,8 +1275,10 @@ mod tests {
 
     #[test]
     fn connection_lost_fails_everything_and_returns_kept_calls() {
-        let mut config = ClientConfig::default();
-        config.keep_calls = true;
+        let config = ClientConfig {
+            keep_calls: true,
+            ..ClientConfig::default()
+        };
         let mut c = client(config);
         let a = c
             .start_call(at(0), "add", tree!([1, 2]), Some(secs(3)))

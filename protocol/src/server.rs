@@ -561,9 +561,10 @@ mod tests {
     }
 
     fn with_token(token: &str) -> ServerConfig {
-        let mut config = ServerConfig::default();
-        config.token = Some(token.into());
-        config
+        ServerConfig {
+            token: Some(token.into()),
+            ..ServerConfig::default()
+        }
     }
 
     fn request_ids(out: &[ServerOutput]) -> Vec<RequestId> {
@@ -711,8 +712,10 @@ mod tests {
 
     #[test]
     fn over_the_limit_is_refused_before_the_application() {
-        let mut config = ServerConfig::default();
-        config.max_in_flight = 2;
+        let config = ServerConfig {
+            max_in_flight: 2,
+            ..ServerConfig::default()
+        };
         let mut s = server(config);
         for id in 0..2 {
             s.handle_message(at(0), call(id, None)).unwrap();
@@ -881,8 +884,10 @@ mod tests {
 
     #[test]
     fn zero_max_in_flight_means_one() {
-        let mut config = ServerConfig::default();
-        config.max_in_flight = 0;
+        let config = ServerConfig {
+            max_in_flight: 0,
+            ..ServerConfig::default()
+        };
         let mut s = server(config);
         s.handle_message(at(0), call(1, None)).unwrap();
         assert_eq!(request_ids(&drain(&mut s)), vec![1]);
