@@ -98,7 +98,7 @@ pub struct ClientConfig {
     pub max_in_flight: usize,
     /// While calls are pending and nothing has been heard from the server for this
     /// long, send a ping (at most one per interval). `None` sends no pings.
-    /// Default 5 s.
+    /// Default 5 s; anything under 1 ms is treated as 1 ms.
     pub ping_interval: Option<Duration>,
     /// While calls are pending, a server silent for longer than this is declared
     /// dead and every pending call fails with [`CallError::NotAlive`]. `None`
@@ -392,6 +392,9 @@ impl ClientProtocol {
     /// A client for a new connection, at time `now`. Queues the `Hello`.
     pub fn new(mut config: ClientConfig, now: Timestamp) -> ClientProtocol {
         config.max_in_flight = config.max_in_flight.max(1);
+        config.ping_interval = config
+            .ping_interval
+            .map(|d| d.max(Duration::from_millis(1)));
         let mut out = VecDeque::new();
         out.push_back(ClientOutput::Transmit(Message::Hello(Hello {
             agent: config.agent.clone(),
@@ -412,7 +415,8 @@ impl ClientProtocol {
         }
     }
 
-    /// The configuration in use (`max_in_flight` at least 1).
+    /// The configuration in use (`max_in_flight` at least 1, `ping_interval`
+    /// at least 1 ms).
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }
@@ -923,6 +927,20 @@ mod tests {
         assert_eq!(c.config().max_in_flight, 1);
         start(&mut c, at(0), None);
         assert!(!c.can_start());
+    }
+
+    #[test]
+    fn zero_ping_interval_cannot_spin() {
+        let config = ClientConfig {
+            ping_interval: Some(Duration::ZERO),
+            ..ClientConfig::default()
+        };
+        let mut c = client(config);
+        assert_eq!(c.config().ping_interval, Some(Duration::from_millis(1)));
+        start(&mut c, at(0), None);
+        let t = c.poll_timeout().unwrap();
+        c.handle_timeout(t);
+        assert!(c.poll_timeout().unwrap() > t);
     }
 
     #[test]
