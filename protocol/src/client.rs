@@ -168,9 +168,9 @@ pub enum CallError {
     /// The server was silent for longer than `max_age` while calls were pending,
     /// and is presumed dead. The call may or may not have run.
     #[error(
-        "the server sent nothing for {silent_for:?} while calls were pending, longer than \
-         max_age ({max_age:?}); it is presumed dead and the call may or may not have run \
-         (reconnect, or raise max_age for slow links)"
+        "the server sent nothing for {silent_for:?} while calls were pending (max_age is \
+         {max_age:?}); it is presumed dead and the call may or may not have run (reconnect, or \
+         raise max_age for slow links)"
     )]
     NotAlive {
         /// How long the server had been silent when it was declared dead.
@@ -331,7 +331,7 @@ impl ClientMessageError {
 }
 
 /// What the state machine asks its driver to do. See the [module docs](self).
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ClientOutput {
     /// Send this message to the server.

@@ -93,8 +93,8 @@ pub struct ServerConfig {
     /// `OverLimit` error. Default 64; 0 is treated as 1.
     pub max_in_flight: usize,
     /// The shared token clients must send in their `Hello`, compared in constant
-    /// time. `None` accepts any client (use mutual TLS or a trusted network).
-    /// Never printed by `Debug`.
+    /// time (only its length is not hidden). `None` accepts any client (use
+    /// mutual TLS or a trusted network). Never printed by `Debug`.
     pub token: Option<String>,
     /// Names this server in its `Hello`. Default [`DEFAULT_AGENT`].
     pub agent: String,
@@ -121,7 +121,7 @@ impl fmt::Debug for ServerConfig {
 }
 
 /// What the state machine asks its driver to do. See the [module docs](self).
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ServerOutput {
     /// Send this message to the client.
