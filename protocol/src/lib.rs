@@ -14,6 +14,10 @@
 //!   copying them; decoding is incremental and copies array data exactly once,
 //!   into 64-byte-aligned memory.
 //! - [`batch`]: stacking trees along a new axis 0 and splitting them back.
+//! - [`client`] and [`server`]: the request state machines of each side of a
+//!   connection, and [`batcher`]: the batching policy. Each follows the same
+//!   run-loop contract: feed inputs with the current time, drain `poll_output()`
+//!   until it is empty, and call `handle_timeout` at `poll_timeout()`.
 //!
 //! # `no_std`
 //!
@@ -31,12 +35,15 @@ extern crate std;
 
 mod array;
 pub mod batch;
+pub mod batcher;
+pub mod client;
 mod dtype;
 mod limits;
 mod message;
 #[cfg(feature = "ndarray")]
 mod ndarray_conv;
 mod path;
+pub mod server;
 mod time;
 mod tree;
 pub mod wire;
