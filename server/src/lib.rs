@@ -1,1 +1,33 @@
+//! The Teleport server: bind named functions on array trees, serve them over QUIC.
+//!
+//! ```no_run
+//! use teleport_server::{HandlerError, Server};
+//! use teleport_protocol::{tree, Tree};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::builder()
+//!     .bind("add", |args: Tree| async move {
+//!         let a = args.get("a").and_then(Tree::as_i64).ok_or_else(|| HandlerError::new("need a"))?;
+//!         let b = args.get("b").and_then(Tree::as_i64).ok_or_else(|| HandlerError::new("need b"))?;
+//!         Ok(tree!((a + b)))
+//!     })
+//!     .listen("127.0.0.1:4433".parse()?)
+//!     .await?;
+//! println!("fingerprint: {}", server.fingerprint());
+//! server.wait().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Each connection is driven by a
+//! [`ServerProtocol`](teleport_protocol::server::ServerProtocol): the client's
+//! first stream is the control stream (the `Hello`s, then pings, cancels and
+//! goodbyes), and every call comes on a stream of its own, answered on the same
+//! stream. Functions run concurrently; a slow or large call delays no other.
 
+mod connection;
+mod handler;
+mod server;
+
+pub use handler::HandlerError;
+pub use server::{Server, ServerBuilder, ServerError};
+pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

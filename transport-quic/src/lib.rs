@@ -1,1 +1,33 @@
+//! The QUIC transport of Teleport, on quinn and rustls.
+//!
+//! This is the only crate that knows quinn. It gives the server and the client
+//! a small interface:
+//!
+//! - [`Listener`] and [`Connector`] make [`Connection`]s, always over TLS 1.3
+//!   with the ALPN id [`ALPN`];
+//! - a connection opens and accepts bidirectional streams, each a
+//!   [`SendStream`] that writes [`Message`](teleport_protocol::Message)s as
+//!   gather lists (array bytes are not copied) and a [`RecvStream`] that decodes
+//!   them into 64-byte-aligned memory;
+//! - [`Identity`], [`Fingerprint`], [`ClientTls`], [`ServerTls`] and
+//!   [`ClientAuth`] say who each side is and whom it trusts;
+//! - [`TransportConfig`] holds the windows and timers.
+//!
+//! One stream per call is what keeps a large reply from delaying a small one:
+//! QUIC streams are flow controlled and delivered independently.
 
+mod config;
+mod endpoint;
+mod error;
+mod stream;
+mod tls;
+
+pub use config::TransportConfig;
+pub use endpoint::{
+    quinn_client_config, quinn_server_config, CloseCode, Connection, Connector, Listener,
+};
+pub use error::TransportError;
+pub use stream::{RecvStream, SendStream, StreamCode};
+pub use tls::{
+    ClientAuth, ClientTls, Fingerprint, Identity, ParseFingerprintError, ServerTls, ALPN,
+};

@@ -1,0 +1,63 @@
+//! A client for code that is not async: each call blocks until its result.
+
+use std::time::Duration;
+
+use teleport_protocol::Tree;
+
+use crate::{Client, ClientBuilder, Error};
+
+/// A [`Client`] with its own small tokio runtime, for synchronous programs.
+/// Calls from several threads at once run concurrently on one connection.
+#[derive(Debug)]
+pub struct BlockingClient {
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BlockingClient {
+    /// Connects as `builder` says. Must not be called from inside an async runtime.
+    pub fn connect(builder: ClientBuilder) -> Result<BlockingClient, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("teleport-client")
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        let client = runtime.block_on(builder.connect())?;
+        Ok(BlockingClient { client, runtime })
+    }
+
+    /// Calls `method` on `args` and waits for the result.
+    pub fn call(&self, method: &str, args: Tree) -> Result<Tree, Error> {
+        let pending = {
+            let _guard = self.runtime.enter();
+            self.client.call(method, args)
+        };
+        self.runtime.block_on(pending)
+    }
+
+    /// Like [`call`](Self::call), with a timeout.
+    pub fn call_with_timeout(
+        &self,
+        method: &str,
+        args: Tree,
+        timeout: Duration,
+    ) -> Result<Tree, Error> {
+        let pending = {
+            let _guard = self.runtime.enter();
+            self.client.call_with_timeout(method, args, timeout)
+        };
+        self.runtime.block_on(pending)
+    }
+
+    /// The async client underneath, to start several calls before waiting.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for BlockingClient {
+    fn drop(&mut self) {
+        self.client.close();
+    }
+}

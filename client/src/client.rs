@@ -1,0 +1,771 @@
+//! Connecting, calling, and the tasks that drive one connection.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use teleport_protocol::client::{CallError, ClientConfig, ClientOutput, ClientProtocol};
+use teleport_protocol::{Call, Limits, Message, RemoteError, Reply, RequestId, Timestamp, Tree};
+use teleport_quic::{
+    ClientTls, CloseCode, Connection, Connector, Fingerprint, Identity, RecvStream, SendStream,
+    StreamCode, TransportConfig, TransportError,
+};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Why connecting or calling failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No connection could be made: the address, the network, or TLS (an
+    /// untrusted or unpinned certificate shows here).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: TransportError,
+    },
+    /// The server did not answer the connection in time.
+    #[error("no answer from {addr} within {timeout:?} (is a server running there, and is UDP let through?)")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    /// The server refused the connection after the handshake (a wrong or missing
+    /// token, a client certificate it does not accept, a version it does not speak).
+    #[error("the server refused the connection: {0}")]
+    Rejected(String),
+    /// The blocking client's runtime could not be started.
+    #[error("cannot start the client's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The call failed: the function's own error ([`CallError::Remote`]), a
+    /// deadline, a cancel, or the connection.
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+impl Error {
+    /// The server's error, if the function failed or the server refused the call.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        match self {
+            Error::Call(e) => e.remote(),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of a connection. Start from [`Client::builder`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    addr: SocketAddr,
+    server_name: String,
+    tls: Option<ClientTls>,
+    identity: Option<Identity>,
+    protocol: ClientConfig,
+    transport: TransportConfig,
+    limits: Limits,
+    connect_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// Trust only the server whose certificate has this SHA-256 fingerprint
+    /// (what a server with a self-signed certificate prints).
+    pub fn pin(mut self, fingerprint: Fingerprint) -> Self {
+        self.tls = Some(ClientTls::pinned(fingerprint));
+        self
+    }
+
+    /// Trust servers as `tls` says (CA roots, pins, ...).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Trust any server. The connection is encrypted but not authenticated:
+    /// anyone on the path can impersonate the server. Tests only.
+    pub fn insecure_skip_verification(mut self) -> Self {
+        self.tls = Some(ClientTls::insecure_skip_verification());
+        self
+    }
+
+    /// Present this certificate to servers that require one (mutual TLS).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The name the server's certificate must carry when trusting CA roots.
+    /// Default `"localhost"`.
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = name.into();
+        self
+    }
+
+    /// The shared token the server requires.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.protocol.token = Some(token.into());
+        self
+    }
+
+    /// Calls in flight at once; more wait their turn in order. Default 16.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.protocol.max_in_flight = max_in_flight.max(1);
+        self
+    }
+
+    /// The timeout of calls made without one. Default none.
+    pub fn default_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.protocol.default_timeout = timeout;
+        self
+    }
+
+    /// Ping a server silent this long while calls are pending. Default 5 s.
+    pub fn ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.protocol.ping_interval = interval;
+        self
+    }
+
+    /// Declare a server silent this long while calls are pending dead and fail
+    /// its calls. Default 30 s.
+    pub fn max_age(mut self, max_age: Option<Duration>) -> Self {
+        self.protocol.max_age = max_age;
+        self
+    }
+
+    /// QUIC windows and timers.
+    pub fn transport(mut self, transport: TransportConfig) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Bounds on every reply received.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long connecting may take. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Connects, completes the TLS handshake and the `Hello` exchange. Must be
+    /// called inside a tokio runtime.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let addr = self.addr;
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, self.connect_inner()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::ConnectTimeout { addr, timeout }),
+        }
+    }
+
+    async fn connect_inner(self) -> Result<Client, Error> {
+        let addr = self.addr;
+        let fail = |source| Error::Connect { addr, source };
+        let mut tls = self.tls.ok_or_else(|| {
+            fail(TransportError::Tls(
+                "no way to trust the server was chosen: pin its fingerprint, give CA roots, or \
+                 (tests only) skip verification"
+                    .into(),
+            ))
+        })?;
+        if let Some(identity) = self.identity {
+            tls = tls.with_identity(identity);
+        }
+        let connector = Connector::new(&tls, &self.transport, self.limits).map_err(fail)?;
+        let connection = connector
+            .connect(addr, &self.server_name)
+            .await
+            .map_err(fail)?;
+        let origin = Instant::now();
+        let mut protocol = ClientProtocol::new(self.protocol, Timestamp::ZERO);
+        let (mut control_send, mut control_recv) = connection.open_stream().await.map_err(fail)?;
+        // The Hello opens the control stream; the server reads no call before it.
+        while let Some(output) = protocol.poll_output() {
+            if let ClientOutput::Transmit(message) = output {
+                control_send
+                    .send(&message)
+                    .await
+                    .map_err(|e| rejected(&connection, e))?;
+            }
+        }
+        let answer = control_recv
+            .receive(|_| {})
+            .await
+            .map_err(|e| rejected(&connection, e))?;
+        let now = Timestamp::from_duration(origin.elapsed());
+        match answer {
+            Some(message) => {
+                let _ = protocol.handle_message(now, message);
+            }
+            None => protocol.protocol_violation(now, "the server ended the control stream"),
+        }
+        if let Some(cause) = protocol.close_cause() {
+            let reason = cause.to_string();
+            connection.close(CloseCode::Normal, "refused");
+            return Err(Error::Rejected(reason));
+        }
+        // Nothing else is queued after the handshake.
+        while protocol.poll_output().is_some() {}
+        let max_in_flight = protocol.config().max_in_flight;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                protocol,
+                waiters: HashMap::new(),
+                streams: HashMap::new(),
+            }),
+            connection: connection.clone(),
+            _connector: connector,
+            origin,
+            last_heard: AtomicU64::new(0),
+            control: control_tx,
+            timer: Notify::new(),
+            capacity: Arc::new(Semaphore::new(max_in_flight)),
+        });
+        tokio::spawn(write_control(control_send, control_rx, connection.clone()));
+        tokio::spawn(read_control(control_recv, inner.clone()));
+        tokio::spawn(run_timer(inner.clone()));
+        tokio::spawn(watch_connection(inner.clone()));
+        Ok(Client {
+            handle: Arc::new(Handle { inner }),
+        })
+    }
+}
+
+/// The handshake failed after TLS: the server's close reason says why.
+fn rejected(connection: &Connection, e: TransportError) -> Error {
+    match connection.close_reason().unwrap_or(e) {
+        TransportError::ClosedByPeer { reason, .. } => Error::Rejected(reason),
+        other => Error::Rejected(other.to_string()),
+    }
+}
+
+/// A connection to a server. Cheap to clone; every clone shares the
+/// connection, which closes when the last clone is dropped (or on
+/// [`close`](Client::close)).
+#[derive(Clone, Debug)]
+pub struct Client {
+    handle: Arc<Handle>,
+}
+
+/// Dropped when the last `Client` clone is: closes the connection. The driving
+/// tasks hold `Inner`, not this, so they do not keep it alive.
+#[derive(Debug)]
+struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+impl Client {
+    /// A builder for a connection to `addr`. Choose how to trust the server
+    /// ([`pin`](ClientBuilder::pin) or [`tls`](ClientBuilder::tls)) before
+    /// connecting.
+    pub fn builder(addr: SocketAddr) -> ClientBuilder {
+        ClientBuilder {
+            addr,
+            server_name: "localhost".to_owned(),
+            tls: None,
+            identity: None,
+            protocol: ClientConfig::default(),
+            transport: TransportConfig::default(),
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Calls the function bound as `method` on `args`, with the default timeout.
+    ///
+    /// The call is sent at once (or as soon as fewer than `max_in_flight` calls
+    /// are pending); the returned future resolves to the result. Dropping the
+    /// future cancels the call.
+    pub fn call(&self, method: impl Into<String>, args: Tree) -> PendingCall {
+        self.start(method.into(), args, None)
+    }
+
+    /// Like [`call`](Self::call), failing with
+    /// [`CallError::DeadlineExceeded`] if no reply arrives within `timeout`
+    /// (the server is told the deadline too, and drops the call when it passes).
+    pub fn call_with_timeout(
+        &self,
+        method: impl Into<String>,
+        args: Tree,
+        timeout: Duration,
+    ) -> PendingCall {
+        self.start(method.into(), args, Some(timeout))
+    }
+
+    fn start(&self, method: String, args: Tree, timeout: Option<Duration>) -> PendingCall {
+        let inner = self.handle.inner.clone();
+        let (tx, rx) = oneshot::channel();
+        let slot = Arc::new(Mutex::new(Slot::Queued));
+        match inner.capacity.clone().try_acquire_owned() {
+            Ok(permit) => inner.start_call(&slot, method, args, timeout, tx, permit),
+            Err(_) => {
+                // At capacity: wait for a turn in a task, so the call still goes
+                // out whether or not the future is polled. The semaphore is fair.
+                let (inner, slot) = (inner.clone(), slot.clone());
+                tokio::spawn(async move {
+                    let Ok(permit) = inner.capacity.clone().acquire_owned().await else {
+                        return;
+                    };
+                    inner.start_call(&slot, method, args, timeout, tx, permit);
+                });
+            }
+        }
+        PendingCall {
+            result: rx,
+            slot,
+            inner: Arc::downgrade(&self.handle.inner),
+            done: false,
+        }
+    }
+
+    /// Calls pending now (sent and not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.handle.inner.lock().protocol.in_flight()
+    }
+
+    /// The server's agent string from its `Hello`.
+    pub fn server_agent(&self) -> Option<String> {
+        self.handle
+            .inner
+            .lock()
+            .protocol
+            .peer_agent()
+            .map(str::to_owned)
+    }
+
+    /// The current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.handle.inner.connection.rtt()
+    }
+
+    /// True once the connection is finished (closed, lost, or the server left).
+    pub fn is_closed(&self) -> bool {
+        self.handle.inner.lock().protocol.is_closed()
+    }
+
+    /// Closes the connection: pending calls fail with [`CallError::Closed`],
+    /// the server is told goodbye.
+    pub fn close(&self) {
+        self.handle.inner.close();
+    }
+}
+
+/// Where a call is: waiting for a turn, started with an id, or abandoned by
+/// its caller before it started.
+#[derive(Debug)]
+enum Slot {
+    Queued,
+    Started(RequestId),
+    Abandoned,
+}
+
+/// A call in flight: a future of its result. Dropping it cancels the call.
+#[derive(Debug)]
+#[must_use = "a call is cancelled when its PendingCall is dropped"]
+pub struct PendingCall {
+    result: oneshot::Receiver<Result<Tree, CallError>>,
+    slot: Arc<Mutex<Slot>>,
+    inner: std::sync::Weak<Inner>,
+    done: bool,
+}
+
+impl PendingCall {
+    /// The call's request id, once it has been sent.
+    pub fn id(&self) -> Option<RequestId> {
+        match *self.slot.lock().unwrap_or_else(|p| p.into_inner()) {
+            Slot::Started(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Cancels the call: the future resolves to [`CallError::Cancelled`] (unless
+    /// the result was already in) and the server is told to drop it.
+    pub fn cancel(&self) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match *slot {
+            Slot::Started(id) => {
+                drop(slot);
+                if let Some(inner) = self.inner.upgrade() {
+                    inner.cancel(id);
+                }
+            }
+            Slot::Queued => *slot = Slot::Abandoned,
+            Slot::Abandoned => {}
+        }
+    }
+}
+
+impl Future for PendingCall {
+    type Output = Result<Tree, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled = Pin::new(&mut self.result).poll(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.done = true;
+                Poll::Ready(match result {
+                    Ok(result) => result.map_err(Error::Call),
+                    // Abandoned before it started (cancel, or the connection closed).
+                    Err(_) => Err(Error::Call(CallError::Cancelled)),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel();
+        }
+    }
+}
+
+/// A started call's way back to its caller. Holding the permit is what keeps
+/// the call counted against `max_in_flight`.
+#[derive(Debug)]
+struct Waiter {
+    result: oneshot::Sender<Result<Tree, CallError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct State {
+    protocol: ClientProtocol,
+    waiters: HashMap<RequestId, Waiter>,
+    /// Stops the task carrying a call's stream, with the code to reset it with.
+    streams: HashMap<RequestId, oneshot::Sender<StreamCode>>,
+}
+
+#[derive(Debug)]
+enum Control {
+    Send(Message),
+    Close,
+}
+
+/// One connection's shared state, held by the driving tasks.
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    connection: Connection,
+    /// Keeps the client's UDP endpoint open while the connection lives.
+    _connector: Connector,
+    origin: Instant,
+    /// When bytes last arrived from the server (µs since `origin`). Written
+    /// per received chunk without the lock, folded into the state machine
+    /// before it looks at time.
+    last_heard: AtomicU64,
+    control: mpsc::UnboundedSender<Control>,
+    timer: Notify,
+    capacity: Arc<Semaphore>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.origin.elapsed())
+    }
+
+    fn heard(&self) {
+        let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_heard.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    fn fold_heard(&self, state: &mut State) {
+        let micros = self.last_heard.load(Ordering::Relaxed);
+        state
+            .protocol
+            .heard_from_peer(Timestamp::from_micros(micros));
+    }
+
+    fn start_call(
+        self: &Arc<Self>,
+        slot: &Mutex<Slot>,
+        method: String,
+        args: Tree,
+        timeout: Option<Duration>,
+        result: oneshot::Sender<Result<Tree, CallError>>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*slot, Slot::Abandoned) {
+            return;
+        }
+        let mut state = self.lock();
+        let now = self.now();
+        match state.protocol.start_call(now, method, args, timeout) {
+            Ok(id) => {
+                *slot = Slot::Started(id);
+                state.waiters.insert(
+                    id,
+                    Waiter {
+                        result,
+                        _permit: permit,
+                    },
+                );
+                self.pump(&mut state);
+            }
+            Err(e) => {
+                let cause = match e {
+                    teleport_protocol::client::StartCallError::Closed { cause } => cause,
+                    _ => CallError::Closed,
+                };
+                let _ = result.send(Err(cause));
+            }
+        }
+    }
+
+    fn cancel(self: &Arc<Self>, id: RequestId) {
+        let mut state = self.lock();
+        let now = self.now();
+        if state.protocol.cancel(id, now) {
+            self.pump(&mut state);
+        }
+    }
+
+    fn close(self: &Arc<Self>) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.protocol.close(now);
+        self.pump(&mut state);
+    }
+
+    fn connection_lost(self: &Arc<Self>, reason: String) {
+        let mut state = self.lock();
+        state.protocol.connection_lost(reason);
+        self.pump(&mut state);
+    }
+
+    /// Carries out the state machine's outputs. Called after every input, with
+    /// the lock held; never blocks.
+    fn pump(self: &Arc<Self>, state: &mut State) {
+        while let Some(output) = state.protocol.poll_output() {
+            match output {
+                ClientOutput::Transmit(Message::Call(call)) => {
+                    let (stop_tx, stop_rx) = oneshot::channel();
+                    state.streams.insert(call.request_id, stop_tx);
+                    tokio::spawn(run_call(self.clone(), call, stop_rx));
+                }
+                ClientOutput::Transmit(message) => {
+                    let _ = self.control.send(Control::Send(message));
+                }
+                ClientOutput::Completed { id, result } => {
+                    if let Some(stream) = state.streams.remove(&id) {
+                        let code = match &result {
+                            Err(CallError::DeadlineExceeded { .. }) => StreamCode::Expired,
+                            _ => StreamCode::Cancelled,
+                        };
+                        let _ = stream.send(code);
+                    }
+                    if let Some(waiter) = state.waiters.remove(&id) {
+                        let _ = waiter.result.send(result);
+                    }
+                }
+                ClientOutput::Close => {
+                    let _ = self.control.send(Control::Close);
+                }
+                _ => {}
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    /// A reply (or its absence) arrived on the stream of call `id`.
+    fn on_reply(
+        self: &Arc<Self>,
+        id: RequestId,
+        received: Result<Option<Message>, TransportError>,
+    ) {
+        let mut state = self.lock();
+        state.streams.remove(&id);
+        let now = self.now();
+        match received {
+            Ok(Some(Message::Reply(reply))) if reply.request_id == id => {
+                let _ = state.protocol.handle_message(now, Message::Reply(reply));
+            }
+            // The server could not read the call, so it did not know its id.
+            Ok(Some(Message::Reply(Reply {
+                request_id: 0,
+                result: Err(error),
+            }))) => {
+                let reply = Reply {
+                    request_id: id,
+                    result: Err(error),
+                };
+                let _ = state.protocol.handle_message(now, Message::Reply(reply));
+            }
+            Ok(Some(other)) => {
+                let what = match &other {
+                    Message::Reply(r) => format!("a reply for request {}", r.request_id),
+                    m => format!("a {:?} message", m.kind()),
+                };
+                state
+                    .protocol
+                    .protocol_violation(now, format!("the stream of call {id} carried {what}"));
+            }
+            Ok(None) => {
+                state.protocol.reply_failed(
+                    id,
+                    now,
+                    "the server finished the call's stream without a reply",
+                );
+            }
+            Err(e) if e.is_connection_error() => {
+                state.protocol.connection_lost(e.to_string());
+            }
+            Err(e) => {
+                state.protocol.reply_failed(id, now, e.to_string());
+            }
+        }
+        self.pump(&mut state);
+    }
+}
+
+/// Carries one call: opens its stream, writes the call, reads the reply.
+async fn run_call(inner: Arc<Inner>, call: Call, mut stop: oneshot::Receiver<StreamCode>) {
+    let id = call.request_id;
+    let opened = tokio::select! {
+        opened = inner.connection.open_stream() => opened,
+        _ = &mut stop => return,
+    };
+    let (mut send, mut recv) = match opened {
+        Ok(streams) => streams,
+        Err(e) => return inner.on_reply(id, Err(e)),
+    };
+    let exchange = exchange(&inner, &mut send, &mut recv, Message::Call(call));
+    let received = tokio::select! {
+        received = exchange => received,
+        code = &mut stop => {
+            // Cancelled or expired: abandon both directions so neither side
+            // keeps moving bytes nobody wants.
+            let code = code.unwrap_or(StreamCode::Cancelled);
+            send.reset(code);
+            recv.stop(code);
+            return;
+        }
+    };
+    inner.on_reply(id, received);
+}
+
+async fn exchange(
+    inner: &Inner,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    call: Message,
+) -> Result<Option<Message>, TransportError> {
+    match send.send(&call).await {
+        Ok(()) => send.finish(),
+        // The server refused the call before reading it all; its reply says why.
+        Err(TransportError::StreamStopped(_)) => {}
+        Err(e) => return Err(e),
+    }
+    // The arguments' buffers are released as soon as they are sent.
+    drop(call);
+    recv.receive(|_| inner.heard()).await
+}
+
+async fn write_control(
+    mut send: SendStream,
+    mut queue: mpsc::UnboundedReceiver<Control>,
+    connection: Connection,
+) {
+    while let Some(item) = queue.recv().await {
+        match item {
+            Control::Send(message) => {
+                if send.send(&message).await.is_err() {
+                    return;
+                }
+            }
+            Control::Close => {
+                send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                connection.close(CloseCode::Normal, "the client closed the connection");
+                return;
+            }
+        }
+    }
+}
+
+async fn read_control(mut recv: RecvStream, inner: Arc<Inner>) {
+    loop {
+        let received = recv.receive(|_| inner.heard()).await;
+        let mut state = inner.lock();
+        let now = inner.now();
+        match received {
+            Ok(Some(message)) => {
+                let _ = state.protocol.handle_message(now, message);
+            }
+            Ok(None) => {
+                state
+                    .protocol
+                    .protocol_violation(now, "the server ended the control stream");
+            }
+            Err(e) if e.is_connection_error() => {
+                state.protocol.connection_lost(e.to_string());
+            }
+            Err(e) => {
+                state
+                    .protocol
+                    .protocol_violation(now, format!("the control stream failed: {e}"));
+            }
+        }
+        inner.pump(&mut state);
+        if state.protocol.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn run_timer(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.timer.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = {
+            let mut state = inner.lock();
+            if state.protocol.is_closed() {
+                return;
+            }
+            inner.fold_heard(&mut state);
+            state.protocol.poll_timeout()
+        };
+        match next {
+            Some(at) => {
+                let wait = at.since_origin().saturating_sub(inner.now().since_origin());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {
+                        let mut state = inner.lock();
+                        inner.fold_heard(&mut state);
+                        let now = inner.now();
+                        state.protocol.handle_timeout(now);
+                        inner.pump(&mut state);
+                    }
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+async fn watch_connection(inner: Arc<Inner>) {
+    let reason = inner.connection.closed().await;
+    inner.connection_lost(reason.to_string());
+    // Wake the timer so it sees the closed state and ends.
+    inner.timer.notify_one();
+}

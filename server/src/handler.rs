@@ -1,0 +1,179 @@
+//! Bound functions and the errors they return.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use teleport_protocol::{ErrorKind, RemoteError, Tree};
+
+/// What a bound function returns when it fails: a type name and a message,
+/// delivered to the caller as a [`RemoteError`] of kind `Handler`.
+///
+/// Any `std::error::Error` converts into it with `?`, keeping its type name.
+pub struct HandlerError {
+    type_name: String,
+    message: String,
+}
+
+impl HandlerError {
+    /// An error with the type name `"Error"` and this message.
+    pub fn new(message: impl Into<String>) -> HandlerError {
+        HandlerError::with_type("Error", message)
+    }
+
+    /// An error with a type name of your choice (`"ValueError"`, say).
+    pub fn with_type(type_name: impl Into<String>, message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            type_name: type_name.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The type name the caller sees.
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// The message the caller sees.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn into_remote(self) -> RemoteError {
+        RemoteError::new(ErrorKind::Handler, self.type_name, self.message)
+    }
+}
+
+// Not `std::error::Error` itself, so that every error type can convert into it
+// (the same choice `anyhow::Error` makes).
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::with_type(std::any::type_name::<E>(), e.to_string())
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.type_name, self.message)
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.type_name, self.message)
+    }
+}
+
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, RemoteError>> + Send>>;
+
+/// A bound function, type-erased. Runs the function and turns its failure or
+/// panic into the `RemoteError` the caller receives.
+#[derive(Clone)]
+pub(crate) struct Handler(Arc<dyn Fn(Tree) -> HandlerFuture + Send + Sync>);
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Handler")
+    }
+}
+
+impl Handler {
+    pub(crate) fn from_async<F, Fut>(method: String, f: F) -> Handler
+    where
+        F: Fn(Tree) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
+    {
+        let method: Arc<str> = method.into();
+        Handler(Arc::new(move |args| {
+            let method = method.clone();
+            // A panicking handler fails its own call, not the server: whether it
+            // panics making its future or while it runs.
+            let future = match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
+                Ok(future) => future,
+                Err(panic) => {
+                    let error = panic_error(&method, panic);
+                    return Box::pin(async move { Err(error) }) as HandlerFuture;
+                }
+            };
+            let run = AssertUnwindSafe(future)
+                .catch_unwind()
+                .map(move |outcome| match outcome {
+                    Ok(result) => result.map_err(HandlerError::into_remote),
+                    Err(panic) => Err(panic_error(&method, panic)),
+                });
+            Box::pin(run)
+        }))
+    }
+
+    pub(crate) fn from_blocking<F>(method: String, f: F) -> Handler
+    where
+        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let method: Arc<str> = method.into();
+        Handler(Arc::new(move |args| {
+            let f = f.clone();
+            let method = method.clone();
+            Box::pin(async move {
+                match tokio::task::spawn_blocking(move || f(args)).await {
+                    Ok(result) => result.map_err(HandlerError::into_remote),
+                    Err(join) if join.is_panic() => Err(panic_error(&method, join.into_panic())),
+                    Err(_) => Err(RemoteError::new(
+                        ErrorKind::Internal,
+                        "teleport",
+                        "the server stopped the function's thread",
+                    )),
+                }
+            })
+        }))
+    }
+
+    pub(crate) fn call(&self, args: Tree) -> HandlerFuture {
+        (self.0)(args)
+    }
+}
+
+fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic payload that is not a string)".to_owned());
+    tracing::error!(method, panic = %text, "a bound function panicked");
+    RemoteError::new(
+        ErrorKind::Panic,
+        "panic",
+        format!("the function {method:?} panicked: {text}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use teleport_protocol::tree;
+
+    #[tokio::test]
+    async fn errors_keep_their_type_and_panics_become_errors() {
+        let ok = Handler::from_async("ok".into(), |t| async move { Ok(t) });
+        assert_eq!(ok.call(tree!(1)).await.unwrap(), tree!(1));
+
+        let fails = Handler::from_async("fails".into(), |_| async move {
+            let n: i32 = "x".parse()?;
+            Ok(tree!((n as i64)))
+        });
+        let err = fails.call(tree!(null)).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Handler);
+        assert!(err.type_name.contains("ParseIntError"), "{err}");
+
+        let panics = Handler::from_blocking("panics".into(), |_| panic!("boom"));
+        let err = panics.call(tree!(null)).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Panic);
+        assert!(
+            err.message.contains("boom") && err.message.contains("panics"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! Configuring, starting and stopping a server.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use teleport_protocol::{Limits, Timestamp, Tree};
+use teleport_quic::{
+    ClientAuth, CloseCode, Fingerprint, Identity, Listener, ServerTls, TransportConfig,
+    TransportError,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::connection::{serve_connection, ConnectionHandle};
+use crate::handler::{Handler, HandlerError};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The identity or the socket could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Two functions were bound under one name.
+    #[error("the name {0:?} is bound twice")]
+    DuplicateMethod(String),
+}
+
+/// Settings and bound functions of a server. Start from [`Server::builder`].
+#[derive(Debug)]
+pub struct ServerBuilder {
+    identity: Option<Identity>,
+    client_auth: ClientAuth,
+    token: Option<String>,
+    transport: TransportConfig,
+    limits: Limits,
+    max_in_flight: usize,
+    handlers: HashMap<String, Handler>,
+    duplicate: Option<String>,
+}
+
+impl ServerBuilder {
+    fn new() -> ServerBuilder {
+        ServerBuilder {
+            identity: None,
+            client_auth: ClientAuth::None,
+            token: None,
+            transport: TransportConfig::default(),
+            limits: Limits::default(),
+            max_in_flight: 64,
+            handlers: HashMap::new(),
+            duplicate: None,
+        }
+    }
+
+    fn insert(mut self, name: String, handler: Handler) -> Self {
+        if self.handlers.insert(name.clone(), handler).is_some() {
+            self.duplicate.get_or_insert(name);
+        }
+        self
+    }
+
+    /// Binds an async function under `name`. It runs on the tokio runtime, so
+    /// it must not block; use [`bind_blocking`](Self::bind_blocking) for work
+    /// that does (numerics, file IO, calls into C).
+    pub fn bind<F, Fut>(self, name: impl Into<String>, function: F) -> Self
+    where
+        F: Fn(Tree) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
+    {
+        let name = name.into();
+        let handler = Handler::from_async(name.clone(), function);
+        self.insert(name, handler)
+    }
+
+    /// Binds a blocking function under `name`. Each call runs on tokio's
+    /// blocking thread pool, so calls run in parallel and never stall the
+    /// network.
+    pub fn bind_blocking<F>(self, name: impl Into<String>, function: F) -> Self
+    where
+        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let handler = Handler::from_blocking(name.clone(), function);
+        self.insert(name, handler)
+    }
+
+    /// The server's certificate and key. Without one, the server makes a
+    /// self-signed certificate for `localhost` and the bound IP address; print
+    /// its [`fingerprint`](Server::fingerprint) for clients to pin.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Require client certificates (mutual TLS).
+    pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
+        self.client_auth = client_auth;
+        self
+    }
+
+    /// Require this shared token in each client's `Hello`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// QUIC windows and timers.
+    pub fn transport(mut self, transport: TransportConfig) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Bounds on every message received; calls over them are refused with an
+    /// `OverLimit` error and the connection carries on.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Calls one connection may have running at once; more are refused with an
+    /// `OverLimit` error. Default 64.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight.max(1);
+        self
+    }
+
+    /// Binds `addr` (port 0 picks a free port) and starts serving. Must be
+    /// called inside a tokio runtime.
+    pub async fn listen(self, addr: SocketAddr) -> Result<Server, ServerError> {
+        if let Some(name) = self.duplicate {
+            return Err(ServerError::DuplicateMethod(name));
+        }
+        let identity = match self.identity {
+            Some(identity) => identity,
+            None => {
+                let mut names = vec!["localhost".to_owned()];
+                if !addr.ip().is_unspecified() {
+                    names.push(addr.ip().to_string());
+                }
+                Identity::self_signed(names)?
+            }
+        };
+        let fingerprint = identity.fingerprint();
+        let tls = ServerTls::new(identity).with_client_auth(self.client_auth);
+        let listener = Listener::bind(addr, &tls, &self.transport, self.limits.clone())?;
+        let local_addr = listener.local_addr();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            handlers: self.handlers,
+            token: self.token,
+            max_in_flight: self.max_in_flight,
+            origin: Instant::now(),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
+            shutdown: shutdown_rx,
+        });
+        let accept = tokio::spawn(accept_loop(listener.clone(), shared.clone()));
+        tracing::info!(%local_addr, %fingerprint, "serving");
+        Ok(Server {
+            local_addr,
+            fingerprint,
+            listener,
+            shared,
+            shutdown_tx,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+}
+
+/// What every connection task of a server shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) handlers: HashMap<String, Handler>,
+    pub(crate) token: Option<String>,
+    pub(crate) max_in_flight: usize,
+    origin: Instant,
+    pub(crate) connections: Mutex<HashMap<u64, Arc<ConnectionHandle>>>,
+    next_connection: AtomicU64,
+    /// Becomes true when the server starts shutting down.
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The time the state machines see: monotonic, from the server's start.
+    pub(crate) fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.origin.elapsed())
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let Some(accepted) = accepted else { return };
+        match accepted {
+            Ok(connection) => {
+                let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve_connection(id, connection, shared.clone()));
+            }
+            // A failed handshake (untrusted client certificate, wrong ALPN)
+            // concerns that peer only.
+            Err(e) => tracing::info!(error = %e, "a connection attempt failed"),
+        }
+    }
+}
+
+/// A running server. Dropping it does not stop it; call
+/// [`shutdown`](Server::shutdown).
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    fingerprint: Fingerprint,
+    listener: Listener,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Server {
+    /// A builder with no functions bound, a self-signed certificate, no client
+    /// authentication and the default limits.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The SHA-256 fingerprint of the server's certificate, for clients to pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// The names of the bound functions, sorted.
+    pub fn methods(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shared.handlers.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Connections currently open.
+    pub fn connections(&self) -> usize {
+        self.shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Waits until [`shutdown`](Self::shutdown) begins, from another task. A
+    /// program that serves until it is killed awaits this.
+    pub async fn wait(&self) {
+        let mut shutdown = self.shared.shutdown.clone();
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }
+
+    /// Stops gracefully: takes no new connections or calls (new calls get a
+    /// `ShuttingDown` error), lets running calls finish and deliver their
+    /// replies for up to `grace`, then says goodbye to every client and
+    /// releases the port.
+    /// Calling it again does nothing more.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shutdown_tx.send(true);
+        let accept = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(accept) = accept {
+            let _ = accept.await;
+        }
+        let connections: Vec<Arc<ConnectionHandle>> = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let deadline = tokio::time::Instant::now() + grace;
+        let drains = connections.iter().map(|c| c.drain(deadline));
+        futures_util::future::join_all(drains).await;
+        self.listener
+            .close(CloseCode::ShuttingDown, "the server is shutting down");
+        // Give the close packets a moment to reach the clients.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.listener.wait_idle()).await;
+    }
+}

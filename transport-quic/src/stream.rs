@@ -1,0 +1,139 @@
+//! One QUIC stream carries one call: the request one way, the reply the other.
+
+use bytes::Bytes;
+use teleport_protocol::{encode, Decoder, Limits, Message};
+
+use crate::TransportError;
+
+/// Application error codes for abandoning a stream (`RESET_STREAM` and
+/// `STOP_SENDING`), so the peer can tell why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamCode {
+    /// The caller cancelled the call.
+    Cancelled,
+    /// The call's deadline passed.
+    Expired,
+    /// The message broke the protocol or a limit.
+    Refused,
+    /// The side is shutting down.
+    ShuttingDown,
+}
+
+impl StreamCode {
+    /// The code on the wire.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            StreamCode::Cancelled => 1,
+            StreamCode::Expired => 2,
+            StreamCode::Refused => 3,
+            StreamCode::ShuttingDown => 4,
+        }
+    }
+}
+
+/// The sending half of a stream.
+#[derive(Debug)]
+pub struct SendStream {
+    inner: quinn::SendStream,
+}
+
+impl SendStream {
+    pub(crate) fn new(inner: quinn::SendStream) -> SendStream {
+        SendStream { inner }
+    }
+
+    /// Writes one message. Array data goes from the message's own buffers to
+    /// quinn without a copy (a gather write of the encoded chunks).
+    pub async fn send(&mut self, message: &Message) -> Result<(), TransportError> {
+        let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
+        self.inner.write_all_chunks(&mut chunks).await?;
+        Ok(())
+    }
+
+    /// Says no more messages follow. The bytes already written are still
+    /// delivered (and retransmitted) after this returns.
+    pub fn finish(&mut self) {
+        // Finishing twice, or after a reset, is not an error worth reporting.
+        let _ = self.inner.finish();
+    }
+
+    /// Abandons the stream: unsent bytes are dropped and the peer sees `code`.
+    pub fn reset(&mut self, code: StreamCode) {
+        let _ = self.inner.reset(code.to_u32().into());
+    }
+
+    /// Waits until the peer has received everything (after [`finish`](Self::finish))
+    /// or stopped reading. Returns the stop code if it stopped.
+    pub async fn stopped(&mut self) -> Result<Option<u64>, TransportError> {
+        match self.inner.stopped().await {
+            Ok(code) => Ok(code.map(|c| c.into_inner())),
+            Err(quinn::StoppedError::ConnectionLost(e)) => Err(e.into()),
+            Err(quinn::StoppedError::ZeroRttRejected) => Err(TransportError::ConnectionFailed(
+                "0-RTT data rejected".into(),
+            )),
+        }
+    }
+}
+
+/// The receiving half of a stream: decodes the messages that arrive on it.
+#[derive(Debug)]
+pub struct RecvStream {
+    inner: quinn::RecvStream,
+    decoder: Decoder,
+    /// Bytes of the last chunk beyond the message it completed.
+    leftover: Bytes,
+}
+
+impl RecvStream {
+    pub(crate) fn new(inner: quinn::RecvStream, limits: Limits) -> RecvStream {
+        RecvStream {
+            inner,
+            decoder: Decoder::new(limits),
+            leftover: Bytes::new(),
+        }
+    }
+
+    /// Reads the next message, or `None` if the peer finished the stream
+    /// cleanly between messages.
+    ///
+    /// `on_bytes` is told the size of every chunk that arrives, so a caller can
+    /// count a large message still arriving as a sign that the peer is alive.
+    /// Every array of the message is 64-byte aligned: the one copy of its bytes
+    /// is the decoder's, from quinn's buffers into the message's own memory.
+    pub async fn receive(
+        &mut self,
+        mut on_bytes: impl FnMut(usize),
+    ) -> Result<Option<Message>, TransportError> {
+        loop {
+            if !self.leftover.is_empty() {
+                let mut input: &[u8] = &self.leftover;
+                let before = input.len();
+                let result = self.decoder.feed(&mut input);
+                let consumed = before - input.len();
+                let _ = self.leftover.split_to(consumed);
+                if let Some(message) = result? {
+                    return Ok(Some(message));
+                }
+                continue;
+            }
+            match self.inner.read_chunk(usize::MAX, true).await? {
+                Some(chunk) => {
+                    on_bytes(chunk.bytes.len());
+                    self.leftover = chunk.bytes;
+                }
+                None => {
+                    return match self.decoder.finish() {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(TransportError::Truncated(e)),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: StreamCode) {
+        let _ = self.inner.stop(code.to_u32().into());
+    }
+}
