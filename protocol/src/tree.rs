@@ -399,6 +399,9 @@ macro_rules! tree {
     ([ $($value:tt),* $(,)? ]) => {
         $crate::Tree::List($crate::__alloc_vec![$($crate::tree!($value)),*])
     };
+    // A parenthesised expression: unwrap it here, so `tree!((a + b))` does not
+    // trip the unused-parentheses lint at the call site.
+    (( $value:expr )) => { $crate::Tree::from($value) };
     ($value:expr) => { $crate::Tree::from($value) };
 }
 

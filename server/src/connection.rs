@@ -141,11 +141,12 @@ impl ConnectionHandle {
                 break;
             }
         }
-        let mut state = self.lock();
-        let now = self.shared.now();
-        state.protocol.close(now);
-        self.pump(&mut state);
-        drop(state);
+        {
+            let mut state = self.lock();
+            let now = self.shared.now();
+            state.protocol.close(now);
+            self.pump(&mut state);
+        }
         // Wait for the control writer to close the connection (bounded).
         let _ = tokio::time::timeout(Duration::from_secs(2), self.connection.closed()).await;
     }
@@ -349,7 +350,7 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
             return;
         }
         Ok(None) => return,
-        Err(TransportError::Decode(e)) => {
+        Err(TransportError::Decode(e) | TransportError::Truncated(e)) => {
             let kind = if e.is_over_limit() {
                 ErrorKind::OverLimit
             } else {

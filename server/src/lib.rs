@@ -7,10 +7,11 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let server = Server::builder()
 //!     .bind("add", |args: Tree| async move {
-//!         let a = args.get("a").and_then(Tree::as_i64).ok_or_else(|| HandlerError::new("need a"))?;
-//!         let b = args.get("b").and_then(Tree::as_i64).ok_or_else(|| HandlerError::new("need b"))?;
+//!         // Any error converts with `?`; the caller sees its type and message.
+//!         let (a, b) = (args.get("a")?.as_int()?, args.get("b")?.as_int()?);
 //!         Ok(tree!((a + b)))
 //!     })
+//!     .bind_blocking("fail", |_| Err(HandlerError::with_type("ValueError", "always fails")))
 //!     .listen("127.0.0.1:4433".parse()?)
 //!     .await?;
 //! println!("fingerprint: {}", server.fingerprint());

@@ -51,6 +51,13 @@ impl SendStream {
         Ok(())
     }
 
+    /// Writes bytes as they are, for tools and tests that speak the wire format
+    /// themselves (or want to send something malformed on purpose).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.inner.write_all(bytes).await?;
+        Ok(())
+    }
+
     /// Says no more messages follow. The bytes already written are still
     /// delivered (and retransmitted) after this returns.
     pub fn finish(&mut self) {

@@ -1,0 +1,377 @@
+//! End-to-end calls over QUIC on loopback: results, errors, concurrency,
+//! deadlines, cancellation, limits and shutdown.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{within, Fixture};
+use teleport_client::{CallError, Error, ErrorKind};
+use teleport_protocol::{tree, Array, DType, Limits, Map, Tree};
+
+fn all_dtypes() -> Tree {
+    let mut map = Map::new();
+    for (i, dtype) in DType::ALL.iter().enumerate() {
+        let data: Vec<u8> = (0..6 * dtype.size())
+            .map(|b| (b * 7 + i) as u8 % 2)
+            .collect();
+        map.insert(dtype.name(), Array::new(*dtype, [2usize, 3], data).unwrap());
+    }
+    map.insert("empty", Array::zeros(DType::F32, [0usize, 4]).unwrap());
+    map.insert("scalar", Array::scalar(2.5f64));
+    map.insert(
+        "nested",
+        tree!({"list": [1, "two", null, true, 3.5, (bytes::Bytes::from_static(b"raw"))]}),
+    );
+    Tree::Map(map)
+}
+
+#[tokio::test]
+async fn echo_returns_every_dtype_intact_and_aligned() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let args = all_dtypes();
+    let result = within("echo", client.call("echo", args.clone()))
+        .await
+        .unwrap();
+    assert_eq!(result, args);
+    for array in result.arrays() {
+        assert!(
+            array.is_aligned_to(64),
+            "{:?} is not 64-byte aligned",
+            array.dtype()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_function_gets_its_arguments_and_returns_its_result() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let sum = within("add", client.call("add", tree!({"a": 2, "b": 40})))
+        .await
+        .unwrap();
+    assert_eq!(sum, tree!(42));
+    let floats = Array::from_vec1((1..=1000).map(|x| x as f32).collect::<Vec<_>>());
+    let total = within("sum", client.call("sum_f32", Tree::Array(floats)))
+        .await
+        .unwrap();
+    assert_eq!(total, tree!(500500.0));
+    assert!(client.server_agent().unwrap().contains("server"));
+}
+
+#[tokio::test]
+async fn errors_are_clear_and_the_connection_carries_on() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+
+    let err = within("fail", client.call("fail", tree!(null)))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert_eq!(remote.kind, ErrorKind::Handler);
+    assert_eq!(remote.type_name, "ValueError");
+    assert!(err.to_string().contains("always fails"), "{err}");
+
+    let err = within("unknown", client.call("nope", tree!(null)))
+        .await
+        .unwrap_err();
+    let remote = err.remote().unwrap();
+    assert_eq!(remote.kind, ErrorKind::UnknownMethod);
+    assert!(
+        remote.message.contains("\"nope\"") && remote.message.contains("echo"),
+        "{err}"
+    );
+
+    let err = within("panic", client.call("panic", tree!(null)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote().unwrap().kind, ErrorKind::Panic);
+
+    let err = within("bad args", client.call("add", tree!({"a": 1})))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("\"b\""), "{err}");
+
+    // After all that, the same connection still works.
+    let ok = within("add", client.call("add", tree!({"a": 1, "b": 1})))
+        .await
+        .unwrap();
+    assert_eq!(ok, tree!(2));
+}
+
+#[tokio::test]
+async fn many_concurrent_calls_beyond_max_in_flight_all_complete() {
+    let fixture = Fixture::start().await;
+    let client = within(
+        "connect",
+        fixture.client_builder().max_in_flight(4).connect(),
+    )
+    .await
+    .unwrap();
+    let calls: Vec<_> = (0..100i64)
+        .map(|i| client.call("add", tree!({"a": (i), "b": 1})))
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let result = within("concurrent call", call).await.unwrap();
+        assert_eq!(result, tree!(((i as i64) + 1)));
+    }
+    assert_eq!(client.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn several_clients_share_a_server() {
+    let fixture = Fixture::start().await;
+    let mut tasks = Vec::new();
+    for c in 0..4i64 {
+        let client = fixture.client().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20i64 {
+                let r = client
+                    .call("add", tree!({"a": (c), "b": (i)}))
+                    .await
+                    .unwrap();
+                assert_eq!(r, tree!((c + i)));
+            }
+        }));
+    }
+    for task in tasks {
+        within("client task", task).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_large_reply_does_not_hold_up_small_calls() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let big = client.call("zeros", tree!({"bytes": (256 << 20)}));
+    let big = tokio::spawn(big);
+    // Small calls made while the large reply is in transit complete before it.
+    let mut small_done = 0;
+    for i in 0..5i64 {
+        let r = within("small call", client.call("add", tree!({"a": (i), "b": 0}))).await;
+        assert_eq!(r.unwrap(), tree!((i)));
+        small_done += 1;
+    }
+    let big_finished_first = big.is_finished();
+    let big = within("big call", big).await.unwrap().unwrap();
+    assert_eq!(
+        big.get("data").unwrap().as_array().unwrap().nbytes(),
+        256 << 20
+    );
+    assert_eq!(small_done, 5);
+    assert!(
+        !big_finished_first,
+        "the small calls waited for the 256 MiB reply"
+    );
+}
+
+#[tokio::test]
+async fn a_large_array_arrives_byte_for_byte() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let n = 48 << 20;
+    let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+    let array = Array::new(DType::U8, [n / 1024, 1024], data.clone()).unwrap();
+    let result = within("large echo", client.call("echo", tree!({"x": (array)})))
+        .await
+        .unwrap();
+    let back = result.get("x").unwrap().as_array().unwrap();
+    assert_eq!(back.shape(), [n / 1024, 1024]);
+    assert!(back.data()[..] == data[..], "the array came back changed");
+    assert!(back.is_aligned_to(64));
+}
+
+#[tokio::test]
+async fn a_deadline_fails_the_call_and_the_server_drops_it() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let err = within(
+        "call with deadline",
+        client.call_with_timeout("sleep", tree!(10.0), Duration::from_millis(200)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
+        "{err}"
+    );
+    // The server gets the deadline too and stops the function.
+    within("server drops the call", async {
+        while fixture.counters.sleeps_dropped.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let ok = within("next call", client.call("add", tree!({"a": 1, "b": 2}))).await;
+    assert_eq!(ok.unwrap(), tree!(3));
+}
+
+#[tokio::test]
+async fn dropping_or_cancelling_a_call_stops_it_on_the_server() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+
+    let pending = client.call("sleep", tree!(30.0));
+    within("the function starts", async {
+        while fixture.counters.sleeps_started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    pending.cancel();
+    let err = within("cancelled call", pending).await.unwrap_err();
+    assert!(matches!(err, Error::Call(CallError::Cancelled)), "{err}");
+
+    let dropped = client.call("sleep", tree!(30.0));
+    within("the second function starts", async {
+        while fixture.counters.sleeps_started.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    drop(dropped);
+    within("both functions stopped", async {
+        while fixture.counters.sleeps_dropped.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(client.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_call_over_the_servers_limits_is_refused_alone() {
+    let fixture = Fixture::start_with(|b| {
+        let mut limits = Limits::default();
+        limits.max_data_len = 1 << 20;
+        b.limits(limits)
+    })
+    .await;
+    let client = fixture.client().await;
+    let big = Array::zeros(DType::U8, [4 << 20]).unwrap();
+    let err = within("over-limit call", client.call("echo", Tree::Array(big)))
+        .await
+        .unwrap_err();
+    let remote = err
+        .remote()
+        .unwrap_or_else(|| panic!("expected a remote error: {err}"));
+    assert_eq!(remote.kind, ErrorKind::OverLimit, "{err}");
+    let ok = within("next call", client.call("add", tree!({"a": 1, "b": 2}))).await;
+    assert_eq!(ok.unwrap(), tree!(3));
+}
+
+#[tokio::test]
+async fn a_reply_over_the_clients_limits_fails_that_call_only() {
+    let fixture = Fixture::start().await;
+    let mut limits = Limits::default();
+    limits.max_data_len = 1 << 20;
+    let client = within("connect", fixture.client_builder().limits(limits).connect())
+        .await
+        .unwrap();
+    let err = within(
+        "over-limit reply",
+        client.call("zeros", tree!({"bytes": (4 << 20)})),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Call(CallError::InvalidReply { .. })),
+        "{err}"
+    );
+    let ok = within("next call", client.call("add", tree!({"a": 1, "b": 2}))).await;
+    assert_eq!(ok.unwrap(), tree!(3));
+}
+
+#[tokio::test]
+async fn the_server_refuses_calls_beyond_its_in_flight_limit() {
+    let fixture = Fixture::start_with(|b| b.max_in_flight(2)).await;
+    let client = within(
+        "connect",
+        fixture.client_builder().max_in_flight(8).connect(),
+    )
+    .await
+    .unwrap();
+    let calls: Vec<_> = (0..6).map(|_| client.call("sleep", tree!(0.5))).collect();
+    let mut ok = 0;
+    let mut over = 0;
+    for call in calls {
+        match within("call", call).await {
+            Ok(_) => ok += 1,
+            Err(e) if e.remote().is_some_and(|r| r.kind == ErrorKind::OverLimit) => over += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(
+        ok >= 2 && over >= 1 && ok + over == 6,
+        "ok {ok}, over limit {over}"
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_running_calls_and_releases_the_port() {
+    let fixture = Fixture::start().await;
+    let addr = fixture.server.local_addr();
+    let client = fixture.client().await;
+    let running = client.call("sleep", tree!(0.3));
+    within("the function starts", async {
+        while fixture.counters.sleeps_started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let server = fixture.server;
+    let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(5)).await });
+    assert_eq!(
+        within("running call", running).await.unwrap(),
+        tree!("slept")
+    );
+    within("shutdown", shutdown).await.unwrap();
+    // New calls fail with a clear error; the port can be bound again.
+    let err = within(
+        "call after shutdown",
+        client.call("add", tree!({"a": 1, "b": 1})),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Call(ref e) if e.is_connection_error()),
+        "{err}"
+    );
+    let again = teleport_server::Server::builder().listen(addr).await;
+    assert!(again.is_ok(), "the port is still taken: {:?}", again.err());
+}
+
+#[tokio::test]
+async fn closing_the_client_fails_its_pending_calls() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    let pending = client.call("sleep", tree!(30.0));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.close();
+    let err = within("pending call", pending).await.unwrap_err();
+    assert!(matches!(err, Error::Call(CallError::Closed)), "{err}");
+    let err = within("call after close", client.call("echo", tree!(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Call(CallError::Closed)), "{err}");
+}
+
+#[test]
+fn the_blocking_client_calls_from_plain_threads() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fixture = runtime.block_on(Fixture::start());
+    let client = teleport_client::BlockingClient::connect(fixture.client_builder()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4i64 {
+            let client = &client;
+            s.spawn(move || {
+                let r = client.call("add", tree!({"a": (t), "b": 10})).unwrap();
+                assert_eq!(r, tree!((t + 10)));
+            });
+        }
+    });
+    drop(client);
+    runtime.block_on(fixture.server.shutdown(Duration::from_secs(1)));
+}

@@ -1,0 +1,105 @@
+//! A server with test functions on loopback, and a client pinned to it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use teleport_client::{Client, ClientBuilder};
+use teleport_protocol::{tree, Array, DType, Tree};
+use teleport_server::{HandlerError, Server, ServerBuilder};
+
+/// Every wait in these tests is bounded, so a bug fails a test instead of
+/// hanging CI.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+/// Counts how often `sleep` calls were dropped before finishing (cancelled).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sleeps_started: AtomicUsize,
+    pub sleeps_dropped: AtomicUsize,
+}
+
+struct DropCounter(Arc<Counters>, bool);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.sleeps_dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+pub fn test_functions(builder: ServerBuilder, counters: Arc<Counters>) -> ServerBuilder {
+    builder
+        .bind("echo", |args: Tree| async move { Ok(args) })
+        .bind("add", |args: Tree| async move {
+            Ok(tree!((args.get("a")?.as_int()? + args.get("b")?.as_int()?)))
+        })
+        .bind("zeros", |args: Tree| async move {
+            let n = usize::try_from(args.get("bytes")?.as_int()?)
+                .map_err(|_| HandlerError::new("bytes must not be negative"))?;
+            Ok(tree!({"data": (Array::zeros(DType::U8, [n])?)}))
+        })
+        .bind("sleep", move |args: Tree| {
+            let counters = counters.clone();
+            async move {
+                counters.sleeps_started.fetch_add(1, Ordering::SeqCst);
+                let mut guard = DropCounter(counters, false);
+                let seconds = args.as_float()?;
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+                guard.1 = true;
+                Ok(tree!("slept"))
+            }
+        })
+        .bind_blocking("fail", |_| {
+            Err(HandlerError::with_type(
+                "ValueError",
+                "this function always fails",
+            ))
+        })
+        .bind_blocking("panic", |_| panic!("deliberate panic in a test"))
+        .bind_blocking("sum_f32", |args: Tree| {
+            let total: f64 = args.as_slice::<f32>()?.iter().map(|&x| f64::from(x)).sum();
+            Ok(tree!(total))
+        })
+}
+
+pub struct Fixture {
+    pub server: Server,
+    pub counters: Arc<Counters>,
+}
+
+impl Fixture {
+    pub async fn start() -> Fixture {
+        Fixture::start_with(|b| b).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Fixture {
+        let counters = Arc::new(Counters::default());
+        let builder = configure(test_functions(Server::builder(), counters.clone()));
+        let server = builder
+            .listen("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("the server starts on loopback");
+        Fixture { server, counters }
+    }
+
+    pub fn client_builder(&self) -> ClientBuilder {
+        Client::builder(self.server.local_addr()).pin(self.server.fingerprint())
+    }
+
+    pub async fn client(&self) -> Client {
+        within("connecting", self.client_builder().connect())
+            .await
+            .expect("the client connects")
+    }
+}
