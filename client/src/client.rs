@@ -23,15 +23,26 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 pub enum Error {
     /// No connection could be made: the address, the network, or TLS (an
     /// untrusted or unpinned certificate shows here).
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {target}: {source}")]
     Connect {
-        addr: SocketAddr,
+        target: String,
         #[source]
         source: TransportError,
     },
+    /// The server's name could not be resolved to an address.
+    #[error("cannot resolve {target:?} (expected host:port): {reason}")]
+    Resolve { target: String, reason: String },
     /// The server did not answer the connection in time.
-    #[error("no answer from {addr} within {timeout:?} (is a server running there, and is UDP let through?)")]
-    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("no answer from {target} within {timeout:?} (is a server running there, and is UDP let through?)")]
+    ConnectTimeout { target: String, timeout: Duration },
+    /// An earlier call failed while nobody awaited it (its [`PendingCall`] was
+    /// dropped). Reported once, by the next call, which was not sent.
+    #[error("an earlier call of {method:?}, whose result was never awaited, failed: {source}")]
+    Unobserved {
+        method: String,
+        #[source]
+        source: CallError,
+    },
     /// The server refused the connection after the handshake (a wrong or missing
     /// token, a client certificate it does not accept, a version it does not speak).
     #[error("the server refused the connection: {0}")]
@@ -58,14 +69,15 @@ impl Error {
 /// Settings of a connection. Start from [`Client::builder`].
 #[derive(Debug)]
 pub struct ClientBuilder {
-    addr: SocketAddr,
-    server_name: String,
+    target: String,
+    server_name: Option<String>,
     tls: Option<ClientTls>,
     identity: Option<Identity>,
     protocol: ClientConfig,
     transport: TransportConfig,
     limits: Limits,
     connect_timeout: Duration,
+    raise_unobserved: bool,
 }
 
 impl ClientBuilder {
@@ -96,9 +108,18 @@ impl ClientBuilder {
     }
 
     /// The name the server's certificate must carry when trusting CA roots.
-    /// Default `"localhost"`.
+    /// Default: the host of the target (`"example.com"` for
+    /// `"example.com:4433"`, the IP address for an address).
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
-        self.server_name = name.into();
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Whether the error of a call whose [`PendingCall`] was dropped without
+    /// being awaited is returned by the next call made, as
+    /// [`Error::Unobserved`], so failures are not lost. Default true.
+    pub fn raise_unobserved_errors(mut self, raise: bool) -> Self {
+        self.raise_unobserved = raise;
         self
     }
 
@@ -154,17 +175,25 @@ impl ClientBuilder {
     /// Connects, completes the TLS handshake and the `Hello` exchange. Must be
     /// called inside a tokio runtime.
     pub async fn connect(self) -> Result<Client, Error> {
-        let addr = self.addr;
+        let target = self.target.clone();
         let timeout = self.connect_timeout;
-        match tokio::time::timeout(timeout, self.connect_inner()).await {
+        let addrs = resolve(&target).await?;
+        match tokio::time::timeout(timeout, self.connect_to(addrs)).await {
             Ok(result) => result,
-            Err(_) => Err(Error::ConnectTimeout { addr, timeout }),
+            Err(_) => Err(Error::ConnectTimeout { target, timeout }),
         }
     }
 
-    async fn connect_inner(self) -> Result<Client, Error> {
-        let addr = self.addr;
-        let fail = |source| Error::Connect { addr, source };
+    async fn connect_to(self, addrs: Vec<SocketAddr>) -> Result<Client, Error> {
+        let target = self.target.clone();
+        let fail = |source| Error::Connect {
+            target: target.clone(),
+            source,
+        };
+        let server_name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&self.target));
         let mut tls = self.tls.ok_or_else(|| {
             fail(TransportError::Tls(
                 "no way to trust the server was chosen: pin its fingerprint, give CA roots, or \
@@ -176,10 +205,15 @@ impl ClientBuilder {
             tls = tls.with_identity(identity);
         }
         let connector = Connector::new(&tls, &self.transport, self.limits).map_err(fail)?;
-        let connection = connector
-            .connect(addr, &self.server_name)
-            .await
-            .map_err(fail)?;
+        // A name may resolve to several addresses (IPv4 and IPv6 for
+        // `localhost`): try them all at once and keep the first that answers.
+        let attempts = addrs
+            .iter()
+            .map(|&addr| Box::pin(connector.connect(addr, &server_name)));
+        let connection = match futures_util::future::select_ok(attempts).await {
+            Ok((connection, _slower)) => connection,
+            Err(e) => return Err(fail(e)),
+        };
         let origin = Instant::now();
         let mut protocol = ClientProtocol::new(self.protocol, Timestamp::ZERO);
         let (mut control_send, mut control_recv) = connection.open_stream().await.map_err(fail)?;
@@ -217,7 +251,9 @@ impl ClientBuilder {
                 protocol,
                 waiters: HashMap::new(),
                 streams: HashMap::new(),
+                unobserved: None,
             }),
+            raise_unobserved: self.raise_unobserved,
             connection: connection.clone(),
             _connector: connector,
             origin,
@@ -234,6 +270,33 @@ impl ClientBuilder {
             handle: Arc::new(Handle { inner }),
         })
     }
+}
+
+/// Resolves `host:port` (a name or an address) to its addresses.
+async fn resolve(target: &str) -> Result<Vec<SocketAddr>, Error> {
+    let unresolved = |reason: String| Error::Resolve {
+        target: target.to_owned(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| unresolved(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(unresolved("the name has no addresses".to_owned()));
+    }
+    Ok(addrs)
+}
+
+/// The host part of `host:port` or `[v6]:port`, for the TLS server name.
+fn host_of(target: &str) -> String {
+    let host = match target.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => target,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// The handshake failed after TLS: the server's close reason says why.
@@ -266,13 +329,15 @@ impl Drop for Handle {
 }
 
 impl Client {
-    /// A builder for a connection to `addr`. Choose how to trust the server
+    /// A builder for a connection to `target`: `"host:port"` (names are
+    /// resolved), `"[::1]:4433"`, or a `SocketAddr`. Choose how to trust the server
     /// ([`pin`](ClientBuilder::pin) or [`tls`](ClientBuilder::tls)) before
     /// connecting.
-    pub fn builder(addr: SocketAddr) -> ClientBuilder {
+    pub fn builder(target: impl std::fmt::Display) -> ClientBuilder {
         ClientBuilder {
-            addr,
-            server_name: "localhost".to_owned(),
+            target: target.to_string(),
+            server_name: None,
+            raise_unobserved: true,
             tls: None,
             identity: None,
             protocol: ClientConfig::default(),
@@ -286,7 +351,8 @@ impl Client {
     ///
     /// The call is sent at once (or as soon as fewer than `max_in_flight` calls
     /// are pending); the returned future resolves to the result. Dropping the
-    /// future cancels the call.
+    /// future does not stop the call (use [`PendingCall::cancel`]); if it then
+    /// fails, the next call returns [`Error::Unobserved`].
     pub fn call(&self, method: impl Into<String>, args: Tree) -> PendingCall {
         self.start(method.into(), args, None)
     }
@@ -307,6 +373,15 @@ impl Client {
         let inner = self.handle.inner.clone();
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(Mutex::new(Slot::Queued));
+        let unobserved = inner.lock().unobserved.take();
+        if let Some((method, source)) = unobserved {
+            return PendingCall {
+                result: rx,
+                slot,
+                inner: Arc::downgrade(&inner),
+                early: Some(Error::Unobserved { method, source }),
+            };
+        }
         match inner.capacity.clone().try_acquire_owned() {
             Ok(permit) => inner.start_call(&slot, method, args, timeout, tx, permit),
             Err(_) => {
@@ -325,7 +400,7 @@ impl Client {
             result: rx,
             slot,
             inner: Arc::downgrade(&self.handle.inner),
-            done: false,
+            early: None,
         }
     }
 
@@ -370,14 +445,18 @@ enum Slot {
     Abandoned,
 }
 
-/// A call in flight: a future of its result. Dropping it cancels the call.
+/// A call in flight: a future of its result.
+///
+/// Dropping it does not stop the call: it runs to the end, and if it fails,
+/// the next call on the client reports the error (see
+/// [`ClientBuilder::raise_unobserved_errors`]). To stop it, [`cancel`](Self::cancel).
 #[derive(Debug)]
-#[must_use = "a call is cancelled when its PendingCall is dropped"]
 pub struct PendingCall {
     result: oneshot::Receiver<Result<Tree, CallError>>,
     slot: Arc<Mutex<Slot>>,
     inner: std::sync::Weak<Inner>,
-    done: bool,
+    /// An error to return without waiting (an earlier call's unobserved failure).
+    early: Option<Error>,
 }
 
 impl PendingCall {
@@ -390,7 +469,8 @@ impl PendingCall {
     }
 
     /// Cancels the call: the future resolves to [`CallError::Cancelled`] (unless
-    /// the result was already in) and the server is told to drop it.
+    /// the result was already in), the server is told to drop it, and a call
+    /// still waiting for its turn is never sent.
     pub fn cancel(&self) {
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         match *slot {
@@ -410,25 +490,14 @@ impl Future for PendingCall {
     type Output = Result<Tree, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let polled = Pin::new(&mut self.result).poll(cx);
-        match polled {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(result) => {
-                self.done = true;
-                Poll::Ready(match result {
-                    Ok(result) => result.map_err(Error::Call),
-                    // Abandoned before it started (cancel, or the connection closed).
-                    Err(_) => Err(Error::Call(CallError::Cancelled)),
-                })
-            }
+        if let Some(error) = self.early.take() {
+            return Poll::Ready(Err(error));
         }
-    }
-}
-
-impl Drop for PendingCall {
-    fn drop(&mut self) {
-        if !self.done {
-            self.cancel();
+        match Pin::new(&mut self.result).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(result)) => Poll::Ready(result.map_err(Error::Call)),
+            // Never started: cancelled while waiting for its turn.
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Call(CallError::Cancelled))),
         }
     }
 }
@@ -437,6 +506,7 @@ impl Drop for PendingCall {
 /// the call counted against `max_in_flight`.
 #[derive(Debug)]
 struct Waiter {
+    method: String,
     result: oneshot::Sender<Result<Tree, CallError>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -447,6 +517,8 @@ struct State {
     waiters: HashMap<RequestId, Waiter>,
     /// Stops the task carrying a call's stream, with the code to reset it with.
     streams: HashMap<RequestId, oneshot::Sender<StreamCode>>,
+    /// The first failure of a call nobody awaited, for the next call to report.
+    unobserved: Option<(String, CallError)>,
 }
 
 #[derive(Debug)]
@@ -470,6 +542,7 @@ struct Inner {
     control: mpsc::UnboundedSender<Control>,
     timer: Notify,
     capacity: Arc<Semaphore>,
+    raise_unobserved: bool,
 }
 
 impl Inner {
@@ -508,12 +581,16 @@ impl Inner {
         }
         let mut state = self.lock();
         let now = self.now();
-        match state.protocol.start_call(now, method, args, timeout) {
+        match state
+            .protocol
+            .start_call(now, method.clone(), args, timeout)
+        {
             Ok(id) => {
                 *slot = Slot::Started(id);
                 state.waiters.insert(
                     id,
                     Waiter {
+                        method,
                         result,
                         _permit: permit,
                     },
@@ -573,7 +650,16 @@ impl Inner {
                         let _ = stream.send(code);
                     }
                     if let Some(waiter) = state.waiters.remove(&id) {
-                        let _ = waiter.result.send(result);
+                        if let Err(Err(error)) = waiter.result.send(result) {
+                            // Nobody awaits this call: keep its failure for the
+                            // next call (a cancel or this client's own close is
+                            // not a failure).
+                            let expected =
+                                matches!(error, CallError::Cancelled | CallError::Closed);
+                            if self.raise_unobserved && !expected && state.unobserved.is_none() {
+                                state.unobserved = Some((waiter.method, error));
+                            }
+                        }
                     }
                 }
                 ClientOutput::Close => {

@@ -2,6 +2,7 @@
 //! [`ServerProtocol`] that decides what happens to each call.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-use crate::server::Shared;
+use crate::server::{HandlerFailure, Shared};
 
 /// How long a new connection may take to open its control stream and send its
 /// `Hello` before the server gives up on it.
@@ -39,6 +40,15 @@ struct State {
     replies: HashMap<RequestId, oneshot::Sender<Message>>,
     /// The running function of each open call, to stop it on cancel or expiry.
     running: HashMap<RequestId, AbortHandle>,
+}
+
+/// Holds one unit of the server-wide count of running calls.
+struct RunningGuard(Arc<Shared>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.running_total.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The part of a connection the server holds, for shutdown.
@@ -113,9 +123,39 @@ impl ConnectionHandle {
             state.protocol.reply(id, Err(error), now);
             return; // the caller's loop in `pump` routes the queued reply
         };
+        let shared = &self.shared;
+        if shared.running_total.fetch_add(1, Ordering::AcqRel) >= shared.max_in_flight_total {
+            shared.running_total.fetch_sub(1, Ordering::AcqRel);
+            let error = RemoteError::new(
+                ErrorKind::Overloaded,
+                SERVER_ERROR_TYPE,
+                format!(
+                    "the server is running {} calls, its limit; retry later or on another server",
+                    shared.max_in_flight_total
+                ),
+            );
+            let now = shared.now();
+            state.protocol.reply(id, Err(error), now);
+            return;
+        }
         let this = self.clone();
         let task = tokio::spawn(async move {
-            let result = handler.call(args).await;
+            // Counts the call as running until it ends, even if aborted.
+            let _running = RunningGuard(this.shared.clone());
+            let result = handler.call(&method, args, &this.shared.workers).await;
+            if let Err(error) = &result {
+                if matches!(error.kind, ErrorKind::Handler | ErrorKind::Panic) {
+                    let mut first = this
+                        .shared
+                        .first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    first.get_or_insert_with(|| HandlerFailure {
+                        method: method.clone(),
+                        error: error.clone(),
+                    });
+                }
+            }
             let mut state = this.lock();
             let now = this.shared.now();
             state.protocol.reply(id, result, now);

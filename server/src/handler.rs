@@ -7,7 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
+use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
+use tokio::sync::Semaphore;
 
 /// What a bound function returns when it fails: a type name and a message,
 /// delivered to the caller as a [`RemoteError`] of kind `Handler`.
@@ -67,72 +69,86 @@ impl fmt::Display for HandlerError {
     }
 }
 
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, RemoteError>> + Send>>;
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
-/// A bound function, type-erased. Runs the function and turns its failure or
-/// panic into the `RemoteError` the caller receives.
+type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
+type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
+
+/// A bound function, type-erased.
 #[derive(Clone)]
-pub(crate) struct Handler(Arc<dyn Fn(Tree) -> HandlerFuture + Send + Sync>);
+pub(crate) enum Handler {
+    /// Runs on the async runtime.
+    Async(Arc<AsyncFn>),
+    /// Runs on a worker thread, at most `workers` at once per server.
+    Blocking(Arc<BlockingFn>),
+}
 
 impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Handler")
+        f.write_str(match self {
+            Handler::Async(_) => "Handler::Async",
+            Handler::Blocking(_) => "Handler::Blocking",
+        })
     }
 }
 
 impl Handler {
-    pub(crate) fn from_async<F, Fut>(method: String, f: F) -> Handler
+    pub(crate) fn from_async<F, Fut>(f: F) -> Handler
     where
         F: Fn(Tree) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
     {
-        let method: Arc<str> = method.into();
-        Handler(Arc::new(move |args| {
-            let method = method.clone();
-            // A panicking handler fails its own call, not the server: whether it
-            // panics making its future or while it runs.
-            let future = match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
-                Ok(future) => future,
-                Err(panic) => {
-                    let error = panic_error(&method, panic);
-                    return Box::pin(async move { Err(error) }) as HandlerFuture;
-                }
-            };
-            let run = AssertUnwindSafe(future)
-                .catch_unwind()
-                .map(move |outcome| match outcome {
-                    Ok(result) => result.map_err(HandlerError::into_remote),
-                    Err(panic) => Err(panic_error(&method, panic)),
-                });
-            Box::pin(run)
-        }))
+        Handler::Async(Arc::new(move |args| Box::pin(f(args))))
     }
 
-    pub(crate) fn from_blocking<F>(method: String, f: F) -> Handler
+    pub(crate) fn from_blocking<F>(f: F) -> Handler
     where
         F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
-        let method: Arc<str> = method.into();
-        Handler(Arc::new(move |args| {
-            let f = f.clone();
-            let method = method.clone();
-            Box::pin(async move {
+        Handler::Blocking(Arc::new(f))
+    }
+
+    /// Runs the function on `args` and turns its failure or panic into the
+    /// `RemoteError` the caller receives. A panic fails its own call, not the
+    /// server. Blocking functions wait for one of the `workers` permits.
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        args: Tree,
+        workers: &Arc<Semaphore>,
+    ) -> Result<Tree, RemoteError> {
+        match self {
+            Handler::Async(f) => {
+                // It may panic making its future, or while the future runs.
+                let future = match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
+                    Ok(future) => future,
+                    Err(panic) => return Err(panic_error(method, panic)),
+                };
+                match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(result) => result.map_err(HandlerError::into_remote),
+                    Err(panic) => Err(panic_error(method, panic)),
+                }
+            }
+            Handler::Blocking(f) => {
+                let Ok(_permit) = workers.clone().acquire_owned().await else {
+                    return Err(RemoteError::new(
+                        ErrorKind::ShuttingDown,
+                        SERVER_ERROR_TYPE,
+                        "the server's worker pool is closed",
+                    ));
+                };
+                let f = f.clone();
                 match tokio::task::spawn_blocking(move || f(args)).await {
                     Ok(result) => result.map_err(HandlerError::into_remote),
-                    Err(join) if join.is_panic() => Err(panic_error(&method, join.into_panic())),
+                    Err(join) if join.is_panic() => Err(panic_error(method, join.into_panic())),
                     Err(_) => Err(RemoteError::new(
                         ErrorKind::Internal,
-                        "teleport",
+                        SERVER_ERROR_TYPE,
                         "the server stopped the function's thread",
                     )),
                 }
-            })
-        }))
-    }
-
-    pub(crate) fn call(&self, args: Tree) -> HandlerFuture {
-        (self.0)(args)
+            }
+        }
     }
 }
 
@@ -157,23 +173,37 @@ mod tests {
 
     #[tokio::test]
     async fn errors_keep_their_type_and_panics_become_errors() {
-        let ok = Handler::from_async("ok".into(), |t| async move { Ok(t) });
-        assert_eq!(ok.call(tree!(1)).await.unwrap(), tree!(1));
+        let workers = Arc::new(Semaphore::new(2));
+        let ok = Handler::from_async(|t| async move { Ok(t) });
+        assert_eq!(ok.call("ok", tree!(1), &workers).await.unwrap(), tree!(1));
 
-        let fails = Handler::from_async("fails".into(), |_| async move {
+        let fails = Handler::from_async(|_| async move {
             let n: i32 = "x".parse()?;
             Ok(tree!((n as i64)))
         });
-        let err = fails.call(tree!(null)).await.unwrap_err();
+        let err = fails
+            .call("fails", tree!(null), &workers)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Handler);
         assert!(err.type_name.contains("ParseIntError"), "{err}");
 
-        let panics = Handler::from_blocking("panics".into(), |_| panic!("boom"));
-        let err = panics.call(tree!(null)).await.unwrap_err();
+        let panics = Handler::from_blocking(|_| panic!("boom"));
+        let err = panics
+            .call("panics", tree!(null), &workers)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Panic);
         assert!(
             err.message.contains("boom") && err.message.contains("panics"),
             "{err}"
         );
+
+        let panics_early = Handler::from_async(|_| -> HandlerFuture { panic!("early") });
+        let err = panics_early
+            .call("early", tree!(null), &workers)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Panic);
     }
 }

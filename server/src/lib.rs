@@ -30,5 +30,5 @@ mod handler;
 mod server;
 
 pub use handler::HandlerError;
-pub use server::{Server, ServerBuilder, ServerError};
+pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

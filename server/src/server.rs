@@ -3,16 +3,16 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use teleport_protocol::{Limits, Timestamp, Tree};
+use teleport_protocol::{Limits, RemoteError, Timestamp, Tree};
 use teleport_quic::{
     ClientAuth, CloseCode, Fingerprint, Identity, Listener, ServerTls, TransportConfig,
     TransportError,
 };
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::connection::{serve_connection, ConnectionHandle};
@@ -30,6 +30,16 @@ pub enum ServerError {
     DuplicateMethod(String),
 }
 
+/// A bound function failed (returned an error or panicked); see [`Server::check`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the function {method:?} failed: {error}")]
+pub struct HandlerFailure {
+    /// The name the function is bound as.
+    pub method: String,
+    /// What the caller was told.
+    pub error: RemoteError,
+}
+
 /// Settings and bound functions of a server. Start from [`Server::builder`].
 #[derive(Debug)]
 pub struct ServerBuilder {
@@ -39,6 +49,8 @@ pub struct ServerBuilder {
     transport: TransportConfig,
     limits: Limits,
     max_in_flight: usize,
+    max_in_flight_total: usize,
+    workers: usize,
     handlers: HashMap<String, Handler>,
     duplicate: Option<String>,
 }
@@ -52,6 +64,8 @@ impl ServerBuilder {
             transport: TransportConfig::default(),
             limits: Limits::default(),
             max_in_flight: 64,
+            max_in_flight_total: 4096,
+            workers: std::thread::available_parallelism().map_or(4, |n| n.get()),
             handlers: HashMap::new(),
             duplicate: None,
         }
@@ -72,21 +86,17 @@ impl ServerBuilder {
         F: Fn(Tree) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
     {
-        let name = name.into();
-        let handler = Handler::from_async(name.clone(), function);
-        self.insert(name, handler)
+        self.insert(name.into(), Handler::from_async(function))
     }
 
-    /// Binds a blocking function under `name`. Each call runs on tokio's
-    /// blocking thread pool, so calls run in parallel and never stall the
-    /// network.
+    /// Binds a blocking function under `name`. Calls run on worker threads,
+    /// at most [`workers`](Self::workers) at once across the server, so they
+    /// run in parallel and never stall the network.
     pub fn bind_blocking<F>(self, name: impl Into<String>, function: F) -> Self
     where
         F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
     {
-        let name = name.into();
-        let handler = Handler::from_blocking(name.clone(), function);
-        self.insert(name, handler)
+        self.insert(name.into(), Handler::from_blocking(function))
     }
 
     /// The server's certificate and key. Without one, the server makes a
@@ -129,6 +139,20 @@ impl ServerBuilder {
         self
     }
 
+    /// Calls running at once across all connections; more are refused with an
+    /// `Overloaded` error (retry later, or elsewhere). Default 4096.
+    pub fn max_in_flight_total(mut self, max: usize) -> Self {
+        self.max_in_flight_total = max.max(1);
+        self
+    }
+
+    /// Worker threads running blocking functions at once, shared by all
+    /// connections. Default: the number of CPUs.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
     /// Binds `addr` (port 0 picks a free port) and starts serving. Must be
     /// called inside a tokio runtime.
     pub async fn listen(self, addr: SocketAddr) -> Result<Server, ServerError> {
@@ -154,6 +178,10 @@ impl ServerBuilder {
             handlers: self.handlers,
             token: self.token,
             max_in_flight: self.max_in_flight,
+            max_in_flight_total: self.max_in_flight_total,
+            running_total: AtomicUsize::new(0),
+            workers: Arc::new(Semaphore::new(self.workers)),
+            first_error: Mutex::new(None),
             origin: Instant::now(),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
@@ -164,7 +192,7 @@ impl ServerBuilder {
         Ok(Server {
             local_addr,
             fingerprint,
-            listener,
+            listener: Mutex::new(Some(listener)),
             shared,
             shutdown_tx,
             accept: Mutex::new(Some(accept)),
@@ -178,6 +206,13 @@ pub(crate) struct Shared {
     pub(crate) handlers: HashMap<String, Handler>,
     pub(crate) token: Option<String>,
     pub(crate) max_in_flight: usize,
+    pub(crate) max_in_flight_total: usize,
+    /// Functions running now, across connections.
+    pub(crate) running_total: AtomicUsize,
+    /// Permits for blocking functions: the worker pool's size.
+    pub(crate) workers: Arc<Semaphore>,
+    /// The first function error or panic, for [`Server::check`].
+    pub(crate) first_error: Mutex<Option<HandlerFailure>>,
     origin: Instant,
     pub(crate) connections: Mutex<HashMap<u64, Arc<ConnectionHandle>>>,
     next_connection: AtomicU64,
@@ -218,7 +253,8 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
 pub struct Server {
     local_addr: SocketAddr,
     fingerprint: Fingerprint,
-    listener: Listener,
+    /// Taken at shutdown, so the socket (and the port) is released.
+    listener: Mutex<Option<Listener>>,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
     accept: Mutex<Option<JoinHandle<()>>>,
@@ -246,6 +282,26 @@ impl Server {
         let mut names: Vec<String> = self.shared.handlers.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// The first error a bound function returned or panic it raised since the
+    /// server started, if any. The caller got it too; this is for the
+    /// application serving, which otherwise would not hear of it.
+    pub fn check(&self) -> Result<(), HandlerFailure> {
+        match &*self
+            .shared
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Calls running now, across connections.
+    pub fn running(&self) -> usize {
+        self.shared.running_total.load(Ordering::Relaxed)
     }
 
     /// Connections currently open.
@@ -286,9 +342,25 @@ impl Server {
         let deadline = tokio::time::Instant::now() + grace;
         let drains = connections.iter().map(|c| c.drain(deadline));
         futures_util::future::join_all(drains).await;
-        self.listener
-            .close(CloseCode::ShuttingDown, "the server is shutting down");
-        // Give the close packets a moment to reach the clients.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.listener.wait_idle()).await;
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(listener) = listener {
+            listener.close(CloseCode::ShuttingDown, "the server is shutting down");
+            // Give the close packets a moment to reach the clients.
+            let _ = tokio::time::timeout(Duration::from_secs(1), listener.wait_idle()).await;
+            drop(listener);
+            // quinn's driver task closes the socket soon after the last handle
+            // goes; wait for that (bounded), so that a server restarted on this
+            // port right after `shutdown` returns can bind it.
+            let free_by = tokio::time::Instant::now() + Duration::from_secs(1);
+            while std::net::UdpSocket::bind(self.local_addr).is_err()
+                && tokio::time::Instant::now() < free_by
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
     }
 }

@@ -142,6 +142,7 @@ async fn ca_roots_verify_the_server_and_the_client() {
         "CA-verified connect",
         Client::builder(fixture.server.local_addr())
             .tls(tls.clone())
+            .server_name("localhost")
             .identity(client_identity)
             .connect(),
     )

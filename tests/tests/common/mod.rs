@@ -26,6 +26,20 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub struct Counters {
     pub sleeps_started: AtomicUsize,
     pub sleeps_dropped: AtomicUsize,
+    /// Calls of `hold`/`hold_blocking` running now, and the most at once.
+    pub holding: AtomicUsize,
+    pub max_holding: AtomicUsize,
+}
+
+impl Counters {
+    fn enter_hold(&self) {
+        let now = self.holding.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_holding.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave_hold(&self) {
+        self.holding.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct DropCounter(Arc<Counters>, bool);
@@ -39,7 +53,23 @@ impl Drop for DropCounter {
 }
 
 pub fn test_functions(builder: ServerBuilder, counters: Arc<Counters>) -> ServerBuilder {
+    let (hold, hold_blocking) = (counters.clone(), counters.clone());
     builder
+        .bind("hold", move |args: Tree| {
+            let counters = hold.clone();
+            async move {
+                counters.enter_hold();
+                tokio::time::sleep(Duration::from_secs_f64(args.as_float()?)).await;
+                counters.leave_hold();
+                Ok(tree!(null))
+            }
+        })
+        .bind_blocking("hold_blocking", move |args: Tree| {
+            hold_blocking.enter_hold();
+            std::thread::sleep(Duration::from_secs_f64(args.as_float()?));
+            hold_blocking.leave_hold();
+            Ok(tree!(null))
+        })
         .bind("echo", |args: Tree| async move { Ok(args) })
         .bind("add", |args: Tree| async move {
             Ok(tree!((args.get("a")?.as_int()? + args.get("b")?.as_int()?)))
