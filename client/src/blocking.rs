@@ -59,5 +59,15 @@ impl BlockingClient {
 impl Drop for BlockingClient {
     fn drop(&mut self) {
         self.client.close();
+        // Let the goodbye go out before the runtime (and the socket) goes, so
+        // the server frees the connection now rather than at its idle timeout.
+        // (Blocking inside another runtime would panic: skip the wait there.)
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let client = &self.client;
+        self.runtime.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
+        });
     }
 }

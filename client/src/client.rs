@@ -430,9 +430,16 @@ impl Client {
     }
 
     /// Closes the connection: pending calls fail with [`CallError::Closed`],
-    /// the server is told goodbye.
+    /// the server is told goodbye. Returns at once; await
+    /// [`closed`](Self::closed) to know the server was told.
     pub fn close(&self) {
         self.handle.inner.close();
+    }
+
+    /// Waits until the connection is closed (by [`close`](Self::close), by the
+    /// server, or by a failure) and says why.
+    pub async fn closed(&self) -> TransportError {
+        self.handle.inner.connection.closed().await
     }
 }
 
