@@ -61,7 +61,7 @@ pub fn quinn_client_config(
     Ok(config)
 }
 
-fn bind(
+pub(crate) fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {

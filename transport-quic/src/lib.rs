@@ -13,12 +13,15 @@
 //!   [`ClientAuth`] say who each side is and whom it trusts;
 //! - [`TransportConfig`] holds the windows and timers.
 //!
+//! [`reference`](mod@reference) is bare quinn with the same settings, for benchmarks only.
+//!
 //! One stream per call is what keeps a large reply from delaying a small one:
 //! QUIC streams are flow controlled and delivered independently.
 
 mod config;
 mod endpoint;
 mod error;
+pub mod reference;
 mod stream;
 mod tls;
 

@@ -1,0 +1,241 @@
+//! `teleport bench`: the full Teleport stack against bare quinn with the same
+//! TLS and transport settings, in the same process and run, on loopback.
+//!
+//! A measurement, not a test: it prints numbers and asserts nothing about them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use teleport::quic::reference::{ReferenceClient, ReferenceMode, ReferenceServer};
+use teleport::{
+    tree, Array, Client, ClientTls, Identity, Server, ServerTls, TransportConfig, Tree,
+};
+
+use crate::builtins::bind_builtins;
+use crate::demo::pattern_array;
+
+const SMALL: usize = 1 << 10;
+const LARGE: usize = 256 << 20;
+/// Calls in flight at once for the small-call measurement.
+const CONCURRENCY: usize = 32;
+
+/// One side of the comparison: something that can echo or sink bytes.
+#[derive(Clone, Debug)]
+enum Peer {
+    Teleport(Client),
+    Quinn(Arc<ReferenceClient>),
+}
+
+impl Peer {
+    fn name(&self) -> &'static str {
+        match self {
+            Peer::Teleport(_) => "teleport",
+            Peer::Quinn(_) => "bare quinn",
+        }
+    }
+
+    /// Echoes `payload`; returns the bytes that came back.
+    async fn echo(&self, payload: &Array) -> anyhow::Result<Bytes> {
+        match self {
+            Peer::Teleport(client) => {
+                let reply = client.call("echo", Tree::Array(payload.clone())).await?;
+                Ok(reply.into_array()?.into_data())
+            }
+            Peer::Quinn(client) => Ok(client
+                .request(ReferenceMode::Echo, payload.data().clone())
+                .await?),
+        }
+    }
+
+    /// Sends `payload` one way; returns the byte count the server reports.
+    async fn sink(&self, payload: &Array) -> anyhow::Result<u64> {
+        match self {
+            Peer::Teleport(client) => {
+                let reply = client.call("sink", tree!({"x": (payload.clone())})).await?;
+                Ok(u64::try_from(reply.get("bytes")?.as_int()?)?)
+            }
+            Peer::Quinn(client) => {
+                let reply = client
+                    .request(ReferenceMode::Sink, payload.data().clone())
+                    .await?;
+                let bytes: [u8; 8] = reply[..]
+                    .try_into()
+                    .context("the reference server's sink reply is not 8 bytes")?;
+                Ok(u64::from_le_bytes(bytes))
+            }
+        }
+    }
+}
+
+pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
+    let rounds = if quick { 1 } else { 3 };
+    let small_for = Duration::from_secs(if quick { 1 } else { 3 });
+    let transport = TransportConfig::default();
+    let identity = Identity::self_signed(["localhost"])?;
+    let fingerprint = identity.fingerprint();
+
+    let server = bind_builtins(Server::builder())
+        .bind("sink", |args: Tree| async move {
+            Ok(tree!({"bytes": (args.data_len() as i64)}))
+        })
+        .identity(identity.clone())
+        .transport(transport.clone())
+        .max_in_flight(CONCURRENCY * 2)
+        .listen("127.0.0.1:0".parse()?)
+        .await?;
+    let client = Client::builder(server.local_addr())
+        .pin(fingerprint)
+        .transport(transport.clone())
+        .max_in_flight(CONCURRENCY * 2)
+        .connect()
+        .await?;
+    let reference = ReferenceServer::start(
+        "127.0.0.1:0".parse()?,
+        &ServerTls::new(identity),
+        &transport,
+    )?;
+    let reference_client = ReferenceClient::connect(
+        reference.local_addr()?,
+        "localhost",
+        &ClientTls::pinned(fingerprint),
+        &transport,
+    )
+    .await?;
+    let peers = [
+        Peer::Teleport(client.clone()),
+        Peer::Quinn(Arc::new(reference_client)),
+    ];
+
+    println!(
+        "teleport bench{}: loopback, same TLS (pinned self-signed, TLS 1.3) and TransportConfig \
+         for both; {rounds} round(s), best of rounds shown",
+        if quick { " --quick" } else { "" }
+    );
+    println!(
+        "tokio multi-thread runtime, {} worker threads; client and server in this process\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // (a) small calls.
+    let small = pattern_array(SMALL, 1);
+    let mut best = [0.0f64; 2];
+    for round in 0..rounds {
+        for (i, peer) in peers.iter().enumerate() {
+            // A short warm-up so connection windows and allocators settle.
+            small_calls(peer, &small, Duration::from_millis(200)).await?;
+            let rate = small_calls(peer, &small, small_for).await?;
+            println!(
+                "  round {}: {:<10} {:>9.0} calls/s (1 KiB echo, {CONCURRENCY} in flight)",
+                round + 1,
+                peer.name(),
+                rate
+            );
+            best[i] = best[i].max(rate);
+        }
+    }
+    report("(a) small calls/s", "calls/s", best);
+
+    // (b) one way.
+    let large = pattern_array(LARGE, 2);
+    let mut best = [0.0f64; 2];
+    for round in 0..rounds {
+        for (i, peer) in peers.iter().enumerate() {
+            let t = Instant::now();
+            let received = peer.sink(&large).await?;
+            let elapsed = t.elapsed();
+            ensure!(
+                received == LARGE as u64,
+                "{}: the server received {received} bytes, not {LARGE}",
+                peer.name()
+            );
+            let rate = LARGE as f64 / elapsed.as_secs_f64() / 1e9;
+            println!(
+                "  round {}: {:<10} {:>6.2} GB/s (256 MiB one way, {:.0} ms)",
+                round + 1,
+                peer.name(),
+                rate,
+                elapsed.as_secs_f64() * 1e3
+            );
+            best[i] = best[i].max(rate);
+        }
+    }
+    report("(b) 256 MiB one way", "GB/s", best);
+
+    // (c) echo.
+    let mut best = [0.0f64; 2];
+    for round in 0..rounds {
+        for (i, peer) in peers.iter().enumerate() {
+            let t = Instant::now();
+            let back = peer.echo(&large).await?;
+            let elapsed = t.elapsed();
+            // Compared outside the timing; both sides are held to the same check.
+            ensure!(
+                back == large.data(),
+                "{}: the echo differs from what was sent",
+                peer.name()
+            );
+            let rate = 2.0 * LARGE as f64 / elapsed.as_secs_f64() / 1e9;
+            println!(
+                "  round {}: {:<10} {:>6.2} GB/s (256 MiB echo, both directions counted, {:.0} ms)",
+                round + 1,
+                peer.name(),
+                rate,
+                elapsed.as_secs_f64() * 1e3
+            );
+            best[i] = best[i].max(rate);
+        }
+    }
+    report("(c) 256 MiB echo, both directions", "GB/s", best);
+
+    if let Peer::Quinn(reference_client) = &peers[1] {
+        reference_client.close().await;
+    }
+    reference.close();
+    client.close();
+    server.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Keeps `CONCURRENCY` 1 KiB echoes in flight for `duration`; returns calls/s.
+async fn small_calls(peer: &Peer, payload: &Array, duration: Duration) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (peer, payload) = (peer.clone(), payload.clone());
+            let (stop, done) = (stop.clone(), done.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let back = peer.echo(&payload).await?;
+                    ensure!(
+                        back.len() == payload.nbytes(),
+                        "a 1 KiB echo came back short"
+                    );
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    tokio::time::sleep(duration).await;
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.context("a benchmark task panicked")??;
+    }
+    Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+fn report(what: &str, unit: &str, [teleport, quinn]: [f64; 2]) {
+    let ratio = if quinn > 0.0 { teleport / quinn } else { 0.0 };
+    let digits = if teleport >= 100.0 { 0 } else { 2 };
+    println!(
+        "{what}: teleport {teleport:.digits$} {unit}, bare quinn {quinn:.digits$} {unit}, \
+         ratio {ratio:.2}x\n"
+    );
+}

@@ -1,0 +1,61 @@
+//! Teleport: send trees of n-dimensional arrays between machines over QUIC.
+//!
+//! A server binds named functions; clients call them and get futures of the
+//! results. Arguments and results are [`Tree`]s: maps and lists whose leaves
+//! are [`Array`]s and small scalars. Array bytes are never serialised: they go
+//! on the wire as they are and land in 64-byte-aligned memory.
+//!
+//! This crate gathers the API of the workspace under one roof:
+//!
+//! - [`Server`], [`Client`], [`BlockingClient`] and the values they carry
+//!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level;
+//! - the whole of each crate as a module: [`server`], [`client`],
+//!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use teleport::{tree, Array, Client, HandlerError, Server, Tree};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // A server with one function: the sum of a float32 array.
+//! let server = Server::builder()
+//!     .bind("sum", |args: Tree| async move {
+//!         let x: &[f32] = args.get("x")?.as_slice()?;
+//!         Ok::<Tree, HandlerError>(tree!({"sum": (x.iter().sum::<f32>())}))
+//!     })
+//!     .listen("127.0.0.1:0".parse()?)
+//!     .await?;
+//!
+//! // A client that trusts exactly this server's certificate.
+//! let client = Client::builder(server.local_addr())
+//!     .pin(server.fingerprint())
+//!     .connect()
+//!     .await?;
+//! let x = Array::from_vec([2, 3], vec![0.5f32; 6])?;
+//! let reply = client.call("sum", tree!({"x": (x)})).await?;
+//! assert_eq!(reply.get("sum")?.as_float()?, 3.0);
+//!
+//! server.shutdown(Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! The `teleport` command in this package (feature `cli`, on by default) runs a
+//! server with built-in functions, calls functions from the shell, and runs the
+//! end-to-end demo and benchmark: `cargo run --release -p teleport -- demo`.
+
+pub use teleport_client as client;
+pub use teleport_protocol as protocol;
+pub use teleport_quic as quic;
+pub use teleport_server as server;
+
+pub use teleport_client::{BlockingClient, CallError, Client, ClientBuilder, PendingCall};
+pub use teleport_protocol::{
+    tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError, Tree, TreeError,
+};
+pub use teleport_quic::{
+    ClientAuth, ClientTls, Fingerprint, Identity, ServerTls, TransportConfig, TransportError,
+};
+pub use teleport_server::{HandlerError, HandlerFailure, Server, ServerBuilder, ServerError};
+
+/// Why connecting or calling failed (the client's error type).
+pub type ClientError = teleport_client::Error;

@@ -1,0 +1,221 @@
+//! The `teleport` command: serve the built-in functions, call a function from
+//! the shell, run the end-to-end demo, or benchmark against bare quinn.
+
+mod bench;
+mod builtins;
+mod demo;
+mod json;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use teleport::{Client, Fingerprint, Identity, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "teleport",
+    version,
+    about = "Send trees of n-dimensional arrays over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the built-in functions: echo, info, sleep, sum, zeros.
+    Serve(ServeArgs),
+    /// Call a function on a server, with arguments as JSON; print the result as JSON.
+    Call(CallArgs),
+    /// Run everything on loopback in one process and check it works (no setup).
+    Demo,
+    /// Measure Teleport against bare quinn with the same TLS and settings, on loopback.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (UDP).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    listen: SocketAddr,
+    /// Shared token clients must present.
+    #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Certificate chain (PEM), leaf first.
+    #[arg(long, requires = "key", conflicts_with = "identity_dir")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Directory holding a self-signed certificate, made on first use, so the
+    /// fingerprint clients pin stays the same across restarts. Without this or
+    /// --cert, each start makes a new certificate (and a new fingerprint).
+    #[arg(long)]
+    identity_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// Server address.
+    #[arg(long)]
+    connect: SocketAddr,
+    /// SHA-256 fingerprint of the server's certificate (what `teleport serve` prints).
+    #[arg(long)]
+    pin: Fingerprint,
+    /// Shared token the server requires.
+    #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Fail if no reply arrives within this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Name of the function.
+    method: String,
+    /// Arguments as JSON. `{"__array__": {"dtype": "f32", "shape": [2, 3], "fill": 1.0}}`
+    /// makes an array (or `"data": [...]` instead of "fill"). Default: null.
+    args: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// One short round of each measurement instead of three longer ones.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Call(args) => call(args).await,
+            Command::Demo => demo::run().await,
+            Command::Bench(args) => bench::run(args.quick).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each once: some errors already include their
+/// cause's text in their own message, and printing the chain would repeat it.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&message);
+        }
+    }
+    text
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut builder = builtins::bind_builtins(Server::builder());
+    let mut names = vec!["localhost".to_owned()];
+    if !args.listen.ip().is_unspecified() {
+        names.push(args.listen.ip().to_string());
+    }
+    let ephemeral = match (&args.cert, &args.key, &args.identity_dir) {
+        (Some(cert), Some(key), _) => {
+            builder = builder.identity(Identity::from_pem_files(cert, key)?);
+            false
+        }
+        (_, _, Some(dir)) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the identity directory {}", dir.display()))?;
+            let identity = Identity::load_or_create_self_signed(
+                dir.join("cert.pem"),
+                dir.join("key.pem"),
+                names,
+            )?;
+            builder = builder.identity(identity);
+            false
+        }
+        // The server makes a fresh self-signed certificate.
+        _ => true,
+    };
+    if let Some(token) = args.token {
+        builder = builder.token(token);
+    }
+    let server = builder.listen(args.listen).await?;
+    let addr = server.local_addr();
+    let fingerprint = server.fingerprint();
+    println!("teleport serving on {addr}");
+    println!("fingerprint: {fingerprint}");
+    println!("methods: {}", server.methods().join(", "));
+    if ephemeral {
+        println!("(a new certificate each start; use --identity-dir DIR to keep the fingerprint)");
+    }
+    let connect = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+    } else {
+        addr
+    };
+    println!("try: teleport call --connect {connect} --pin {fingerprint} info");
+    println!("stop with Ctrl-C");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("shutting down (running calls get up to 5 s to finish)");
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn call(args: CallArgs) -> anyhow::Result<()> {
+    let value: serde_json::Value = match &args.args {
+        Some(text) => serde_json::from_str(text).context("the arguments are not valid JSON")?,
+        None => serde_json::Value::Null,
+    };
+    let tree = json::tree_from_json(&value)?;
+    let mut builder = Client::builder(args.connect).pin(args.pin);
+    if let Some(token) = args.token {
+        builder = builder.token(token);
+    }
+    let client = builder.connect().await?;
+    let result = match args.timeout {
+        Some(seconds) => {
+            let Ok(timeout) = Duration::try_from_secs_f64(seconds) else {
+                bail!("--timeout takes a non-negative number of seconds, got {seconds}");
+            };
+            client.call_with_timeout(args.method, tree, timeout).await
+        }
+        None => client.call(args.method, tree).await,
+    };
+    client.close();
+    let reply = result?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json::tree_to_json(&reply))?
+    );
+    Ok(())
+}
