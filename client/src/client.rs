@@ -23,11 +23,12 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 pub enum Error {
     /// No connection could be made: the address, the network, or TLS (an
     /// untrusted or unpinned certificate shows here).
-    #[error("cannot connect to {target}: {source}")]
+    // The cause is part of the message and deliberately not `source()`, so a
+    // printer of the error chain does not show it twice.
+    #[error("cannot connect to {target}: {error}")]
     Connect {
         target: String,
-        #[source]
-        source: TransportError,
+        error: TransportError,
     },
     /// The server's name could not be resolved to an address.
     #[error("cannot resolve {target:?} (expected host:port): {reason}")]
@@ -37,12 +38,8 @@ pub enum Error {
     ConnectTimeout { target: String, timeout: Duration },
     /// An earlier call failed while nobody awaited it (its [`PendingCall`] was
     /// dropped). Reported once, by the next call, which was not sent.
-    #[error("an earlier call of {method:?}, whose result was never awaited, failed: {source}")]
-    Unobserved {
-        method: String,
-        #[source]
-        source: CallError,
-    },
+    #[error("an earlier call of {method:?}, whose result was never awaited, failed: {error}")]
+    Unobserved { method: String, error: CallError },
     /// The server refused the connection after the handshake (a wrong or missing
     /// token, a client certificate it does not accept, a version it does not speak).
     #[error("the server refused the connection: {0}")]
@@ -186,9 +183,9 @@ impl ClientBuilder {
 
     async fn connect_to(self, addrs: Vec<SocketAddr>) -> Result<Client, Error> {
         let target = self.target.clone();
-        let fail = |source| Error::Connect {
+        let fail = |error| Error::Connect {
             target: target.clone(),
-            source,
+            error,
         };
         let server_name = self
             .server_name
@@ -252,6 +249,7 @@ impl ClientBuilder {
                 waiters: HashMap::new(),
                 streams: HashMap::new(),
                 unobserved: None,
+                timer_armed: None,
             }),
             raise_unobserved: self.raise_unobserved,
             connection: connection.clone(),
@@ -374,12 +372,12 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(Mutex::new(Slot::Queued));
         let unobserved = inner.lock().unobserved.take();
-        if let Some((method, source)) = unobserved {
+        if let Some((method, error)) = unobserved {
             return PendingCall {
                 result: rx,
                 slot,
                 inner: Arc::downgrade(&inner),
-                early: Some(Error::Unobserved { method, source }),
+                early: Some(Error::Unobserved { method, error }),
             };
         }
         match inner.capacity.clone().try_acquire_owned() {
@@ -526,6 +524,8 @@ struct State {
     streams: HashMap<RequestId, oneshot::Sender<StreamCode>>,
     /// The first failure of a call nobody awaited, for the next call to report.
     unobserved: Option<(String, CallError)>,
+    /// The time the timer task sleeps until (`None`: until woken).
+    timer_armed: Option<Timestamp>,
 }
 
 #[derive(Debug)]
@@ -671,11 +671,18 @@ impl Inner {
                 }
                 ClientOutput::Close => {
                     let _ = self.control.send(Control::Close);
+                    self.timer.notify_one();
                 }
                 _ => {}
             }
         }
-        self.timer.notify_one();
+        // Wake the timer only if it must fire earlier than it is set to: a
+        // wake-up per call would cost a context switch per call.
+        let next = state.protocol.poll_timeout();
+        if next.is_some_and(|next| state.timer_armed.is_none_or(|armed| next < armed)) {
+            state.timer_armed = next;
+            self.timer.notify_one();
+        }
     }
 
     /// A reply (or its absence) arrived on the stream of call `id`.
@@ -835,7 +842,8 @@ async fn run_timer(inner: Arc<Inner>) {
                 return;
             }
             inner.fold_heard(&mut state);
-            state.protocol.poll_timeout()
+            state.timer_armed = state.protocol.poll_timeout();
+            state.timer_armed
         };
         match next {
             Some(at) => {

@@ -1,18 +1,19 @@
 //! One client connection: its control stream, its call streams, and the
 //! [`ServerProtocol`] that decides what happens to each call.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use teleport_protocol::server::{ServerConfig, ServerOutput, ServerProtocol, SERVER_ERROR_TYPE};
-use teleport_protocol::{ErrorKind, Message, RemoteError, Reply, RequestId, Tree};
+use teleport_protocol::{ErrorKind, Message, RemoteError, Reply, RequestId, Timestamp, Tree};
 use teleport_quic::{CloseCode, Connection, RecvStream, SendStream, StreamCode, TransportError};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::task::AbortHandle;
 use tracing::Instrument;
 
+use crate::handler::Handler;
 use crate::server::{HandlerFailure, Shared};
 
 /// How long a new connection may take to open its control stream and send its
@@ -38,8 +39,13 @@ struct State {
     protocol: ServerProtocol,
     /// Where each open call's reply goes: the task that owns its stream.
     replies: HashMap<RequestId, oneshot::Sender<Message>>,
-    /// The running function of each open call, to stop it on cancel or expiry.
-    running: HashMap<RequestId, AbortHandle>,
+    /// Calls the state machine admitted, waiting for their stream's task to
+    /// run them (it runs the function itself: no extra task per call).
+    admitted: HashMap<RequestId, (String, Tree)>,
+    /// Dropping a call's sender stops its function (on cancel or expiry).
+    running: HashMap<RequestId, oneshot::Sender<()>>,
+    /// The time the timer task sleeps until (`None`: until woken).
+    timer_armed: Option<Timestamp>,
 }
 
 /// Holds one unit of the server-wide count of running calls.
@@ -87,13 +93,15 @@ impl ConnectionHandle {
                 }
                 ServerOutput::Request {
                     id, method, args, ..
-                } => self.start(state, id, method, args),
+                } => {
+                    state.admitted.insert(id, (method, args));
+                }
                 ServerOutput::Cancelled(id) | ServerOutput::Expired(id) => {
-                    // Dropping the route resets the call's stream.
+                    // Dropping the route resets the call's stream; dropping
+                    // the stop sender ends the function.
                     state.replies.remove(&id);
-                    if let Some(task) = state.running.remove(&id) {
-                        task.abort();
-                    }
+                    state.admitted.remove(&id);
+                    state.running.remove(&id);
                     self.call_ended.notify_waiters();
                 }
                 ServerOutput::Close => {
@@ -107,61 +115,93 @@ impl ConnectionHandle {
                 _ => {}
             }
         }
-        self.timer.notify_one();
+        // Wake the timer only if it must fire earlier than it is set to: a
+        // wake-up per call would cost a context switch per call.
+        let next = state.protocol.poll_timeout();
+        if next.is_some_and(|next| state.timer_armed.is_none_or(|armed| next < armed)) {
+            state.timer_armed = next;
+            self.timer.notify_one();
+        }
     }
 
-    fn start(self: &Arc<Self>, state: &mut State, id: RequestId, method: String, args: Tree) {
-        let Some(handler) = self.shared.handlers.get(&method).cloned() else {
-            let mut names: Vec<&str> = self.shared.handlers.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            let error = RemoteError::new(
-                ErrorKind::UnknownMethod,
-                SERVER_ERROR_TYPE,
-                format!("no function is bound as {method:?}; bound: {names:?}"),
-            );
-            let now = self.shared.now();
-            state.protocol.reply(id, Err(error), now);
-            return; // the caller's loop in `pump` routes the queued reply
-        };
+    /// Finds the function for an admitted call and counts it as running, or
+    /// answers the call with why it cannot run.
+    fn prepare(
+        &self,
+        state: &mut State,
+        id: RequestId,
+        method: &str,
+    ) -> Option<(Handler, RunningGuard, oneshot::Receiver<()>)> {
         let shared = &self.shared;
-        if shared.running_total.fetch_add(1, Ordering::AcqRel) >= shared.max_in_flight_total {
-            shared.running_total.fetch_sub(1, Ordering::AcqRel);
-            let error = RemoteError::new(
-                ErrorKind::Overloaded,
-                SERVER_ERROR_TYPE,
-                format!(
-                    "the server is running {} calls, its limit; retry later or on another server",
-                    shared.max_in_flight_total
-                ),
-            );
-            let now = shared.now();
-            state.protocol.reply(id, Err(error), now);
-            return;
-        }
-        let this = self.clone();
-        let task = tokio::spawn(async move {
-            // Counts the call as running until it ends, even if aborted.
-            let _running = RunningGuard(this.shared.clone());
-            let result = handler.call(&method, args, &this.shared.workers).await;
-            if let Err(error) = &result {
-                if matches!(error.kind, ErrorKind::Handler | ErrorKind::Panic) {
-                    let mut first = this
-                        .shared
-                        .first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    first.get_or_insert_with(|| HandlerFailure {
-                        method: method.clone(),
-                        error: error.clone(),
-                    });
-                }
+        let refusal = match shared.handlers.get(method) {
+            None => {
+                let mut names: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                RemoteError::new(
+                    ErrorKind::UnknownMethod,
+                    SERVER_ERROR_TYPE,
+                    format!("no function is bound as {method:?}; bound: {names:?}"),
+                )
             }
-            let mut state = this.lock();
-            let now = this.shared.now();
-            state.protocol.reply(id, result, now);
-            this.pump(&mut state);
-        });
-        state.running.insert(id, task.abort_handle());
+            Some(handler) => {
+                if shared.running_total.fetch_add(1, Ordering::AcqRel) < shared.max_in_flight_total
+                {
+                    let guard = RunningGuard(shared.clone());
+                    let (stop_tx, stop_rx) = oneshot::channel();
+                    state.running.insert(id, stop_tx);
+                    return Some((handler.clone(), guard, stop_rx));
+                }
+                shared.running_total.fetch_sub(1, Ordering::AcqRel);
+                RemoteError::new(
+                    ErrorKind::Overloaded,
+                    SERVER_ERROR_TYPE,
+                    format!(
+                        "the server is running {} calls, its limit; retry later or on another \
+                         server",
+                        shared.max_in_flight_total
+                    ),
+                )
+            }
+        };
+        let now = shared.now();
+        state.protocol.reply(id, Err(refusal), now);
+        None
+    }
+
+    /// Runs an admitted call's function and hands its result to the state
+    /// machine, unless the call is cancelled or expires first.
+    async fn run_function(self: &Arc<Self>, id: RequestId, method: String, args: Tree) {
+        let prepared = {
+            let mut state = self.lock();
+            let prepared = self.prepare(&mut state, id, &method);
+            self.pump(&mut state);
+            prepared
+        };
+        let Some((handler, _running, stop)) = prepared else {
+            return;
+        };
+        let result = tokio::select! {
+            result = handler.call(&method, args, &self.shared.workers) => result,
+            // Cancelled or expired: dropping the function's future stops it.
+            _ = stop => return,
+        };
+        if let Err(error) = &result {
+            if matches!(error.kind, ErrorKind::Handler | ErrorKind::Panic) {
+                let mut first = self
+                    .shared
+                    .first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert_with(|| HandlerFailure {
+                    method,
+                    error: error.clone(),
+                });
+            }
+        }
+        let mut state = self.lock();
+        let now = self.shared.now();
+        state.protocol.reply(id, result, now);
+        self.pump(&mut state);
     }
 
     /// Lets open calls finish until `deadline`, then closes the connection.
@@ -248,7 +288,9 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) -> Result<(),
                 protocol
             },
             replies: HashMap::new(),
+            admitted: HashMap::new(),
             running: HashMap::new(),
+            timer_armed: None,
         }),
         shared: shared.clone(),
         control: control_tx,
@@ -358,7 +400,12 @@ async fn run_timer(handle: Arc<ConnectionHandle>) {
         let notified = handle.timer.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let next = handle.lock().protocol.poll_timeout();
+        let next = {
+            let mut state = handle.lock();
+            let next = state.protocol.poll_timeout();
+            state.timer_armed = next;
+            next
+        };
         match next {
             Some(at) => {
                 let wait = at
@@ -412,23 +459,29 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
     };
     let id = call.request_id;
     let (reply_tx, reply_rx) = oneshot::channel();
-    let in_use = {
+    let admitted = {
         let mut state = handle.lock();
-        let in_use = state.replies.contains_key(&id);
-        if !in_use {
-            state.replies.insert(id, reply_tx);
+        if let Entry::Vacant(route) = state.replies.entry(id) {
+            route.insert(reply_tx);
             let now = handle.shared.now();
             if let Err(e) = state.protocol.handle_message(now, Message::Call(call)) {
                 tracing::info!(error = %e, "a call was refused");
             }
             handle.pump(&mut state);
+            Ok(state.admitted.remove(&id))
+        } else {
+            Err(())
         }
-        in_use
     };
-    if in_use {
-        let error = format!("request id {id} is already in use by an open call");
-        refuse(&mut send, &mut recv, ErrorKind::BadRequest, error).await;
-        return;
+    match admitted {
+        Ok(Some((method, args))) => handle.run_function(id, method, args).await,
+        // Refused by the state machine: its answer is already routed.
+        Ok(None) => {}
+        Err(()) => {
+            let error = format!("request id {id} is already in use by an open call");
+            refuse(&mut send, &mut recv, ErrorKind::BadRequest, error).await;
+            return;
+        }
     }
     match reply_rx.await {
         Ok(reply) => {

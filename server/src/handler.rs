@@ -53,8 +53,29 @@ impl HandlerError {
 // (the same choice `anyhow::Error` makes).
 impl<E: std::error::Error> From<E> for HandlerError {
     fn from(e: E) -> Self {
-        HandlerError::with_type(std::any::type_name::<E>(), e.to_string())
+        HandlerError::with_type(short_type_name::<E>(), e.to_string())
     }
+}
+
+/// `ParseIntError` for `core::num::error::ParseIntError`: what a caller can act
+/// on, without the server's module paths. Generic parameters are kept short too.
+fn short_type_name<E>() -> String {
+    let full = std::any::type_name::<E>();
+    let mut out = String::with_capacity(full.len());
+    let mut segment_start = 0;
+    for (i, c) in full.char_indices() {
+        if matches!(c, '<' | '>' | ',' | ' ' | '(' | ')' | '[' | ']' | '&' | ';') {
+            out.push_str(last_segment(&full[segment_start..i]));
+            out.push(c);
+            segment_start = i + c.len_utf8();
+        }
+    }
+    out.push_str(last_segment(&full[segment_start..]));
+    out
+}
+
+fn last_segment(path: &str) -> &str {
+    path.rsplit("::").next().unwrap_or(path)
 }
 
 impl fmt::Debug for HandlerError {
@@ -171,6 +192,18 @@ mod tests {
     use super::*;
     use teleport_protocol::tree;
 
+    #[test]
+    fn type_names_lose_their_module_paths() {
+        assert_eq!(
+            short_type_name::<std::num::ParseIntError>(),
+            "ParseIntError"
+        );
+        assert_eq!(
+            short_type_name::<std::collections::HashMap<String, std::io::Error>>(),
+            "HashMap<String, Error>"
+        );
+    }
+
     #[tokio::test]
     async fn errors_keep_their_type_and_panics_become_errors() {
         let workers = Arc::new(Semaphore::new(2));
@@ -186,7 +219,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Handler);
-        assert!(err.type_name.contains("ParseIntError"), "{err}");
+        assert_eq!(err.type_name, "ParseIntError", "{err}");
 
         let panics = Handler::from_blocking(|_| panic!("boom"));
         let err = panics

@@ -158,7 +158,7 @@ async fn a_large_reply_does_not_hold_up_small_calls() {
     let big = within("big call", big).await.unwrap().unwrap();
     assert_eq!(
         big.get("data").unwrap().as_array().unwrap().nbytes(),
-        256 << 20
+        128 << 20
     );
     assert_eq!(small_done, 5);
     assert!(
@@ -251,9 +251,9 @@ async fn the_error_of_a_dropped_call_is_raised_by_the_next_call() {
         .await
         .unwrap_err();
     match &err {
-        Error::Unobserved { method, source } => {
+        Error::Unobserved { method, error } => {
             assert_eq!(method, "fail");
-            assert_eq!(source.remote().unwrap().type_name, "ValueError");
+            assert_eq!(error.remote().unwrap().type_name, "ValueError");
         }
         other => panic!("expected the unobserved error, got {other}"),
     }

@@ -66,13 +66,13 @@ pub(crate) fn bind(
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|error| TransportError::Bind { addr, error })?;
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
         addr,
-        source: std::io::Error::other("no async runtime: call this inside a tokio runtime"),
+        error: std::io::Error::other("no async runtime: call this inside a tokio runtime"),
     })?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
-        .map_err(|source| TransportError::Bind { addr, source })
+        .map_err(|error| TransportError::Bind { addr, error })
 }
 
 /// A server's endpoint: accepts connections on one UDP socket.

@@ -15,11 +15,10 @@ pub enum TransportError {
     #[error("TLS configuration: {0}")]
     Tls(String),
     /// The UDP socket could not be bound.
-    #[error("cannot bind a UDP socket to {addr}: {source}")]
+    #[error("cannot bind a UDP socket to {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The connection could not be started (bad address, no endpoint...).
     #[error("cannot connect to {addr}: {reason}")]

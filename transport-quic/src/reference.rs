@@ -72,9 +72,9 @@ impl ReferenceServer {
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.endpoint
             .local_addr()
-            .map_err(|source| TransportError::Bind {
+            .map_err(|error| TransportError::Bind {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
+                error,
             })
     }
 
