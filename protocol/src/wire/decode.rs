@@ -333,7 +333,10 @@ pub fn decode_message(bytes: &[u8], limits: &Limits) -> Result<Message, DecodeEr
         Some(_) => Err(DecodeError::TrailingBytes { len: input.len() }),
         None => {
             decoder.finish()?;
-            unreachable!("finish fails inside a message")
+            // Only empty input leaves the decoder at a message boundary.
+            Err(DecodeError::Truncated {
+                needed: PREAMBLE_LEN as u64,
+            })
         }
     }
 }
