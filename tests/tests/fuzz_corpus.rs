@@ -55,6 +55,7 @@ fn every_target_passes_its_corpus_and_seeds() {
             "target {target}: corpus {} is empty",
             dir.display()
         );
+        eprintln!("{target}: {files} corpus files passed");
         for (name, bytes) in seeds::for_target(target) {
             run(target, *body, &bytes, &format!("seed {name}"));
         }

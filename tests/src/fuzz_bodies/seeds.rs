@@ -1,7 +1,8 @@
 //! Seed inputs for each target: starting points for the fuzzer and fixed cases
-//! for the corpus test. `fuzz/corpus/<target>/` holds them as files, written by
-//! [`write_corpus`] (run `TELEPORT_WRITE_SEEDS=1 cargo test -p
-//! teleport-integration-tests --test fuzz_corpus`), beside what fuzzing found.
+//! for the corpus test, which runs them whatever the corpus holds.
+//! `fuzz/corpus/<target>/` started from them, written by [`write_corpus`] (run
+//! `TELEPORT_WRITE_SEEDS=1 cargo test -p teleport-integration-tests --test
+//! fuzz_corpus`), and holds what fuzzing found, minimised (see docs/fuzzing.md).
 
 use std::path::Path;
 
