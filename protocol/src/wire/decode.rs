@@ -4,7 +4,7 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use core::time::Duration;
 use serde::Deserialize;
 
@@ -104,7 +104,7 @@ struct DataState {
 /// Where the data section is being written.
 enum DataBuf {
     /// Heap memory; `skip` bytes at the start reach 64-byte alignment.
-    Heap { buf: BytesMut, skip: usize },
+    Heap { buf: Vec<u8>, skip: usize },
     /// Memory from a [`DataAllocator`], filled up to `filled`.
     Custom {
         buf: Box<dyn DataBuffer>,
@@ -127,9 +127,13 @@ impl DataBuf {
         let capacity = len
             .checked_add(ALIGN - 1)
             .ok_or(DecodeError::TooLargeForPlatform)?;
-        let mut buf = BytesMut::with_capacity(capacity);
+        // A failed reservation (a size the allocator cannot provide, possible
+        // when the limits allow it) is an error, not an abort.
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(capacity)
+            .map_err(|_| DecodeError::TooLargeForPlatform)?;
         let skip = (ALIGN - (buf.as_ptr() as usize) % ALIGN) % ALIGN;
-        buf.put_bytes(0, skip);
+        buf.resize(skip, 0);
         Ok(DataBuf::Heap { buf, skip })
     }
 
@@ -157,7 +161,8 @@ impl DataBuf {
 
     fn freeze(self) -> Bytes {
         match self {
-            DataBuf::Heap { buf, skip } => buf.freeze().slice(skip..),
+            // `Bytes::from` keeps the allocation (no copy), so the alignment holds.
+            DataBuf::Heap { buf, skip } => Bytes::from(buf).slice(skip..),
             DataBuf::Custom { buf, .. } => Bytes::from_owner(Owned(buf)),
         }
     }
@@ -211,8 +216,9 @@ impl Decoder {
         let needed = match &self.state {
             State::Preamble { filled: 0, .. } => return Ok(()),
             State::Preamble { filled, .. } => (PREAMBLE_LEN - filled) as u64,
+            // Saturating: with very large limits the sum may not fit in 64 bits.
             State::Header { preamble, buf } => {
-                (preamble.header_total - buf.len()) as u64 + preamble.data_len
+                ((preamble.header_total - buf.len()) as u64).saturating_add(preamble.data_len)
             }
             State::Data(d) => d.remaining as u64,
             State::Failed => return Err(DecodeError::Poisoned),
@@ -327,7 +333,10 @@ pub fn decode_message(bytes: &[u8], limits: &Limits) -> Result<Message, DecodeEr
         Some(_) => Err(DecodeError::TrailingBytes { len: input.len() }),
         None => {
             decoder.finish()?;
-            unreachable!("finish fails inside a message")
+            // Only empty input leaves the decoder at a message boundary.
+            Err(DecodeError::Truncated {
+                needed: PREAMBLE_LEN as u64,
+            })
         }
     }
 }
@@ -439,6 +448,7 @@ fn parse_header(
         end: 0,
         regions: Vec::new(),
         nodes: 0,
+        promised: 0,
     };
     let message = match preamble.kind {
         Kind::Hello => {
@@ -520,6 +530,12 @@ struct TreeParser<'l> {
     end: u64,
     regions: Vec<Region>,
     nodes: usize,
+    /// Children that open lists and maps declared and that have not started yet,
+    /// counted in nodes (a map entry is two: its key and its value). Each one
+    /// still needs at least one node and one header byte, so a declared count is
+    /// checked against what is left after all of them: the room reserved for
+    /// every open container together stays within the header's size.
+    promised: u64,
 }
 
 /// A list or map being filled.
@@ -559,31 +575,41 @@ impl TreeParser<'_> {
         Ok(())
     }
 
-    /// Checks a container's declared child count before reserving room for it.
-    fn children(&self, r: &Reader<'_>, n: u64, frames: usize) -> Result<usize, DecodeError> {
+    /// Checks a container's declared child count (in nodes) before reserving
+    /// room for it, and records the children as promised.
+    fn children(&mut self, r: &Reader<'_>, n: u64, frames: usize) -> Result<usize, DecodeError> {
         if frames + 1 > self.limits.max_depth {
             return Err(DecodeError::TooDeep {
                 max: self.limits.max_depth,
             });
         }
-        // Every child takes at least one node and one header byte.
-        if n > (self.limits.max_nodes - self.nodes) as u64 {
+        // Every child takes at least one node and one header byte, and so does
+        // every child that open containers declared before this one.
+        let total = n.saturating_add(self.promised);
+        if total > (self.limits.max_nodes - self.nodes) as u64 {
             return Err(DecodeError::TooManyNodes {
                 max: self.limits.max_nodes,
             });
         }
-        if n > r.remaining() as u64 {
+        if total > r.remaining() as u64 {
             return Err(DecodeError::MalformedHeader {
                 offset: r.pos,
                 what: "container declares more children than the header has bytes",
             });
         }
-        Ok(n as usize)
+        self.promised = total;
+        usize::try_from(n).map_err(|_| DecodeError::TooLargeForPlatform)
     }
 
     fn parse(&mut self, r: &mut Reader<'_>) -> Result<Tree, DecodeError> {
         let mut frames: Vec<Frame> = Vec::new();
         loop {
+            // A promised child starts here.
+            match frames.last() {
+                Some(Frame::List(..)) => self.promised -= 1,
+                Some(Frame::Map(..)) => self.promised -= 2,
+                None => {}
+            }
             if let Some(Frame::Map(_, _, key)) = frames.last_mut() {
                 let k: &str = r.take("map key")?;
                 check_name(k, self.limits)?;
@@ -619,14 +645,21 @@ impl TreeParser<'_> {
                         });
                     }
                     let mut shape = Vec::with_capacity(rank as usize);
-                    let mut len = dtype.size() as u64;
+                    // product(dimensions), then times the item size, as the format
+                    // says: a zero dimension anywhere makes the product zero even
+                    // when the other dimensions together would overflow the item
+                    // size's multiple (and `Array::new` accepts such shapes).
+                    let mut count = 1u64;
                     for _ in 0..rank {
                         let dim: u64 = r.take("array dimension")?;
-                        len = len.checked_mul(dim).ok_or(DecodeError::SizeOverflow)?;
+                        count = count.checked_mul(dim).ok_or(DecodeError::SizeOverflow)?;
                         shape.push(
                             usize::try_from(dim).map_err(|_| DecodeError::TooLargeForPlatform)?,
                         );
                     }
+                    let len = count
+                        .checked_mul(dtype.size() as u64)
+                        .ok_or(DecodeError::SizeOverflow)?;
                     self.region(offset, len)?;
                     Tree::Array(Array::placeholder(dtype, shape))
                 }

@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| teleport_integration_tests::fuzz_bodies::decode(data));
