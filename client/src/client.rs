@@ -776,7 +776,9 @@ async fn exchange(
     }
     // The arguments' buffers are released as soon as they are sent.
     drop(call);
-    recv.receive(|_| inner.heard()).await
+    let reply = recv.receive(|_| inner.heard()).await;
+    recv.try_finish();
+    reply
 }
 
 async fn write_control(

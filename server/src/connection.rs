@@ -457,6 +457,9 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
             return;
         }
     };
+    // The client finishes its side right after the call; usually the end has
+    // arrived with it (checked again before the stream is dropped).
+    let mut finished = recv.try_finish();
     let id = call.request_id;
     let (reply_tx, reply_rx) = oneshot::channel();
     let admitted = {
@@ -490,9 +493,15 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
                 return;
             }
             send.finish();
+            if !finished {
+                finished = recv.try_finish();
+            }
             // Keep the stream until the client has the reply, so a graceful
             // shutdown does not cut it off.
             let _ = tokio::time::timeout(REPLY_ACK_WAIT, send.stopped()).await;
+            if !finished {
+                recv.try_finish();
+            }
         }
         Err(_) => {
             // Cancelled, expired, or the connection closed: no reply.

@@ -20,7 +20,7 @@ use crate::demo::pattern_array;
 const SMALL: usize = 1 << 10;
 const LARGE: usize = 256 << 20;
 /// Calls in flight at once for the small-call measurement.
-const CONCURRENCY: usize = 32;
+const CONCURRENCY: usize = 64;
 
 /// One side of the comparison: something that can echo or sink bytes.
 #[derive(Clone, Debug)]

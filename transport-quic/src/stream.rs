@@ -1,6 +1,7 @@
 //! One QUIC stream carries one call: the request one way, the reply the other.
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use teleport_protocol::{encode, Decoder, Limits, Message};
 
 use crate::TransportError;
@@ -136,6 +137,26 @@ impl RecvStream {
                     };
                 }
             }
+        }
+    }
+
+    /// Notes, without waiting, whether the peer has finished the stream with
+    /// nothing after the last message. Call it when no more messages are
+    /// expected: dropping a stream whose end was not read makes quinn send the
+    /// peer a `STOP_SENDING`, an extra frame per call. Returns true if the end
+    /// was read.
+    pub fn try_finish(&mut self) -> bool {
+        if !self.leftover.is_empty() {
+            return false;
+        }
+        match self.inner.read_chunk(usize::MAX, true).now_or_never() {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(chunk))) => {
+                // More bytes after the message: keep them for `receive`.
+                self.leftover = chunk.bytes;
+                false
+            }
+            Some(Err(_)) | None => false,
         }
     }
 
