@@ -17,6 +17,9 @@ use teleport_quic::{
 };
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+/// How long a Goodbye waits for replies still being read on other streams.
+const GOODBYE_REPLY_WAIT: Duration = Duration::from_secs(1);
+
 /// Why connecting or calling failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -258,6 +261,7 @@ impl ClientBuilder {
             last_heard: AtomicU64::new(0),
             control: control_tx,
             timer: Notify::new(),
+            completed: Notify::new(),
             capacity: Arc::new(Semaphore::new(max_in_flight)),
         });
         tokio::spawn(write_control(control_send, control_rx, connection.clone()));
@@ -548,6 +552,8 @@ struct Inner {
     last_heard: AtomicU64,
     control: mpsc::UnboundedSender<Control>,
     timer: Notify,
+    /// Signalled whenever a call completes.
+    completed: Notify,
     capacity: Arc<Semaphore>,
     raise_unobserved: bool,
 }
@@ -629,6 +635,22 @@ impl Inner {
         self.pump(&mut state);
     }
 
+    /// Waits until no call is pending, or `limit` has passed.
+    async fn await_replies(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let completed = self.completed.notified();
+            tokio::pin!(completed);
+            completed.as_mut().enable();
+            if self.lock().protocol.in_flight() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, completed).await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn connection_lost(self: &Arc<Self>, reason: String) {
         let mut state = self.lock();
         state.protocol.connection_lost(reason);
@@ -656,6 +678,7 @@ impl Inner {
                         };
                         let _ = stream.send(code);
                     }
+                    self.completed.notify_waiters();
                     if let Some(waiter) = state.waiters.remove(&id) {
                         if let Err(Err(error)) = waiter.result.send(result) {
                             // Nobody awaits this call: keep its failure for the
@@ -806,6 +829,11 @@ async fn write_control(
 async fn read_control(mut recv: RecvStream, inner: Arc<Inner>) {
     loop {
         let received = recv.receive(|_| inner.heard()).await;
+        if let Ok(Some(Message::Goodbye(_))) = &received {
+            // The server sent its replies before the Goodbye, but on other
+            // streams: let their readers finish first (bounded).
+            inner.await_replies(GOODBYE_REPLY_WAIT).await;
+        }
         let mut state = inner.lock();
         let now = inner.now();
         match received {

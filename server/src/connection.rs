@@ -3,7 +3,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,6 +23,9 @@ const HELLO_WAIT: Duration = Duration::from_secs(10);
 /// How long a finished reply may take to be acknowledged by the client before
 /// the server stops waiting (only matters when the connection closes next).
 const REPLY_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a graceful close waits for the client to close its side.
+const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// What the control-stream writer is asked to do.
 #[derive(Debug)]
@@ -65,8 +68,11 @@ pub(crate) struct ConnectionHandle {
     control: mpsc::UnboundedSender<Control>,
     /// Wakes the timer task when the earliest deadline may have changed.
     timer: Notify,
-    /// Signalled whenever a call ends, for draining.
+    /// Signalled whenever a call ends or its reply is delivered, for draining.
     call_ended: Notify,
+    /// Replies written and not yet acknowledged by the client. A graceful
+    /// close waits for them: a Goodbye must not overtake a reply.
+    replies_in_transit: AtomicUsize,
     connection: Connection,
 }
 
@@ -214,7 +220,8 @@ impl ConnectionHandle {
             let ended = self.call_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if self.lock().protocol.is_drained() {
+            let in_transit = self.replies_in_transit.load(Ordering::Acquire);
+            if in_transit == 0 && self.lock().protocol.is_drained() {
                 break;
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
@@ -296,6 +303,7 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) -> Result<(),
         control: control_tx,
         timer: Notify::new(),
         call_ended: Notify::new(),
+        replies_in_transit: AtomicUsize::new(0),
         connection: connection.clone(),
     });
     {
@@ -356,8 +364,15 @@ async fn write_control(
             }
             Control::Close(code) => {
                 send.finish();
-                // Let the Goodbye arrive before the connection closes.
-                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                if matches!(code, CloseCode::Normal | CloseCode::ShuttingDown) {
+                    // A client closes the connection once it has read the
+                    // Goodbye and the replies before it; closing first could
+                    // cut off replies it has received but not yet read.
+                    let _ = tokio::time::timeout(CLIENT_CLOSE_WAIT, connection.closed()).await;
+                } else {
+                    // A refused peer gets the Goodbye, not time.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                }
                 connection.close(code, "connection closed by the server");
                 return;
             }
@@ -488,20 +503,23 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
     }
     match reply_rx.await {
         Ok(reply) => {
+            handle.replies_in_transit.fetch_add(1, Ordering::AcqRel);
             if let Err(e) = send.send(&reply).await {
                 tracing::debug!(error = %e, id, "the reply could not be sent");
-                return;
+            } else {
+                send.finish();
+                if !finished {
+                    finished = recv.try_finish();
+                }
+                // Keep the stream until the client has the reply, so a
+                // graceful shutdown does not cut it off.
+                let _ = tokio::time::timeout(REPLY_ACK_WAIT, send.stopped()).await;
+                if !finished {
+                    recv.try_finish();
+                }
             }
-            send.finish();
-            if !finished {
-                finished = recv.try_finish();
-            }
-            // Keep the stream until the client has the reply, so a graceful
-            // shutdown does not cut it off.
-            let _ = tokio::time::timeout(REPLY_ACK_WAIT, send.stopped()).await;
-            if !finished {
-                recv.try_finish();
-            }
+            handle.replies_in_transit.fetch_sub(1, Ordering::AcqRel);
+            handle.call_ended.notify_waiters();
         }
         Err(_) => {
             // Cancelled, expired, or the connection closed: no reply.
