@@ -1,10 +1,11 @@
 //! Connecting, calling, and the tasks that drive one connection.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 use teleport_protocol::client::{CallError, ClientConfig, ClientOutput, ClientProtocol};
 use teleport_protocol::{Call, Limits, Message, RemoteError, Reply, RequestId, Timestamp, Tree};
 use teleport_quic::{
-    ClientTls, CloseCode, Connection, Connector, Fingerprint, Identity, RecvStream, SendStream,
-    StreamCode, TransportConfig, TransportError,
+    ClientTls, CloseCode, Connection, Connector, Fingerprint, Identity, Outgoing, RecvStream,
+    SendStream, StreamCode, TransportConfig, TransportError,
 };
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -253,8 +254,12 @@ impl ClientBuilder {
                 streams: HashMap::new(),
                 unobserved: None,
                 timer_armed: None,
+                claim_calls: false,
+                claimed: None,
             }),
+            runtime: tokio::runtime::Handle::current(),
             raise_unobserved: self.raise_unobserved,
+            has_unobserved: AtomicBool::new(false),
             connection: connection.clone(),
             _connector: connector,
             origin,
@@ -375,16 +380,22 @@ impl Client {
         let inner = self.handle.inner.clone();
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(Mutex::new(Slot::Queued));
-        let unobserved = inner.lock().unobserved.take();
+        let unobserved = if inner.has_unobserved.load(Ordering::Acquire) {
+            inner.has_unobserved.store(false, Ordering::Release);
+            inner.lock().unobserved.take()
+        } else {
+            None
+        };
         if let Some((method, error)) = unobserved {
             return PendingCall {
                 result: rx,
                 slot,
                 inner: Arc::downgrade(&inner),
                 early: Some(Error::Unobserved { method, error }),
+                driver: None,
             };
         }
-        match inner.capacity.clone().try_acquire_owned() {
+        let driver = match inner.capacity.clone().try_acquire_owned() {
             Ok(permit) => inner.start_call(&slot, method, args, timeout, tx, permit),
             Err(_) => {
                 // At capacity: wait for a turn in a task, so the call still goes
@@ -394,15 +405,20 @@ impl Client {
                     let Ok(permit) = inner.capacity.clone().acquire_owned().await else {
                         return;
                     };
-                    inner.start_call(&slot, method, args, timeout, tx, permit);
+                    let started = inner.start_call(&slot, method, args, timeout, tx, permit);
+                    if let Some(driver) = started {
+                        driver.await;
+                    }
                 });
+                None
             }
-        }
+        };
         PendingCall {
             result: rx,
             slot,
             inner: Arc::downgrade(&self.handle.inner),
             early: None,
+            driver,
         }
     }
 
@@ -459,13 +475,28 @@ enum Slot {
 /// Dropping it does not stop the call: it runs to the end, and if it fails,
 /// the next call on the client reports the error (see
 /// [`ClientBuilder::raise_unobserved_errors`]). To stop it, [`cancel`](Self::cancel).
-#[derive(Debug)]
 pub struct PendingCall {
     result: oneshot::Receiver<Result<Tree, CallError>>,
     slot: Arc<Mutex<Slot>>,
     inner: std::sync::Weak<Inner>,
     /// An error to return without waiting (an earlier call's unobserved failure).
     early: Option<Error>,
+    /// Reads the reply when the call was sent from the caller's task: it runs
+    /// when the future is polled (or in a task, if the future is dropped).
+    driver: Option<Driver>,
+}
+
+/// The rest of a call's work, as a future of its own.
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl fmt::Debug for PendingCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingCall")
+            .field("id", &self.id())
+            .field("early", &self.early)
+            .field("reads_its_reply", &self.driver.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PendingCall {
@@ -495,12 +526,26 @@ impl PendingCall {
     }
 }
 
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        // Nobody will poll the reply in: a task finishes the call.
+        if let (Some(driver), Some(inner)) = (self.driver.take(), self.inner.upgrade()) {
+            inner.runtime.spawn(driver);
+        }
+    }
+}
+
 impl Future for PendingCall {
     type Output = Result<Tree, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(error) = self.early.take() {
             return Poll::Ready(Err(error));
+        }
+        if let Some(driver) = self.driver.as_mut() {
+            if driver.as_mut().poll(cx).is_ready() {
+                self.driver = None;
+            }
         }
         match Pin::new(&mut self.result).poll(cx) {
             Poll::Pending => Poll::Pending,
@@ -530,6 +575,10 @@ struct State {
     unobserved: Option<(String, CallError)>,
     /// The time the timer task sleeps until (`None`: until woken).
     timer_armed: Option<Timestamp>,
+    /// Set while `start_call` pumps: the call it started is handed back in
+    /// `claimed` instead of to a task.
+    claim_calls: bool,
+    claimed: Option<(Call, oneshot::Receiver<StreamCode>)>,
 }
 
 #[derive(Debug)]
@@ -556,6 +605,10 @@ struct Inner {
     completed: Notify,
     capacity: Arc<Semaphore>,
     raise_unobserved: bool,
+    /// Whether `State::unobserved` holds an error: spares each call the lock.
+    has_unobserved: AtomicBool,
+    /// Where tasks of this connection run, also when spawned from a drop.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Inner {
@@ -579,6 +632,8 @@ impl Inner {
             .heard_from_peer(Timestamp::from_micros(micros));
     }
 
+    /// Starts a call that has its turn. Returns the future that reads its
+    /// reply if the call was sent from here; otherwise a task carries it.
     fn start_call(
         self: &Arc<Self>,
         slot: &Mutex<Slot>,
@@ -587,10 +642,10 @@ impl Inner {
         timeout: Option<Duration>,
         result: oneshot::Sender<Result<Tree, CallError>>,
         permit: OwnedSemaphorePermit,
-    ) {
+    ) -> Option<Driver> {
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*slot, Slot::Abandoned) {
-            return;
+            return None;
         }
         let mut state = self.lock();
         let now = self.now();
@@ -600,6 +655,7 @@ impl Inner {
         {
             Ok(id) => {
                 *slot = Slot::Started(id);
+                drop(slot);
                 state.waiters.insert(
                     id,
                     Waiter {
@@ -608,7 +664,12 @@ impl Inner {
                         _permit: permit,
                     },
                 );
+                state.claim_calls = true;
                 self.pump(&mut state);
+                state.claim_calls = false;
+                let claimed = state.claimed.take();
+                drop(state);
+                claimed.and_then(|(call, stop)| self.clone().send_now(call, stop))
             }
             Err(e) => {
                 let cause = match e {
@@ -616,8 +677,68 @@ impl Inner {
                     _ => CallError::Closed,
                 };
                 let _ = result.send(Err(cause));
+                None
             }
         }
+    }
+
+    /// Sends `call` from the caller's task if a stream is free and the message
+    /// fits in the send buffer now (the common case for small calls), and
+    /// returns the future that reads the reply: no task, and no hand-over
+    /// between tasks, per call. Otherwise a task carries the call. Either way
+    /// the call goes out at once, whether or not anyone polls for its result.
+    fn send_now(
+        self: Arc<Self>,
+        call: Call,
+        mut stop: oneshot::Receiver<StreamCode>,
+    ) -> Option<Driver> {
+        let id = call.request_id;
+        let (mut send, mut recv) = match self.connection.try_open_stream() {
+            Some(Ok(streams)) => streams,
+            Some(Err(e)) => {
+                self.on_reply(id, Err(e));
+                return None;
+            }
+            None => {
+                tokio::spawn(run_call(self, call, stop));
+                return None;
+            }
+        };
+        let mut outgoing = match Outgoing::new(&Message::Call(call)) {
+            Ok(outgoing) => outgoing,
+            Err(e) => {
+                self.on_reply(id, Err(e));
+                return None;
+            }
+        };
+        match send.try_send_now(&mut outgoing) {
+            Ok(true) => send.finish(),
+            Ok(false) => {
+                // A large call: finish writing it in a task.
+                tokio::spawn(async move {
+                    let received = {
+                        let exchange = exchange(&self, &mut send, &mut recv, outgoing);
+                        tokio::pin!(exchange);
+                        tokio::select! {
+                            received = &mut exchange => Ok(received),
+                            code = &mut stop => Err(code),
+                        }
+                    };
+                    match received {
+                        Ok(received) => self.on_reply(id, received),
+                        Err(code) => abandon(&mut send, &mut recv, code),
+                    }
+                });
+                return None;
+            }
+            // The server refused the call before reading it all; its reply says why.
+            Err(TransportError::StreamStopped(_)) => {}
+            Err(e) => {
+                self.on_reply(id, Err(e));
+                return None;
+            }
+        }
+        Some(Box::pin(read_reply(self, id, send, recv, stop)))
     }
 
     fn cancel(self: &Arc<Self>, id: RequestId) {
@@ -665,7 +786,12 @@ impl Inner {
                 ClientOutput::Transmit(Message::Call(call)) => {
                     let (stop_tx, stop_rx) = oneshot::channel();
                     state.streams.insert(call.request_id, stop_tx);
-                    tokio::spawn(run_call(self.clone(), call, stop_rx));
+                    if state.claim_calls && state.claimed.is_none() {
+                        // `start_call` sends it from the caller, after the lock.
+                        state.claimed = Some((call, stop_rx));
+                    } else {
+                        tokio::spawn(run_call(self.clone(), call, stop_rx));
+                    }
                 }
                 ClientOutput::Transmit(message) => {
                     let _ = self.control.send(Control::Send(message));
@@ -688,6 +814,7 @@ impl Inner {
                                 matches!(error, CallError::Cancelled | CallError::Closed);
                             if self.raise_unobserved && !expected && state.unobserved.is_none() {
                                 state.unobserved = Some((waiter.method, error));
+                                self.has_unobserved.store(true, Ordering::Release);
                             }
                         }
                     }
@@ -759,7 +886,8 @@ impl Inner {
     }
 }
 
-/// Carries one call: opens its stream, writes the call, reads the reply.
+/// Carries one call in a task of its own: opens its stream (waiting for the
+/// server's stream limit), writes the call, reads the reply.
 async fn run_call(inner: Arc<Inner>, call: Call, mut stop: oneshot::Receiver<StreamCode>) {
     let id = call.request_id;
     let opened = tokio::select! {
@@ -770,35 +898,79 @@ async fn run_call(inner: Arc<Inner>, call: Call, mut stop: oneshot::Receiver<Str
         Ok(streams) => streams,
         Err(e) => return inner.on_reply(id, Err(e)),
     };
-    let exchange = exchange(&inner, &mut send, &mut recv, Message::Call(call));
-    let received = tokio::select! {
-        received = exchange => received,
-        code = &mut stop => {
-            // Cancelled or expired: abandon both directions so neither side
-            // keeps moving bytes nobody wants.
-            let code = code.unwrap_or(StreamCode::Cancelled);
-            send.reset(code);
-            recv.stop(code);
-            return;
+    let outgoing = match Outgoing::new(&Message::Call(call)) {
+        Ok(outgoing) => outgoing,
+        Err(e) => return inner.on_reply(id, Err(e)),
+    };
+    let received = {
+        let exchange = exchange(&inner, &mut send, &mut recv, outgoing);
+        tokio::pin!(exchange);
+        tokio::select! {
+            received = &mut exchange => Ok(received),
+            code = &mut stop => Err(code),
         }
     };
-    inner.on_reply(id, received);
+    match received {
+        Ok(received) => inner.on_reply(id, received),
+        Err(code) => abandon(&mut send, &mut recv, code),
+    }
+}
+
+/// Reads the reply of a call already sent.
+async fn read_reply(
+    inner: Arc<Inner>,
+    id: RequestId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    mut stop: oneshot::Receiver<StreamCode>,
+) {
+    let received = {
+        let reading = receive_reply(&inner, &mut recv);
+        tokio::pin!(reading);
+        tokio::select! {
+            received = &mut reading => Ok(received),
+            code = &mut stop => Err(code),
+        }
+    };
+    match received {
+        Ok(received) => inner.on_reply(id, received),
+        Err(code) => abandon(&mut send, &mut recv, code),
+    }
+}
+
+/// The call was cancelled or expired: abandon both directions of its stream so
+/// neither side keeps moving bytes nobody wants.
+fn abandon(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    code: Result<StreamCode, oneshot::error::RecvError>,
+) {
+    let code = code.unwrap_or(StreamCode::Cancelled);
+    send.reset(code);
+    recv.stop(code);
 }
 
 async fn exchange(
     inner: &Inner,
     send: &mut SendStream,
     recv: &mut RecvStream,
-    call: Message,
+    mut outgoing: Outgoing,
 ) -> Result<Option<Message>, TransportError> {
-    match send.send(&call).await {
+    match send.send_outgoing(&mut outgoing).await {
         Ok(()) => send.finish(),
         // The server refused the call before reading it all; its reply says why.
         Err(TransportError::StreamStopped(_)) => {}
         Err(e) => return Err(e),
     }
     // The arguments' buffers are released as soon as they are sent.
-    drop(call);
+    drop(outgoing);
+    receive_reply(inner, recv).await
+}
+
+async fn receive_reply(
+    inner: &Inner,
+    recv: &mut RecvStream,
+) -> Result<Option<Message>, TransportError> {
     let reply = recv.receive(|_| inner.heard()).await;
     recv.try_finish();
     reply

@@ -20,10 +20,6 @@ use crate::server::{HandlerFailure, Shared};
 /// `Hello` before the server gives up on it.
 const HELLO_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a finished reply may take to be acknowledged by the client before
-/// the server stops waiting (only matters when the connection closes next).
-const REPLY_ACK_WAIT: Duration = Duration::from_secs(5);
-
 /// How long a graceful close waits for the client to close its side.
 const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -51,6 +47,10 @@ struct State {
     timer_armed: Option<Timestamp>,
 }
 
+/// A call ready to run: its function, its place in the server-wide count, and
+/// the signal that stops it.
+type Prepared = (Handler, RunningGuard, oneshot::Receiver<()>);
+
 /// Holds one unit of the server-wide count of running calls.
 struct RunningGuard(Arc<Shared>);
 
@@ -70,8 +70,8 @@ pub(crate) struct ConnectionHandle {
     timer: Notify,
     /// Signalled whenever a call ends or its reply is delivered, for draining.
     call_ended: Notify,
-    /// Replies written and not yet acknowledged by the client. A graceful
-    /// close waits for them: a Goodbye must not overtake a reply.
+    /// Replies being written. A graceful close waits for them, so every reply
+    /// is queued before the Goodbye.
     replies_in_transit: AtomicUsize,
     connection: Connection,
 }
@@ -132,12 +132,7 @@ impl ConnectionHandle {
 
     /// Finds the function for an admitted call and counts it as running, or
     /// answers the call with why it cannot run.
-    fn prepare(
-        &self,
-        state: &mut State,
-        id: RequestId,
-        method: &str,
-    ) -> Option<(Handler, RunningGuard, oneshot::Receiver<()>)> {
+    fn prepare(&self, state: &mut State, id: RequestId, method: &str) -> Option<Prepared> {
         let shared = &self.shared;
         let refusal = match shared.handlers.get(method) {
             None => {
@@ -176,16 +171,13 @@ impl ConnectionHandle {
 
     /// Runs an admitted call's function and hands its result to the state
     /// machine, unless the call is cancelled or expires first.
-    async fn run_function(self: &Arc<Self>, id: RequestId, method: String, args: Tree) {
-        let prepared = {
-            let mut state = self.lock();
-            let prepared = self.prepare(&mut state, id, &method);
-            self.pump(&mut state);
-            prepared
-        };
-        let Some((handler, _running, stop)) = prepared else {
-            return;
-        };
+    async fn run_function(
+        self: &Arc<Self>,
+        id: RequestId,
+        method: String,
+        args: Tree,
+        (handler, _running, stop): Prepared,
+    ) {
         let result = tokio::select! {
             result = handler.call(&method, args, &self.shared.workers) => result,
             // Cancelled or expired: dropping the function's future stops it.
@@ -474,7 +466,7 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
     };
     // The client finishes its side right after the call; usually the end has
     // arrived with it (checked again before the stream is dropped).
-    let mut finished = recv.try_finish();
+    let finished = recv.try_finish();
     let id = call.request_id;
     let (reply_tx, reply_rx) = oneshot::channel();
     let admitted = {
@@ -486,14 +478,22 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
                 tracing::info!(error = %e, "a call was refused");
             }
             handle.pump(&mut state);
-            Ok(state.admitted.remove(&id))
+            // Admitted calls are prepared under the same lock.
+            let admitted = state.admitted.remove(&id).and_then(|(method, args)| {
+                let prepared = handle.prepare(&mut state, id, &method)?;
+                Some((method, args, prepared))
+            });
+            handle.pump(&mut state);
+            Ok(admitted)
         } else {
             Err(())
         }
     };
     match admitted {
-        Ok(Some((method, args))) => handle.run_function(id, method, args).await,
-        // Refused by the state machine: its answer is already routed.
+        Ok(Some((method, args, prepared))) => {
+            handle.run_function(id, method, args, prepared).await;
+        }
+        // Refused by the state machine or the server: its answer is routed.
         Ok(None) => {}
         Err(()) => {
             let error = format!("request id {id} is already in use by an open call");
@@ -507,13 +507,10 @@ async fn serve_call(mut send: SendStream, mut recv: RecvStream, handle: Arc<Conn
             if let Err(e) = send.send(&reply).await {
                 tracing::debug!(error = %e, id, "the reply could not be sent");
             } else {
+                // quinn delivers (and retransmits) the finished stream while
+                // the connection lives; a graceful close leaves that to the
+                // client, which closes once it has read its replies.
                 send.finish();
-                if !finished {
-                    finished = recv.try_finish();
-                }
-                // Keep the stream until the client has the reply, so a
-                // graceful shutdown does not cut it off.
-                let _ = tokio::time::timeout(REPLY_ACK_WAIT, send.stopped()).await;
                 if !finished {
                     recv.try_finish();
                 }
@@ -540,6 +537,6 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, kind: ErrorKind, m
     });
     if send.send(&reply).await.is_ok() {
         send.finish();
-        let _ = tokio::time::timeout(REPLY_ACK_WAIT, send.stopped()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
     }
 }

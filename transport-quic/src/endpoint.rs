@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::Limits;
@@ -211,6 +212,18 @@ impl Connection {
             SendStream::new(send),
             RecvStream::new(recv, self.limits.clone()),
         ))
+    }
+
+    /// Opens a new stream if the peer's limit allows it now, without waiting.
+    pub fn try_open_stream(&self) -> Option<Result<(SendStream, RecvStream), TransportError>> {
+        let opened = self.inner.open_bi().now_or_never()?;
+        Some(match opened {
+            Ok((send, recv)) => Ok((
+                SendStream::new(send),
+                RecvStream::new(recv, self.limits.clone()),
+            )),
+            Err(e) => Err(e.into()),
+        })
     }
 
     /// Waits for the peer to open a stream. Fails once the connection is gone.

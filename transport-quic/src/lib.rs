@@ -30,7 +30,7 @@ pub use endpoint::{
     quinn_client_config, quinn_server_config, CloseCode, Connection, Connector, Listener,
 };
 pub use error::TransportError;
-pub use stream::{RecvStream, SendStream, StreamCode};
+pub use stream::{Outgoing, RecvStream, SendStream, StreamCode};
 pub use tls::{
     ClientAuth, ClientTls, Fingerprint, Identity, ParseFingerprintError, ServerTls, ALPN,
 };

@@ -33,6 +33,23 @@ impl StreamCode {
     }
 }
 
+/// A message encoded for sending: its gather list, and how much of it is written.
+#[derive(Debug)]
+pub struct Outgoing {
+    chunks: Vec<Bytes>,
+    next: usize,
+}
+
+impl Outgoing {
+    /// Encodes `message` (array data is referenced, not copied).
+    pub fn new(message: &Message) -> Result<Outgoing, TransportError> {
+        Ok(Outgoing {
+            chunks: encode(message)?.into_chunks(),
+            next: 0,
+        })
+    }
+}
+
 /// The sending half of a stream.
 #[derive(Debug)]
 pub struct SendStream {
@@ -49,6 +66,29 @@ impl SendStream {
     pub async fn send(&mut self, message: &Message) -> Result<(), TransportError> {
         let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
         self.inner.write_all_chunks(&mut chunks).await?;
+        Ok(())
+    }
+
+    /// Writes as much of `message` as fits now, without waiting. Returns true
+    /// once all of it is written; otherwise finish with
+    /// [`send_outgoing`](Self::send_outgoing). Lets a caller send a small
+    /// message from where it is, without a task to wait in.
+    pub fn try_send_now(&mut self, message: &mut Outgoing) -> Result<bool, TransportError> {
+        while message.next < message.chunks.len() {
+            let pending = &mut message.chunks[message.next..];
+            match self.inner.write_chunks(pending).now_or_never() {
+                None => return Ok(false),
+                Some(written) => message.next += written?.chunks,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes the rest of `message`.
+    pub async fn send_outgoing(&mut self, message: &mut Outgoing) -> Result<(), TransportError> {
+        let pending = &mut message.chunks[message.next..];
+        self.inner.write_all_chunks(pending).await?;
+        message.next = message.chunks.len();
         Ok(())
     }
 
