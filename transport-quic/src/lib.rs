@@ -21,6 +21,7 @@
 mod config;
 mod endpoint;
 mod error;
+mod memory;
 pub mod reference;
 mod stream;
 mod tls;

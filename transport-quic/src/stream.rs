@@ -1,9 +1,12 @@
 //! One QUIC stream carries one call: the request one way, the reply the other.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::FutureExt;
 use teleport_protocol::{encode, Decoder, Limits, Message};
 
+use crate::memory::LargeMessageMemory;
 use crate::TransportError;
 
 /// Application error codes for abandoning a stream (`RESET_STREAM` and
@@ -137,7 +140,7 @@ impl RecvStream {
     pub(crate) fn new(inner: quinn::RecvStream, limits: Limits) -> RecvStream {
         RecvStream {
             inner,
-            decoder: Decoder::new(limits),
+            decoder: Decoder::new(limits).with_allocator(Arc::new(LargeMessageMemory)),
             leftover: Bytes::new(),
         }
     }
