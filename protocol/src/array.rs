@@ -244,6 +244,13 @@ impl Array {
     }
 }
 
+/// The dtype and shape, as `float32[2, 3]`.
+impl core::fmt::Display for Array {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}{:?}", self.dtype.name(), self.shape)
+    }
+}
+
 impl core::fmt::Debug for Array {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // Never dump megabytes of data into a log line.

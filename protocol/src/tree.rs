@@ -28,9 +28,51 @@ pub enum Tree {
 /// A map with string keys that keeps insertion order.
 ///
 /// Lookups are linear: the maps sent in practice are small, and order matters more.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Map {
     entries: Vec<(String, Tree)>,
+}
+
+impl core::fmt::Debug for Map {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// A compact, JSON-like rendering for people: `{"obs": float32[2, 3], "step": 3}`.
+/// Arrays and bytes show their type and shape, never their data.
+impl core::fmt::Display for Tree {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Tree::None => f.write_str("null"),
+            Tree::Bool(b) => write!(f, "{b}"),
+            Tree::Int(i) => write!(f, "{i}"),
+            Tree::Float(x) => write!(f, "{x:?}"),
+            Tree::Str(s) => write!(f, "{s:?}"),
+            Tree::Bytes(b) => write!(f, "bytes[{}]", b.len()),
+            Tree::Array(a) => write!(f, "{a}"),
+            Tree::List(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
+            Tree::Map(map) => {
+                f.write_str("{")?;
+                for (i, (key, value)) in map.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{key:?}: {value}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
 }
 
 /// What went wrong when building or reading a tree or an array.
@@ -470,6 +512,18 @@ mod tests {
     use super::*;
     use alloc::string::ToString;
     use alloc::vec;
+
+    #[test]
+    fn display_is_compact_and_never_shows_array_data() {
+        let obs = Array::from_vec([2, 3], vec![0.0f32; 6]).unwrap();
+        let t = tree!({"obs": (obs), "step": 3, "ok": true, "x": 0.5, "name": "a\"b",
+                       "none": null, "raw": (Bytes::from_static(b"xyz")), "l": [1, []]});
+        assert_eq!(
+            t.to_string(),
+            r#"{"obs": float32[2, 3], "step": 3, "ok": true, "x": 0.5, "name": "a\"b", "none": null, "raw": bytes[3], "l": [1, []]}"#
+        );
+        assert_eq!(alloc::format!("{:?}", Map::new()), "{}");
+    }
 
     #[test]
     fn macro_builds_nested_trees() {

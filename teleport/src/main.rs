@@ -61,9 +61,9 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// Server address.
+    /// Server address as host:port (names are resolved).
     #[arg(long)]
-    connect: SocketAddr,
+    connect: String,
     /// SHA-256 fingerprint of the server's certificate (what `teleport serve` prints).
     #[arg(long)]
     pin: Fingerprint,
@@ -197,7 +197,7 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
         None => serde_json::Value::Null,
     };
     let tree = json::tree_from_json(&value)?;
-    let mut builder = Client::builder(args.connect).pin(args.pin);
+    let mut builder = Client::builder(&args.connect).pin(args.pin);
     if let Some(token) = args.token {
         builder = builder.token(token);
     }
