@@ -259,6 +259,15 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) -> Result<(),
     .await;
     let (control_send, control_recv, hello) = match opened {
         Ok(Ok(opened)) => opened,
+        // Not a Hello this server can read (another protocol version, or not
+        // Teleport at all): tell the peer why before hanging up.
+        Ok(Err(e @ (TransportError::Decode(_) | TransportError::Truncated(_)))) => {
+            connection.close(
+                CloseCode::ProtocolError,
+                &format!("the first message could not be read as a Hello: {e}"),
+            );
+            return Err(e);
+        }
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             connection.close(CloseCode::ProtocolError, "no Hello within 10 s");

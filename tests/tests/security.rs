@@ -285,3 +285,24 @@ async fn garbage_on_a_call_stream_fails_that_call_only() {
         tree!(1)
     );
 }
+
+#[tokio::test]
+async fn a_hello_of_another_protocol_version_is_refused_with_the_reason() {
+    let fixture = Fixture::start().await;
+    let (_connector, connection) = raw_connection(&fixture).await;
+    let (mut send, _recv) = connection.open_stream().await.unwrap();
+    let mut hello = encode(&Message::Hello(Hello::default())).unwrap().to_vec();
+    // The byte after the 4-byte magic is the version.
+    hello[4] = teleport_protocol::wire::VERSION + 1;
+    send.send_raw(&hello).await.unwrap();
+    send.finish();
+    let closed = within("the server hangs up", connection.closed()).await;
+    let text = closed.to_string();
+    assert!(text.contains("version"), "{text}");
+    // The server carries on for everyone else.
+    let client = fixture.client().await;
+    assert_eq!(
+        within("call", client.call("echo", tree!(1))).await.unwrap(),
+        tree!(1)
+    );
+}
