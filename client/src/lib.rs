@@ -6,7 +6,7 @@
 //! use teleport_protocol::{tree, Array};
 //!
 //! # async fn run(fingerprint: teleport_client::Fingerprint) -> Result<(), teleport_client::Error> {
-//! let client = Client::builder("127.0.0.1:4433".parse().unwrap())
+//! let client = Client::builder("127.0.0.1:4433")
 //!     .pin(fingerprint)
 //!     .connect()
 //!     .await?;
