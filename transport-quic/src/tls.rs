@@ -359,14 +359,19 @@ impl ClientTls {
             ServerTrust::Pinned(pins) => {
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
-                        pins: pins.clone(),
+                    .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                        pins: Some(pins.clone()),
                         provider,
                     }))
             }
-            ServerTrust::Insecure => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoServerVerification { provider })),
+            ServerTrust::Insecure => {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                        pins: None,
+                        provider,
+                    }))
+            }
         };
         let mut config = match &self.identity {
             Some(id) => builder
@@ -469,15 +474,17 @@ fn is_pinned(pins: &[Fingerprint], cert: &CertificateDer<'_>) -> bool {
     pins.iter().fold(false, |hit, pin| pin.matches(&seen) | hit)
 }
 
-/// Accepts exactly the pinned leaf certificates and checks that the peer holds
-/// their key (the handshake signature).
+/// Checks the server's certificate against pins, or (`pins: None`, only for
+/// [`ClientTls::insecure_skip_verification`]) accepts any. Either way the
+/// handshake signature is verified, so the connection is bound to the key of the
+/// certificate the server presented.
 #[derive(Debug)]
-struct PinnedServerVerifier {
-    pins: Vec<Fingerprint>,
+struct ServerVerifier {
+    pins: Option<Vec<Fingerprint>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedServerVerifier {
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -486,65 +493,10 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if is_pinned(&self.pins, end_entity) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(pinned_error(end_entity, "server"))
+        match &self.pins {
+            Some(pins) if !is_pinned(pins, end_entity) => Err(pinned_error(end_entity, "server")),
+            _ => Ok(ServerCertVerified::assertion()),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Accepts any server certificate, but still checks the handshake signature so
-/// the connection is at least bound to the key the server presented.
-#[derive(Debug)]
-struct NoServerVerification {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoServerVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
