@@ -11,6 +11,8 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::Semaphore;
 
+use crate::functions::PooledFunction;
+
 /// What a bound function returns when it fails: a type name and a message,
 /// delivered to the caller as a [`RemoteError`] of kind `Handler`.
 ///
@@ -102,6 +104,9 @@ pub(crate) enum Handler {
     Async(Arc<AsyncFn>),
     /// Runs on a worker thread, at most `workers` at once per server.
     Blocking(Arc<BlockingFn>),
+    /// A blocking function with a pool of its own, a bound on its concurrent
+    /// calls and/or an ordered completion hook.
+    Pooled(Arc<dyn PooledFunction>),
 }
 
 impl fmt::Debug for Handler {
@@ -109,6 +114,7 @@ impl fmt::Debug for Handler {
         f.write_str(match self {
             Handler::Async(_) => "Handler::Async",
             Handler::Blocking(_) => "Handler::Blocking",
+            Handler::Pooled(_) => "Handler::Pooled",
         })
     }
 }
@@ -169,16 +175,22 @@ impl Handler {
                     )),
                 }
             }
+            Handler::Pooled(function) => function.call(method, args, workers).await,
         }
     }
 }
 
-fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
-    let text = panic
+/// A panic's message, if it has one.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(a panic payload that is not a string)".to_owned());
+        .unwrap_or_else(|| "(a panic payload that is not a string)".to_owned())
+}
+
+pub(crate) fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
+    let text = panic_text(&*panic);
     tracing::error!(method, panic = %text, "a bound function panicked");
     RemoteError::new(
         ErrorKind::Panic,

@@ -26,9 +26,11 @@
 //! stream. Functions run concurrently; a slow or large call delays no other.
 
 mod connection;
+mod functions;
 mod handler;
 mod server;
 
+pub use functions::{FunctionOptions, Workers};
 pub use handler::HandlerError;
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

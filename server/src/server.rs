@@ -16,6 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::connection::{serve_connection, ConnectionHandle};
+use crate::functions::{BlockingFunction, FunctionOptions};
 use crate::handler::{Handler, HandlerError};
 
 /// Why a server could not start.
@@ -97,6 +98,64 @@ impl ServerBuilder {
         F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
     {
         self.insert(name.into(), Handler::from_blocking(function))
+    }
+
+    /// Binds a blocking function under `name`, run as `options` say: on a
+    /// worker pool of its own ([`Workers::Own`](crate::Workers::Own)) so that
+    /// slow calls of other functions do not hold it up, and with at most
+    /// [`max_concurrent`](FunctionOptions::max_concurrent) calls admitted at
+    /// once, the others waiting in arrival order. The server-wide and
+    /// per-connection limits apply as to any call.
+    pub fn bind_blocking_with<F>(
+        self,
+        name: impl Into<String>,
+        options: FunctionOptions,
+        function: F,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let function = BlockingFunction::<()>::new(
+            &name,
+            options,
+            Arc::new(move |args| function(args).map(|tree| (tree, ()))),
+            None,
+        );
+        self.insert(name, Handler::Pooled(Arc::new(function)))
+    }
+
+    /// Binds a blocking function with an ordered completion hook (Teleport's
+    /// `donefn`, Portal's `postfn`): `function` returns its result and a
+    /// by-product; the result goes to the caller at once, and `hook` runs on
+    /// the by-products one at a time, on a thread of its own, strictly in the
+    /// order the calls were admitted, whatever order they finish in.
+    ///
+    /// A call keeps its admission slot (see
+    /// [`max_concurrent`](FunctionOptions::max_concurrent)) until its hook has
+    /// run, so a slow hook slows the function instead of letting by-products
+    /// pile up. Without `max_concurrent` nothing bounds that backlog.
+    ///
+    /// A call that fails, panics, or is cancelled before its function runs
+    /// gives the hook nothing and does not hold up the hooks after it. A call
+    /// cancelled while its function runs still hands its by-product to the hook
+    /// (the work was done). A panicking hook is logged and later hooks run.
+    pub fn bind_blocking_with_hook<F, B, H>(
+        self,
+        name: impl Into<String>,
+        options: FunctionOptions,
+        function: F,
+        hook: H,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Result<(Tree, B), HandlerError> + Send + Sync + 'static,
+        B: Send + 'static,
+        H: Fn(B) + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let function =
+            BlockingFunction::new(&name, options, Arc::new(function), Some(Box::new(hook)));
+        self.insert(name, Handler::Pooled(Arc::new(function)))
     }
 
     /// The server's certificate and key. Without one, the server makes a

@@ -1,0 +1,299 @@
+//! Functions bound with options: worker pools of their own, bounded admission,
+//! ordered completion hooks.
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::{within, Fixture, WAIT};
+use teleport_protocol::{tree, Tree};
+use teleport_server::{FunctionOptions, Workers};
+
+/// A door a blocking function waits at until the test opens it (bounded, so a
+/// bug fails the test instead of hanging it).
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let (open, timeout) = self.opened.wait_timeout_while(open, WAIT, |o| !*o).unwrap();
+        assert!(*open && !timeout.timed_out(), "the gate was never opened");
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// What happened on the server, in order.
+#[derive(Default)]
+struct Log(Mutex<Vec<String>>);
+
+impl Log {
+    fn push(&self, event: impl Into<String>) {
+        self.0.lock().unwrap().push(event.into());
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn position(&self, event: &str) -> usize {
+        let events = self.events();
+        events
+            .iter()
+            .position(|e| e == event)
+            .unwrap_or_else(|| panic!("{event:?} is not in {events:?}"))
+    }
+}
+
+/// Awaits calls already sent (a call goes out when it is made), in order.
+async fn all<F: Future>(calls: Vec<F>) -> Vec<F::Output> {
+    let mut results = Vec::with_capacity(calls.len());
+    for call in calls {
+        results.push(call.await);
+    }
+    results
+}
+
+/// Polls `condition` until it holds (bounded by [`WAIT`]).
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn on_a_shared_pool_of_one_a_fast_call_waits_behind_a_slow_one() {
+    let (gate, log) = (Arc::new(Gate::default()), Arc::new(Log::default()));
+    let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
+    let fixture = Fixture::start_with(move |b| {
+        b.workers(1)
+            .bind_blocking("slow", move |_| {
+                slow_log.push("slow start");
+                slow_gate.wait();
+                slow_log.push("slow end");
+                Ok(tree!(null))
+            })
+            .bind_blocking_with("fast", FunctionOptions::new(), move |_| {
+                fast_log.push("fast start");
+                Ok(tree!(null))
+            })
+    })
+    .await;
+    let client = fixture.client().await;
+    let slow = client.call("slow", tree!(null));
+    wait_until("the slow call starts", || log.events().len() == 1).await;
+    let fast = client.call("fast", tree!(null));
+    // Both calls are admitted; the fast one can only be waiting for the worker.
+    wait_until("both calls run", || fixture.server.running() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open();
+    within("slow", slow).await.unwrap();
+    within("fast", fast).await.unwrap();
+    assert_eq!(log.events(), ["slow start", "slow end", "fast start"]);
+}
+
+#[tokio::test]
+async fn a_function_with_its_own_pool_does_not_wait_behind_slow_calls_of_others() {
+    let (gate, log) = (Arc::new(Gate::default()), Arc::new(Log::default()));
+    let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
+    let fixture = Fixture::start_with(move |b| {
+        b.workers(1)
+            .bind_blocking("slow", move |_| {
+                slow_log.push("slow start");
+                slow_gate.wait();
+                slow_log.push("slow end");
+                Ok(tree!(null))
+            })
+            .bind_blocking_with(
+                "fast",
+                FunctionOptions::new().workers(Workers::Own(1)),
+                move |_| {
+                    fast_log.push("fast start");
+                    Ok(tree!("fast"))
+                },
+            )
+    })
+    .await;
+    let client = fixture.client().await;
+    let slow = client.call("slow", tree!(null));
+    wait_until("the slow call starts", || log.events().len() == 1).await;
+    // The shared pool's one worker is taken; the fast call needs none of it.
+    let fast = within(
+        "fast, while slow holds the shared pool",
+        client.call("fast", tree!(null)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fast, tree!("fast"));
+    assert_eq!(log.events(), ["slow start", "fast start"]);
+    gate.open();
+    within("slow", slow).await.unwrap();
+}
+
+#[tokio::test]
+async fn max_concurrent_bounds_the_calls_running_at_once() {
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, m) = (running.clone(), most.clone());
+    let fixture = Fixture::start_with(move |b| {
+        b.bind_blocking_with(
+            "limited",
+            FunctionOptions::new()
+                .workers(Workers::Own(4))
+                .max_concurrent(2),
+            move |args: Tree| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok(args)
+            },
+        )
+    })
+    .await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..8).map(|i| client.call("limited", tree!(i))).collect();
+    let results = within("8 calls", all(calls)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((i as i64)));
+    }
+    // Four workers and eight calls at once: only the admission bound holds
+    // them to two.
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+}
+
+/// Binds "step": sleeps `args.sleep` seconds, returns `args.id` and hands it
+/// to the hook, which waits at `hook_gate` before logging it. Every step is
+/// logged.
+fn bind_step(
+    builder: teleport_server::ServerBuilder,
+    options: FunctionOptions,
+    log: Arc<Log>,
+    hook_gate: Arc<Gate>,
+) -> teleport_server::ServerBuilder {
+    let hook_log = log.clone();
+    builder.bind_blocking_with_hook(
+        "step",
+        options,
+        move |args: Tree| {
+            let id = args.get("id")?.as_int()?;
+            log.push(format!("start {id}"));
+            std::thread::sleep(Duration::from_secs_f64(args.get("sleep")?.as_float()?));
+            log.push(format!("end {id}"));
+            Ok((tree!(id), id))
+        },
+        move |id: i64| {
+            hook_gate.wait();
+            hook_log.push(format!("hook {id}"));
+        },
+    )
+}
+
+fn hooks(log: &Log) -> Vec<String> {
+    log.events()
+        .into_iter()
+        .filter(|e| e.starts_with("hook"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_hook_sees_by_products_in_request_order_when_later_calls_finish_first() {
+    let log = Arc::new(Log::default());
+    let hook_gate = Arc::new(Gate::default());
+    hook_gate.open();
+    let (l, g) = (log.clone(), hook_gate.clone());
+    let fixture = Fixture::start_with(move |b| {
+        bind_step(b, FunctionOptions::new().workers(Workers::Own(3)), l, g)
+    })
+    .await;
+    let client = fixture.client().await;
+    let mut calls = Vec::new();
+    for (id, sleep) in [(0, 0.4), (1, 0.0), (2, 0.2)] {
+        calls.push(client.call("step", tree!({"id": id, "sleep": sleep})));
+        // Each call arrives after the one before has started.
+        let started = format!("start {id}");
+        wait_until(&started, || log.events().contains(&started)).await;
+    }
+    let results = within("3 steps", all(calls)).await;
+    for (id, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((id as i64)));
+    }
+    wait_until("three hooks", || hooks(&log).len() == 3).await;
+    assert_eq!(hooks(&log), ["hook 0", "hook 1", "hook 2"]);
+    // The later calls did finish first.
+    assert!(log.position("end 1") < log.position("end 0"));
+    assert!(log.position("end 2") < log.position("end 0"));
+    // Each hook ran after its own call ended, and 1's waited for 0's.
+    assert!(log.position("end 0") < log.position("hook 0"));
+}
+
+#[tokio::test]
+async fn results_are_not_delayed_by_a_slow_hook() {
+    let log = Arc::new(Log::default());
+    let hook_gate = Arc::new(Gate::default());
+    let (l, g) = (log.clone(), hook_gate.clone());
+    let fixture = Fixture::start_with(move |b| bind_step(b, FunctionOptions::new(), l, g)).await;
+    let client = fixture.client().await;
+    // The hook is stuck at its gate, yet both results arrive.
+    for id in 0..2 {
+        let result = within(
+            "a result while the hook waits",
+            client.call("step", tree!({"id": id, "sleep": 0.0})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(result, tree!(id));
+    }
+    assert!(hooks(&log).is_empty(), "{:?}", log.events());
+    hook_gate.open();
+    wait_until("two hooks", || hooks(&log).len() == 2).await;
+    assert_eq!(hooks(&log), ["hook 0", "hook 1"]);
+}
+
+#[tokio::test]
+async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
+    let log = Arc::new(Log::default());
+    let hook_gate = Arc::new(Gate::default());
+    let (l, g) = (log.clone(), hook_gate.clone());
+    let fixture =
+        Fixture::start_with(move |b| bind_step(b, FunctionOptions::new().max_concurrent(1), l, g))
+            .await;
+    let client = fixture.client().await;
+    let first = within(
+        "the first result, before its hook",
+        client.call("step", tree!({"id": 0, "sleep": 0.0})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first, tree!(0));
+    let second = client.call("step", tree!({"id": 1, "sleep": 0.0}));
+    // Admitted by the connection, waiting for the function's one slot, which
+    // the first call holds until its hook has run.
+    // (or, were the slot released too early, already running).
+    wait_until("the second call is admitted", || {
+        fixture.server.running() == 1 || log.events().contains(&"start 1".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !log.events().contains(&"start 1".to_owned()),
+        "{:?}",
+        log.events()
+    );
+    hook_gate.open();
+    assert_eq!(within("the second call", second).await.unwrap(), tree!(1));
+    assert!(log.position("hook 0") < log.position("start 1"));
+    wait_until("the second hook", || hooks(&log).len() == 2).await;
+}
