@@ -11,6 +11,7 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::Semaphore;
 
+use crate::deferred::Responder;
 use crate::functions::PooledFunction;
 
 /// What a bound function returns when it fails: a type name and a message,
@@ -96,6 +97,7 @@ pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, Handler
 
 type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
 type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
+type DeferredFn = dyn Fn(Tree, Responder) + Send + Sync;
 
 /// A bound function, type-erased.
 #[derive(Clone)]
@@ -107,6 +109,8 @@ pub(crate) enum Handler {
     /// A blocking function with a pool of its own, a bound on its concurrent
     /// calls and/or an ordered completion hook.
     Pooled(Arc<dyn PooledFunction>),
+    /// Gets a responder and answers through it, now or later.
+    Deferred(Arc<DeferredFn>),
 }
 
 impl fmt::Debug for Handler {
@@ -115,6 +119,7 @@ impl fmt::Debug for Handler {
             Handler::Async(_) => "Handler::Async",
             Handler::Blocking(_) => "Handler::Blocking",
             Handler::Pooled(_) => "Handler::Pooled",
+            Handler::Deferred(_) => "Handler::Deferred",
         })
     }
 }
@@ -176,6 +181,16 @@ impl Handler {
                 }
             }
             Handler::Pooled(function) => function.call(method, args, workers).await,
+            Handler::Deferred(f) => {
+                let (responder, answer) = Responder::new();
+                // The function only takes the responder: it runs here, briefly.
+                if let Err(panic) =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| f(args, responder)))
+                {
+                    return Err(panic_error(method, panic));
+                }
+                answer.wait().await
+            }
         }
     }
 }

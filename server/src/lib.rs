@@ -26,10 +26,12 @@
 //! stream. Functions run concurrently; a slow or large call delays no other.
 
 mod connection;
+mod deferred;
 mod functions;
 mod handler;
 mod server;
 
+pub use deferred::Responder;
 pub use functions::{FunctionOptions, Workers};
 pub use handler::HandlerError;
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};

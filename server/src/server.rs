@@ -16,6 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::connection::{serve_connection, ConnectionHandle};
+use crate::deferred::Responder;
 use crate::functions::{BlockingFunction, FunctionOptions};
 use crate::handler::{Handler, HandlerError};
 
@@ -156,6 +157,41 @@ impl ServerBuilder {
         let function =
             BlockingFunction::new(&name, options, Arc::new(function), Some(Box::new(hook)));
         self.insert(name, Handler::Pooled(Arc::new(function)))
+    }
+
+    /// Binds a function that answers later: it gets the call's arguments and a
+    /// [`Responder`], keeps the responder (in a queue, another thread, a task)
+    /// and answers through it when it can. The function itself runs on the
+    /// async runtime and must return quickly.
+    ///
+    /// A responder dropped without answering fails the call with an error of
+    /// kind `Handler` ("the function dropped its responder without answering").
+    /// A call cancelled or expired meanwhile is stopped as usual; answering it
+    /// afterwards does nothing. Until answered, the call counts against the
+    /// per-connection and server-wide limits.
+    ///
+    /// ```no_run
+    /// use teleport_server::Server;
+    /// use teleport_protocol::{tree, Tree};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = Server::builder()
+    ///     .bind_deferred("later", |args: Tree, responder| {
+    ///         std::thread::spawn(move || {
+    ///             std::thread::sleep(std::time::Duration::from_millis(10));
+    ///             responder.respond(Ok(tree!({"echo": args})));
+    ///         });
+    ///     })
+    ///     .listen("127.0.0.1:4433".parse()?)
+    ///     .await?;
+    /// # let _ = server;
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_deferred<F>(self, name: impl Into<String>, function: F) -> Self
+    where
+        F: Fn(Tree, Responder) + Send + Sync + 'static,
+    {
+        self.insert(name.into(), Handler::Deferred(Arc::new(function)))
     }
 
     /// The server's certificate and key. Without one, the server makes a

@@ -1,5 +1,5 @@
 //! Functions bound with options: worker pools of their own, bounded admission,
-//! ordered completion hooks.
+//! ordered completion hooks and deferred answers.
 
 mod common;
 
@@ -9,8 +9,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::{within, Fixture, WAIT};
+use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Tree};
-use teleport_server::{FunctionOptions, Workers};
+use teleport_server::{FunctionOptions, HandlerError, Responder, Workers};
 
 /// A door a blocking function waits at until the test opens it (bounded, so a
 /// bug fails the test instead of hanging it).
@@ -296,4 +297,106 @@ async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
     assert_eq!(within("the second call", second).await.unwrap(), tree!(1));
     assert!(log.position("hook 0") < log.position("start 1"));
     wait_until("the second hook", || hooks(&log).len() == 2).await;
+}
+
+#[tokio::test]
+async fn a_deferred_function_answers_later_from_another_thread_or_task() {
+    let fixture = Fixture::start_with(|b| {
+        b.bind_deferred("thread", |args: Tree, responder: Responder| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                responder.respond(Ok(tree!({"from": "thread", "args": args})));
+            });
+        })
+        .bind_deferred("task", |args: Tree, responder: Responder| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                responder.respond(Ok(tree!({"from": "task", "args": args})));
+            });
+        })
+        .bind_deferred("refuse", |_, responder: Responder| {
+            std::thread::spawn(move || {
+                responder.respond(Err(HandlerError::with_type("ValueError", "not today")))
+            });
+        })
+    })
+    .await;
+    let client = fixture.client().await;
+    // Both calls go out before either is awaited.
+    let (thread, task) = (
+        client.call("thread", tree!(1)),
+        client.call("task", tree!(2)),
+    );
+    let (thread, task) = (within("thread", thread).await, within("task", task).await);
+    assert_eq!(thread.unwrap(), tree!({"from": "thread", "args": 1}));
+    assert_eq!(task.unwrap(), tree!({"from": "task", "args": 2}));
+    let err = within("refuse", client.call("refuse", tree!(null)))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert_eq!(remote.kind, ErrorKind::Handler);
+    assert_eq!(remote.type_name, "ValueError");
+    assert_eq!(remote.message, "not today");
+}
+
+#[tokio::test]
+async fn a_dropped_responder_fails_the_call_clearly() {
+    let fixture =
+        Fixture::start_with(|b| b.bind_deferred("forget", |_, responder| drop(responder))).await;
+    let client = fixture.client().await;
+    let err = within("forget", client.call("forget", tree!(null)))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert_eq!(remote.kind, ErrorKind::Handler);
+    assert_eq!(
+        remote.message,
+        "the function dropped its responder without answering"
+    );
+    let failure = fixture.server.check().unwrap_err();
+    assert_eq!(failure.method, "forget");
+    // The connection carries on.
+    assert_eq!(
+        within("echo", client.call("echo", tree!(3))).await.unwrap(),
+        tree!(3)
+    );
+}
+
+#[tokio::test]
+async fn answering_an_expired_deferred_call_is_harmless() {
+    let kept: Arc<Mutex<Vec<Responder>>> = Arc::default();
+    let k = kept.clone();
+    let fixture = Fixture::start_with(move |b| {
+        b.bind_deferred("keep", move |_, responder| {
+            k.lock().unwrap().push(responder)
+        })
+    })
+    .await;
+    let client = fixture.client().await;
+    let err = within(
+        "a call nobody answers in time",
+        client.call_with_timeout("keep", tree!(null), Duration::from_millis(200)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
+        "{err}"
+    );
+    // The server dropped the expired call, so its responder knows.
+    wait_until("the responder sees the expiry", || {
+        kept.lock()
+            .unwrap()
+            .first()
+            .is_some_and(Responder::is_cancelled)
+    })
+    .await;
+    let responder = kept.lock().unwrap().pop().unwrap();
+    responder.respond(Ok(tree!("too late")));
+    wait_until("the call no longer runs", || fixture.server.running() == 0).await;
+    assert_eq!(
+        within("echo", client.call("echo", tree!(4))).await.unwrap(),
+        tree!(4)
+    );
+    assert!(fixture.server.check().is_ok());
 }
