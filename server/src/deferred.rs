@@ -15,7 +15,8 @@ pub(crate) const DROPPED_RESPONDER: &str = "the function dropped its responder w
 pub(crate) const DROPPED_RESPONDER_TYPE: &str = "DroppedResponder";
 
 /// The way to answer one call later: from
-/// [`bind_deferred`](crate::ServerBuilder::bind_deferred).
+/// [`bind_deferred`](crate::ServerBuilder::bind_deferred) or a
+/// [`CallQueue`](crate::CallQueue).
 ///
 /// Answer once with [`respond`](Self::respond). Dropping it unanswered fails
 /// the call with an error saying so. Answering a call that was cancelled or

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::deferred::Responder;
 use crate::functions::PooledFunction;
+use crate::queue::QueueSender;
 
 /// What a bound function returns when it fails: a type name and a message,
 /// delivered to the caller as a [`RemoteError`] of kind `Handler`.
@@ -111,6 +112,8 @@ pub(crate) enum Handler {
     Pooled(Arc<dyn PooledFunction>),
     /// Gets a responder and answers through it, now or later.
     Deferred(Arc<DeferredFn>),
+    /// Its calls go to a queue the application takes them from.
+    Queue(QueueSender),
 }
 
 impl fmt::Debug for Handler {
@@ -120,6 +123,7 @@ impl fmt::Debug for Handler {
             Handler::Blocking(_) => "Handler::Blocking",
             Handler::Pooled(_) => "Handler::Pooled",
             Handler::Deferred(_) => "Handler::Deferred",
+            Handler::Queue(_) => "Handler::Queue",
         })
     }
 }
@@ -189,6 +193,11 @@ impl Handler {
                 {
                     return Err(panic_error(method, panic));
                 }
+                answer.wait().await
+            }
+            Handler::Queue(queue) => {
+                let (responder, answer) = Responder::new();
+                queue.push(method, (args, responder))?;
                 answer.wait().await
             }
         }

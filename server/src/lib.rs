@@ -29,10 +29,12 @@ mod connection;
 mod deferred;
 mod functions;
 mod handler;
+mod queue;
 mod server;
 
 pub use deferred::Responder;
 pub use functions::{FunctionOptions, Workers};
 pub use handler::HandlerError;
+pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

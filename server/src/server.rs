@@ -19,6 +19,7 @@ use crate::connection::{serve_connection, ConnectionHandle};
 use crate::deferred::Responder;
 use crate::functions::{BlockingFunction, FunctionOptions};
 use crate::handler::{Handler, HandlerError};
+use crate::queue::{call_queue, CallQueue};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +193,40 @@ impl ServerBuilder {
         F: Fn(Tree, Responder) + Send + Sync + 'static,
     {
         self.insert(name.into(), Handler::Deferred(Arc::new(function)))
+    }
+
+    /// Binds `name` as a queue: its calls wait in the returned [`CallQueue`]
+    /// for the application to take them, with their [`Responder`]s, one at a
+    /// time or as a batch of whatever is queued
+    /// ([`recv_batch`](CallQueue::recv_batch), with
+    /// [`stack_calls`](crate::stack_calls) to stack their arguments).
+    ///
+    /// At most `capacity` calls (at least 1) wait; more are refused with an
+    /// `Overloaded` error, so a queue nobody takes from does not grow without
+    /// bound. Calls cancelled while queued stay in the queue until taken;
+    /// [`Responder::is_cancelled`] tells them apart.
+    ///
+    /// ```no_run
+    /// use teleport_server::{stack_calls, Server};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (builder, queue) = Server::builder().bind_queue("infer", 256);
+    /// let server = builder.listen("127.0.0.1:4433".parse()?).await?;
+    /// tokio::spawn(async move {
+    ///     // Up to 32 calls at a time, as many as are waiting.
+    ///     while let Some(calls) = queue.recv_batch(32).await {
+    ///         if let Some(batch) = stack_calls(calls) {
+    ///             let result = batch.args().clone(); // run the model here
+    ///             batch.respond(Ok(result));
+    ///         }
+    ///     }
+    /// });
+    /// server.wait().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_queue(self, name: impl Into<String>, capacity: usize) -> (Self, CallQueue) {
+        let (sender, queue) = call_queue(capacity);
+        (self.insert(name.into(), Handler::Queue(sender)), queue)
     }
 
     /// The server's certificate and key. Without one, the server makes a

@@ -1,5 +1,5 @@
 //! Functions bound with options: worker pools of their own, bounded admission,
-//! ordered completion hooks and deferred answers.
+//! ordered completion hooks, deferred answers and queues.
 
 mod common;
 
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{within, Fixture, WAIT};
 use teleport_client::{CallError, Error, ErrorKind};
-use teleport_protocol::{tree, Tree};
-use teleport_server::{FunctionOptions, HandlerError, Responder, Workers};
+use teleport_protocol::{tree, Array, Tree};
+use teleport_server::{stack_calls, FunctionOptions, HandlerError, Responder, Workers};
 
 /// A door a blocking function waits at until the test opens it (bounded, so a
 /// bug fails the test instead of hanging it).
@@ -399,4 +399,163 @@ async fn answering_an_expired_deferred_call_is_harmless() {
         tree!(4)
     );
     assert!(fixture.server.check().is_ok());
+}
+
+#[tokio::test]
+async fn a_queue_is_consumed_by_an_app_task_and_a_thread() {
+    let queue = Arc::new(Mutex::new(None));
+    let q = queue.clone();
+    let fixture = Fixture::start_with(move |b| {
+        let (b, call_queue) = b.bind_queue("queued", 16);
+        *q.lock().unwrap() = Some(call_queue);
+        b
+    })
+    .await;
+    let queue = queue.lock().unwrap().take().unwrap();
+    let task_queue = queue.clone();
+    let served_by_task = Arc::new(AtomicUsize::new(0));
+    let s = served_by_task.clone();
+    let task = tokio::spawn(async move {
+        while let Some((args, responder)) = task_queue.recv().await {
+            s.fetch_add(1, Ordering::SeqCst);
+            responder.respond(Ok(tree!({"task": args})));
+        }
+    });
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..5).map(|i| client.call("queued", tree!(i))).collect();
+    let results = within("5 queued calls", all(calls)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!({"task": (i as i64)}));
+    }
+    assert_eq!(served_by_task.load(Ordering::SeqCst), 5);
+    task.abort();
+    let _ = task.await;
+
+    // A thread outside the runtime takes calls with `recv_blocking`.
+    let thread_queue = queue.clone();
+    let thread = std::thread::spawn(move || {
+        let (args, responder) = thread_queue.recv_blocking().expect("a call");
+        responder.respond(Ok(tree!({"thread": args})));
+    });
+    let result = within("a call taken by a thread", client.call("queued", tree!(9)))
+        .await
+        .unwrap();
+    assert_eq!(result, tree!({"thread": 9}));
+    thread.join().unwrap();
+}
+
+#[tokio::test]
+async fn recv_batch_stacks_what_is_queued_and_splits_the_result() {
+    let queue = Arc::new(Mutex::new(None));
+    let q = queue.clone();
+    let fixture = Fixture::start_with(move |b| {
+        let (b, call_queue) = b.bind_queue("double", 16);
+        *q.lock().unwrap() = Some(call_queue);
+        b
+    })
+    .await;
+    let queue = queue.lock().unwrap().take().unwrap();
+    let client = fixture.client().await;
+    let row = |x: f32| Tree::Array(Array::from_vec1(vec![x, x + 1.0]));
+    let calls: Vec<_> = [0.0, 10.0, 20.0]
+        .into_iter()
+        .map(|x| client.call("double", row(x)))
+        .collect();
+    // A call whose array has another shape does not stack with the others.
+    let odd = client.call("double", Tree::Array(Array::from_vec1(vec![1.0f32; 3])));
+    wait_until("four calls queued", || queue.len() == 4).await;
+
+    let taken = within("a batch", queue.recv_batch(8)).await.unwrap();
+    assert_eq!(taken.len(), 4);
+    let batch = stack_calls(taken).expect("three calls stack");
+    assert_eq!(batch.len(), 3);
+    let stacked = batch.args().as_array().unwrap();
+    assert_eq!(stacked.shape(), &[3, 2]);
+    let doubled: Vec<f32> = stacked
+        .as_slice::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x * 2.0)
+        .collect();
+    let result = Array::new(
+        stacked.dtype(),
+        [3usize, 2],
+        doubled
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    batch.respond(Ok(Tree::Array(result)));
+
+    let results = within("the batched calls", all(calls)).await;
+    for (x, result) in [0.0f32, 10.0, 20.0].into_iter().zip(results) {
+        let result = result.unwrap();
+        assert_eq!(
+            result.as_slice::<f32>().unwrap(),
+            &[x * 2.0, (x + 1.0) * 2.0]
+        );
+    }
+    let err = within("the odd call", odd).await.unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert_eq!(remote.kind, ErrorKind::BadRequest);
+    assert!(remote.message.contains("do not stack"), "{err}");
+}
+
+#[tokio::test]
+async fn recv_batch_takes_at_most_max_and_the_rest_stays_queued() {
+    let queue = Arc::new(Mutex::new(None));
+    let q = queue.clone();
+    let fixture = Fixture::start_with(move |b| {
+        let (b, call_queue) = b.bind_queue("q", 16);
+        *q.lock().unwrap() = Some(call_queue);
+        b
+    })
+    .await;
+    let queue = queue.lock().unwrap().take().unwrap();
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..3).map(|i| client.call("q", tree!(i))).collect();
+    wait_until("three calls queued", || queue.len() == 3).await;
+    let first = within("a batch of two", queue.recv_batch(2)).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let rest = within("the rest", queue.recv_batch(2)).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    for (args, responder) in first.into_iter().chain(rest) {
+        responder.respond(Ok(args));
+    }
+    let results = within("the calls", all(calls)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((i as i64)));
+    }
+}
+
+#[tokio::test]
+async fn a_queue_nobody_empties_refuses_calls_beyond_its_capacity() {
+    let queue = Arc::new(Mutex::new(None));
+    let q = queue.clone();
+    let fixture = Fixture::start_with(move |b| {
+        let (b, call_queue) = b.bind_queue("full", 2);
+        *q.lock().unwrap() = Some(call_queue);
+        b
+    })
+    .await;
+    let queue = queue.lock().unwrap().take().unwrap();
+    let client = fixture.client().await;
+    let waiting: Vec<_> = (0..2).map(|i| client.call("full", tree!(i))).collect();
+    wait_until("two calls queued", || queue.len() == 2).await;
+    let err = within("a third call", client.call("full", tree!(2)))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert_eq!(remote.kind, ErrorKind::Overloaded);
+    assert!(remote.message.contains("capacity"), "{err}");
+    // The queued calls are still answered once someone takes them.
+    for _ in 0..2 {
+        let (args, responder) = within("a queued call", queue.recv()).await.unwrap();
+        responder.respond(Ok(args));
+    }
+    let results = within("the queued calls", all(waiting)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((i as i64)));
+    }
 }
