@@ -559,3 +559,50 @@ async fn a_queue_nobody_empties_refuses_calls_beyond_its_capacity() {
         assert_eq!(result.unwrap(), tree!((i as i64)));
     }
 }
+
+#[tokio::test]
+async fn a_call_dropped_before_it_runs_does_not_hold_up_later_hooks() {
+    let log = Arc::new(Log::default());
+    let hook_gate = Arc::new(Gate::default());
+    hook_gate.open();
+    let (l, g) = (log.clone(), hook_gate.clone());
+    let fixture = Fixture::start_with(move |b| {
+        bind_step(b, FunctionOptions::new().workers(Workers::Own(1)), l, g)
+    })
+    .await;
+    let client = fixture.client().await;
+    let first = client.call("step", tree!({"id": 0, "sleep": 1.0}));
+    wait_until("the first call starts", || {
+        log.events().contains(&"start 0".to_owned())
+    })
+    .await;
+    // Its turn for the hook is taken, then it expires waiting for the one worker.
+    let err = within(
+        "a call that expires waiting for a worker",
+        client.call_with_timeout(
+            "step",
+            tree!({"id": 1, "sleep": 0.0}),
+            Duration::from_millis(100),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
+        "{err}"
+    );
+    wait_until("the server drops the expired call", || {
+        fixture.server.running() == 1
+    })
+    .await;
+    let third = client.call("step", tree!({"id": 2, "sleep": 0.0}));
+    assert_eq!(within("the first call", first).await.unwrap(), tree!(0));
+    assert_eq!(within("the third call", third).await.unwrap(), tree!(2));
+    wait_until("two hooks", || hooks(&log).len() == 2).await;
+    assert_eq!(hooks(&log), ["hook 0", "hook 2"]);
+    assert!(
+        !log.events().contains(&"start 1".to_owned()),
+        "{:?}",
+        log.events()
+    );
+}
