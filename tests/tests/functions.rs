@@ -157,7 +157,13 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
             move |args: Tree| {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(100));
+                // Wait (bounded) for a second call to overlap, so that a slow
+                // machine cannot keep the most from reaching the bound.
+                let started = std::time::Instant::now();
+                while m.load(Ordering::SeqCst) < 2 && started.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(20));
                 r.fetch_sub(1, Ordering::SeqCst);
                 Ok(args)
             },
@@ -221,7 +227,7 @@ async fn the_hook_sees_by_products_in_request_order_when_later_calls_finish_firs
     .await;
     let client = fixture.client().await;
     let mut calls = Vec::new();
-    for (id, sleep) in [(0, 0.4), (1, 0.0), (2, 0.2)] {
+    for (id, sleep) in [(0, 1.0), (1, 0.0), (2, 0.3)] {
         calls.push(client.call("step", tree!({"id": id, "sleep": sleep})));
         // Each call arrives after the one before has started.
         let started = format!("start {id}");
