@@ -11,6 +11,10 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::Semaphore;
 
+use crate::deferred::Responder;
+use crate::functions::PooledFunction;
+use crate::queue::QueueSender;
+
 /// What a bound function returns when it fails: a type name and a message,
 /// delivered to the caller as a [`RemoteError`] of kind `Handler`.
 ///
@@ -94,6 +98,7 @@ pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, Handler
 
 type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
 type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
+type DeferredFn = dyn Fn(Tree, Responder) + Send + Sync;
 
 /// A bound function, type-erased.
 #[derive(Clone)]
@@ -102,6 +107,13 @@ pub(crate) enum Handler {
     Async(Arc<AsyncFn>),
     /// Runs on a worker thread, at most `workers` at once per server.
     Blocking(Arc<BlockingFn>),
+    /// A blocking function with a pool of its own, a bound on its concurrent
+    /// calls and/or an ordered completion hook.
+    Pooled(Arc<dyn PooledFunction>),
+    /// Gets a responder and answers through it, now or later.
+    Deferred(Arc<DeferredFn>),
+    /// Its calls go to a queue the application takes them from.
+    Queue(QueueSender),
 }
 
 impl fmt::Debug for Handler {
@@ -109,6 +121,9 @@ impl fmt::Debug for Handler {
         f.write_str(match self {
             Handler::Async(_) => "Handler::Async",
             Handler::Blocking(_) => "Handler::Blocking",
+            Handler::Pooled(_) => "Handler::Pooled",
+            Handler::Deferred(_) => "Handler::Deferred",
+            Handler::Queue(_) => "Handler::Queue",
         })
     }
 }
@@ -169,16 +184,37 @@ impl Handler {
                     )),
                 }
             }
+            Handler::Pooled(function) => function.call(method, args, workers).await,
+            Handler::Deferred(f) => {
+                let (responder, answer) = Responder::new();
+                // The function only takes the responder: it runs here, briefly.
+                if let Err(panic) =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| f(args, responder)))
+                {
+                    return Err(panic_error(method, panic));
+                }
+                answer.wait().await
+            }
+            Handler::Queue(queue) => {
+                let (responder, answer) = Responder::new();
+                queue.push(method, (args, responder))?;
+                answer.wait().await
+            }
         }
     }
 }
 
-fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
-    let text = panic
+/// A panic's message, if it has one.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(a panic payload that is not a string)".to_owned());
+        .unwrap_or_else(|| "(a panic payload that is not a string)".to_owned())
+}
+
+pub(crate) fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
+    let text = panic_text(&*panic);
     tracing::error!(method, panic = %text, "a bound function panicked");
     RemoteError::new(
         ErrorKind::Panic,

@@ -26,9 +26,15 @@
 //! stream. Functions run concurrently; a slow or large call delays no other.
 
 mod connection;
+mod deferred;
+mod functions;
 mod handler;
+mod queue;
 mod server;
 
+pub use deferred::Responder;
+pub use functions::{FunctionOptions, Workers};
 pub use handler::HandlerError;
+pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

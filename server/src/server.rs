@@ -16,7 +16,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::connection::{serve_connection, ConnectionHandle};
+use crate::deferred::Responder;
+use crate::functions::{BlockingFunction, FunctionOptions};
 use crate::handler::{Handler, HandlerError};
+use crate::queue::{call_queue, CallQueue};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,133 @@ impl ServerBuilder {
         F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
     {
         self.insert(name.into(), Handler::from_blocking(function))
+    }
+
+    /// Binds a blocking function under `name`, run as `options` say: on a
+    /// worker pool of its own ([`Workers::Own`](crate::Workers::Own)) so that
+    /// slow calls of other functions do not hold it up, and with at most
+    /// [`max_concurrent`](FunctionOptions::max_concurrent) calls admitted at
+    /// once, the others waiting in arrival order. The server-wide and
+    /// per-connection limits apply as to any call.
+    pub fn bind_blocking_with<F>(
+        self,
+        name: impl Into<String>,
+        options: FunctionOptions,
+        function: F,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let function = BlockingFunction::<()>::new(
+            &name,
+            options,
+            Arc::new(move |args| function(args).map(|tree| (tree, ()))),
+            None,
+        );
+        self.insert(name, Handler::Pooled(Arc::new(function)))
+    }
+
+    /// Binds a blocking function with an ordered completion hook (Teleport's
+    /// `donefn`, Portal's `postfn`): `function` returns its result and a
+    /// by-product; the result goes to the caller at once, and `hook` runs on
+    /// the by-products one at a time, on a thread of its own, strictly in the
+    /// order the calls were admitted, whatever order they finish in.
+    ///
+    /// A call keeps its admission slot (see
+    /// [`max_concurrent`](FunctionOptions::max_concurrent)) until its hook has
+    /// run, so a slow hook slows the function instead of letting by-products
+    /// pile up. Without `max_concurrent` nothing bounds that backlog.
+    ///
+    /// A call that fails, panics, or is cancelled before its function runs
+    /// gives the hook nothing and does not hold up the hooks after it. A call
+    /// cancelled while its function runs still hands its by-product to the hook
+    /// (the work was done). A panicking hook is logged and later hooks run.
+    pub fn bind_blocking_with_hook<F, B, H>(
+        self,
+        name: impl Into<String>,
+        options: FunctionOptions,
+        function: F,
+        hook: H,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Result<(Tree, B), HandlerError> + Send + Sync + 'static,
+        B: Send + 'static,
+        H: Fn(B) + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let function =
+            BlockingFunction::new(&name, options, Arc::new(function), Some(Box::new(hook)));
+        self.insert(name, Handler::Pooled(Arc::new(function)))
+    }
+
+    /// Binds a function that answers later: it gets the call's arguments and a
+    /// [`Responder`], keeps the responder (in a queue, another thread, a task)
+    /// and answers through it when it can. The function itself runs on the
+    /// async runtime and must return quickly.
+    ///
+    /// A responder dropped without answering fails the call with an error of
+    /// kind `Handler` ("the function dropped its responder without answering").
+    /// A call cancelled or expired meanwhile is stopped as usual; answering it
+    /// afterwards does nothing. Until answered, the call counts against the
+    /// per-connection and server-wide limits.
+    ///
+    /// ```no_run
+    /// use teleport_server::Server;
+    /// use teleport_protocol::{tree, Tree};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = Server::builder()
+    ///     .bind_deferred("later", |args: Tree, responder| {
+    ///         std::thread::spawn(move || {
+    ///             std::thread::sleep(std::time::Duration::from_millis(10));
+    ///             responder.respond(Ok(tree!({"echo": args})));
+    ///         });
+    ///     })
+    ///     .listen("127.0.0.1:4433".parse()?)
+    ///     .await?;
+    /// # let _ = server;
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_deferred<F>(self, name: impl Into<String>, function: F) -> Self
+    where
+        F: Fn(Tree, Responder) + Send + Sync + 'static,
+    {
+        self.insert(name.into(), Handler::Deferred(Arc::new(function)))
+    }
+
+    /// Binds `name` as a queue: its calls wait in the returned [`CallQueue`]
+    /// for the application to take them, with their [`Responder`]s, one at a
+    /// time or as a batch of whatever is queued
+    /// ([`recv_batch`](CallQueue::recv_batch), with
+    /// [`stack_calls`](crate::stack_calls) to stack their arguments).
+    ///
+    /// At most `capacity` calls (at least 1) wait; more are refused with an
+    /// `Overloaded` error, so a queue nobody takes from does not grow without
+    /// bound. Calls cancelled while queued stay in the queue until taken;
+    /// [`Responder::is_cancelled`] tells them apart.
+    ///
+    /// ```no_run
+    /// use teleport_server::{stack_calls, Server};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (builder, queue) = Server::builder().bind_queue("infer", 256);
+    /// let server = builder.listen("127.0.0.1:4433".parse()?).await?;
+    /// tokio::spawn(async move {
+    ///     // Up to 32 calls at a time, as many as are waiting.
+    ///     while let Some(calls) = queue.recv_batch(32).await {
+    ///         if let Some(batch) = stack_calls(calls) {
+    ///             let result = batch.args().clone(); // run the model here
+    ///             batch.respond(Ok(result));
+    ///         }
+    ///     }
+    /// });
+    /// server.wait().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_queue(self, name: impl Into<String>, capacity: usize) -> (Self, CallQueue) {
+        let (sender, queue) = call_queue(capacity);
+        (self.insert(name.into(), Handler::Queue(sender)), queue)
     }
 
     /// The server's certificate and key. Without one, the server makes a

@@ -1,0 +1,79 @@
+//! Deferred answers: a function keeps a [`Responder`] and answers its call
+//! later, from any thread or task.
+
+use std::fmt;
+
+use teleport_protocol::{ErrorKind, RemoteError, Tree};
+use tokio::sync::oneshot;
+
+use crate::handler::HandlerError;
+
+/// What the caller is told when a [`Responder`] is dropped unanswered.
+pub(crate) const DROPPED_RESPONDER: &str = "the function dropped its responder without answering";
+
+/// The type name of that error, for the caller to match on.
+pub(crate) const DROPPED_RESPONDER_TYPE: &str = "DroppedResponder";
+
+/// The way to answer one call later: from
+/// [`bind_deferred`](crate::ServerBuilder::bind_deferred) or a
+/// [`CallQueue`](crate::CallQueue).
+///
+/// Answer once with [`respond`](Self::respond). Dropping it unanswered fails
+/// the call with an error saying so. Answering a call that was cancelled or
+/// expired meanwhile does nothing.
+pub struct Responder {
+    reply: oneshot::Sender<Result<Tree, RemoteError>>,
+}
+
+impl Responder {
+    /// A responder and the receiving end the server awaits.
+    pub(crate) fn new() -> (Responder, Answer) {
+        let (reply, answer) = oneshot::channel();
+        (Responder { reply }, Answer(answer))
+    }
+
+    /// Answers the call: the caller gets `result` (an error with its type name
+    /// and message, as from any function).
+    pub fn respond(self, result: Result<Tree, HandlerError>) {
+        self.respond_remote(result.map_err(HandlerError::into_remote));
+    }
+
+    pub(crate) fn respond_remote(self, result: Result<Tree, RemoteError>) {
+        // The call is gone (cancelled, expired, connection lost): nobody to tell.
+        let _ = self.reply.send(result);
+    }
+
+    /// Whether nobody awaits the answer any more (the call was cancelled, it
+    /// expired or its connection was lost), so work for it can be skipped.
+    pub fn is_cancelled(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+/// The server's end of a [`Responder`].
+#[derive(Debug)]
+pub(crate) struct Answer(oneshot::Receiver<Result<Tree, RemoteError>>);
+
+impl Answer {
+    /// Waits for the answer. Dropping this future (on cancel or expiry) is what
+    /// makes a later `respond` a no-op.
+    pub(crate) async fn wait(self) -> Result<Tree, RemoteError> {
+        match self.0.await {
+            Ok(result) => result,
+            // Kind `Handler`: a bug in the function, so `Server::check` sees it.
+            Err(_) => Err(RemoteError::new(
+                ErrorKind::Handler,
+                DROPPED_RESPONDER_TYPE,
+                DROPPED_RESPONDER,
+            )),
+        }
+    }
+}
