@@ -11,6 +11,8 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::Semaphore;
 
+use crate::batched::BatchedFunction;
+
 /// What a bound function returns when it fails: a type name and a message,
 /// delivered to the caller as a [`RemoteError`] of kind `Handler`.
 ///
@@ -93,7 +95,7 @@ impl fmt::Display for HandlerError {
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
 type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
-type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
+pub(crate) type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
 
 /// A bound function, type-erased.
 #[derive(Clone)]
@@ -102,6 +104,8 @@ pub(crate) enum Handler {
     Async(Arc<AsyncFn>),
     /// Runs on a worker thread, at most `workers` at once per server.
     Blocking(Arc<BlockingFn>),
+    /// Runs on a worker thread, on the stacked arguments of many calls at once.
+    Batched(BatchedFunction),
 }
 
 impl fmt::Debug for Handler {
@@ -109,6 +113,7 @@ impl fmt::Debug for Handler {
         f.write_str(match self {
             Handler::Async(_) => "Handler::Async",
             Handler::Blocking(_) => "Handler::Blocking",
+            Handler::Batched(_) => "Handler::Batched",
         })
     }
 }
@@ -169,11 +174,13 @@ impl Handler {
                     )),
                 }
             }
+            // Waits for its batch, which runs on the same worker pool.
+            Handler::Batched(f) => f.call(method, args).await,
         }
     }
 }
 
-fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
+pub(crate) fn panic_error(method: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -25,10 +25,12 @@
 //! goodbyes), and every call comes on a stream of its own, answered on the same
 //! stream. Functions run concurrently; a slow or large call delays no other.
 
+mod batched;
 mod connection;
 mod handler;
 mod server;
 
 pub use handler::HandlerError;
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
+pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};
