@@ -369,6 +369,35 @@ async fn cancelled_calls_and_closed_clients_do_not_break_the_batch() {
 }
 
 #[tokio::test]
+async fn a_call_that_expires_while_queued_takes_no_row() {
+    let seen = Arc::new(Seen::default());
+    let function = doubler(seen.clone());
+    let fixture =
+        Fixture::start_with(|b| b.bind_batched("double", policy(3, FILL_ONLY), function)).await;
+    let client = fixture.client().await;
+    let waiting = client.call("double", call_args(&row(0)));
+    let expiring =
+        client.call_with_timeout("double", call_args(&row(1)), Duration::from_millis(100));
+    let err = within("the expiring call", expiring).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
+        "{err}"
+    );
+    within("the server drops the expired call", async {
+        while fixture.server.running() > 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let calls = vec![waiting, client.call("double", call_args(&row(2)))];
+    let results = within("the rest of the batch", join_all(calls)).await;
+    for (result, seed) in results.into_iter().zip([0, 2]) {
+        assert_doubled(&result.unwrap(), &row(seed));
+    }
+    assert_eq!(seen.sizes(), vec![2], "the expired call takes no row");
+}
+
+#[tokio::test]
 async fn a_batched_function_can_call_another_server() {
     let inner_batches = Arc::new(AtomicUsize::new(0));
     let counter = inner_batches.clone();
