@@ -25,7 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::handler::{panic_error, BlockingFn, HandlerError};
+use futures_util::FutureExt;
+
+use crate::handler::{panic_error, AsyncFn, BlockingFn, HandlerError};
 
 /// The type name of the error every member of a batch gets when the function's
 /// result cannot be split back into one result per call.
@@ -46,9 +48,18 @@ pub(crate) struct BatchedFunction {
     inner: Arc<Inner>,
 }
 
+/// The function of a batched binding.
+#[derive(Clone)]
+pub(crate) enum BatchFn {
+    /// Runs on the worker pool.
+    Blocking(Arc<BlockingFn>),
+    /// Runs on the async runtime.
+    Async(Arc<AsyncFn>),
+}
+
 struct Inner {
     policy: BatchPolicy,
-    function: Arc<BlockingFn>,
+    function: BatchFn,
     requests: mpsc::UnboundedSender<BatchRequest>,
     /// The receiving end until [`BatchedFunction::start`] hands it to the
     /// batch task: the builder runs outside any runtime, so the task can only
@@ -65,7 +76,7 @@ impl fmt::Debug for BatchedFunction {
 }
 
 impl BatchedFunction {
-    pub(crate) fn new(policy: BatchPolicy, function: Arc<BlockingFn>) -> BatchedFunction {
+    pub(crate) fn new(policy: BatchPolicy, function: BatchFn) -> BatchedFunction {
         let (requests, unstarted) = mpsc::unbounded_channel();
         BatchedFunction {
             inner: Arc::new(Inner {
@@ -136,7 +147,7 @@ impl BatchedFunction {
 #[derive(Clone)]
 struct BatchJob {
     method: Arc<str>,
-    function: Arc<BlockingFn>,
+    function: BatchFn,
     workers: Arc<Semaphore>,
 }
 
@@ -194,9 +205,28 @@ async fn run_batcher(
     }
 }
 
-/// Waits for a worker, then stacks, runs and splits the batch on that worker's
-/// thread, answering each member.
+/// Runs one batch: a blocking function on a worker's thread (stacking and
+/// splitting there too), an async one in this task.
 async fn run_batch(batch: Vec<BatchRequest>, job: BatchJob) {
+    let function = match &job.function {
+        BatchFn::Blocking(function) => function.clone(),
+        BatchFn::Async(function) => {
+            // Stacking copies the arrays once, on the runtime: memcpy speed,
+            // like decoding the calls did.
+            if let Some((members, stacked)) = stack_batch(batch, &job.method) {
+                let result = match std::panic::catch_unwind(AssertUnwindSafe(|| function(stacked)))
+                {
+                    Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
+                        Ok(result) => result.map_err(HandlerError::into_remote),
+                        Err(panic) => Err(panic_error(&job.method, panic)),
+                    },
+                    Err(panic) => Err(panic_error(&job.method, panic)),
+                };
+                answer(members, result, &job.method);
+            }
+            return;
+        }
+    };
     let Ok(permit) = job.workers.clone().acquire_owned().await else {
         let error = RemoteError::new(
             ErrorKind::ShuttingDown,
@@ -212,14 +242,23 @@ async fn run_batch(batch: Vec<BatchRequest>, job: BatchJob) {
     // runtime shuts down), the dropped reply senders tell the callers.
     let _ = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        serve_batch(batch, &job);
+        if let Some((members, stacked)) = stack_batch(batch, &job.method) {
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| function(stacked))) {
+                Ok(result) => result.map_err(HandlerError::into_remote),
+                Err(panic) => Err(panic_error(&job.method, panic)),
+            };
+            answer(members, result, &job.method);
+        }
     })
     .await;
 }
 
-/// Stacks the members that agree, calls the function once, splits its result
-/// and sends each member its part or its own error.
-fn serve_batch(batch: Vec<BatchRequest>, job: &BatchJob) {
+/// The reply routes of the members of a batch that were stacked, in row order.
+type Members = Vec<oneshot::Sender<Result<Tree, RemoteError>>>;
+
+/// Stacks the members that agree and answers every other one with its own
+/// error. `None` if no member is left to run.
+fn stack_batch(batch: Vec<BatchRequest>, method: &str) -> Option<(Members, Tree)> {
     // Cancelled or expired while queued or waiting for a worker: nobody is
     // waiting for these, so they do not take a row of the batch.
     let (args, replies): (Vec<Tree>, Vec<_>) = batch
@@ -228,9 +267,8 @@ fn serve_batch(batch: Vec<BatchRequest>, job: &BatchJob) {
         .map(|member| (member.args, member.reply))
         .unzip();
     if args.is_empty() {
-        return;
+        return None;
     }
-    let method = &*job.method;
     let size = args.len();
     // Copies each member's array bytes once, into the stacked arrays.
     let outcome = stack_compatible(&args);
@@ -249,16 +287,34 @@ fn serve_batch(batch: Vec<BatchRequest>, job: &BatchJob) {
             )));
         }
     }
-    let members: Vec<_> = outcome
+    let members = outcome
         .members
         .iter()
         .filter_map(|&index| replies[index].take())
         .collect();
-    let Some(stacked) = outcome.stacked else {
-        return;
-    };
-    let results = run_stacked(method, &*job.function, stacked, members.len());
-    match results {
+    Some((members, outcome.stacked?))
+}
+
+/// Splits the function's result on the stacked arguments into one part per
+/// member and sends each its part. The function's error or panic, or a result
+/// that does not split, is every member's error.
+fn answer(members: Members, result: Result<Tree, RemoteError>, method: &str) {
+    let size = members.len();
+    let parts = result.and_then(|result| {
+        split(&result, size).map_err(|error| {
+            RemoteError::new(
+                ErrorKind::Handler,
+                BATCH_RESULT_ERROR_TYPE,
+                format!(
+                    "the batched function {method:?} returned a result that cannot be split \
+                     back into its {size} calls: every leaf of its result must be None or an \
+                     array whose leading dimension equals the batch size {size} (one row per \
+                     call); {error}"
+                ),
+            )
+        })
+    });
+    match parts {
         Ok(parts) => {
             for (reply, part) in members.into_iter().zip(parts) {
                 let _ = reply.send(Ok(part));
@@ -270,30 +326,4 @@ fn serve_batch(batch: Vec<BatchRequest>, job: &BatchJob) {
             }
         }
     }
-}
-
-/// Calls the function on the stacked arguments of `size` calls and splits the
-/// result into `size` parts. Its error or panic is every member's error.
-fn run_stacked(
-    method: &str,
-    function: &BlockingFn,
-    stacked: Tree,
-    size: usize,
-) -> Result<Vec<Tree>, RemoteError> {
-    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| function(stacked))) {
-        Ok(result) => result.map_err(HandlerError::into_remote)?,
-        Err(panic) => return Err(panic_error(method, panic)),
-    };
-    split(&result, size).map_err(|error| {
-        RemoteError::new(
-            ErrorKind::Handler,
-            BATCH_RESULT_ERROR_TYPE,
-            format!(
-                "the batched function {method:?} returned a result that cannot be split back \
-                 into its {size} calls: every leaf of its result must be None or an array \
-                 whose leading dimension equals the batch size {size} (one row per call); \
-                 {error}"
-            ),
-        )
-    })
 }

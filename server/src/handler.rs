@@ -94,7 +94,7 @@ impl fmt::Display for HandlerError {
 
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
-type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
+pub(crate) type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
 pub(crate) type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
 
 /// A bound function, type-erased.

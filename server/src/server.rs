@@ -15,7 +15,7 @@ use teleport_quic::{
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::batched::BatchedFunction;
+use crate::batched::{BatchFn, BatchedFunction};
 use crate::connection::{serve_connection, ConnectionHandle};
 use crate::handler::{Handler, HandlerError};
 use crate::{BatchPolicy, BatchPolicyError};
@@ -154,8 +154,28 @@ impl ServerBuilder {
     where
         F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
     {
-        let batched = BatchedFunction::new(policy, Arc::new(function));
+        let batched = BatchedFunction::new(policy, BatchFn::Blocking(Arc::new(function)));
         self.insert(name.into(), Handler::Batched(batched))
+    }
+
+    /// Like [`bind_batched`](Self::bind_batched), for an async function: it
+    /// runs on the tokio runtime (so it must not block) and suits a batch
+    /// that mostly waits, on another server or a device, say.
+    pub fn bind_batched_async<F, Fut>(
+        self,
+        name: impl Into<String>,
+        policy: BatchPolicy,
+        function: F,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
+    {
+        let function = BatchFn::Async(Arc::new(move |args| Box::pin(function(args))));
+        self.insert(
+            name.into(),
+            Handler::Batched(BatchedFunction::new(policy, function)),
+        )
     }
 
     /// The server's certificate and key. Without one, the server makes a

@@ -284,45 +284,51 @@ async fn a_result_without_the_batch_dimension_fails_every_call_clearly() {
 
 #[tokio::test]
 async fn an_error_or_panic_of_the_function_fails_every_call_of_its_batch_only() {
+    fn picky(batch: Tree) -> Result<Tree, HandlerError> {
+        let x = batch.get("x")?.as_slice::<f32>()?;
+        if x.contains(&-1.0) {
+            return Err(HandlerError::with_type("ValueError", "no -1 please"));
+        }
+        if x.contains(&-2.0) {
+            panic!("deliberate panic in a batched function");
+        }
+        Ok(batch)
+    }
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("picky", policy(2, FILL_ONLY), |batch: Tree| {
-            let x = batch.get("x")?.as_slice::<f32>()?;
-            if x.contains(&-1.0) {
-                return Err(HandlerError::with_type("ValueError", "no -1 please"));
-            }
-            if x.contains(&-2.0) {
-                panic!("deliberate panic in a batched function");
-            }
-            Ok(batch)
-        })
+        b.bind_batched("picky", policy(2, FILL_ONLY), picky)
+            .bind_batched_async("picky_async", policy(2, FILL_ONLY), |batch| async {
+                picky(batch)
+            })
     })
     .await;
     let client = fixture.client().await;
-    for (bad, kind, says) in [
-        (-1.0, ErrorKind::Handler, "no -1 please"),
-        (-2.0, ErrorKind::Panic, "deliberate panic"),
-    ] {
-        let calls = vec![
-            client.call("picky", call_args(&[bad])),
-            client.call("picky", call_args(&[5.0])),
-        ];
-        for result in within("a failing batch", join_all(calls)).await {
-            let err = result.unwrap_err();
-            let remote = err.remote().expect("a remote error");
-            assert_eq!(remote.kind, kind, "{err}");
-            assert!(remote.message.contains(says), "{err}");
+    for method in ["picky", "picky_async"] {
+        for (bad, kind, says) in [
+            (-1.0, ErrorKind::Handler, "no -1 please"),
+            (-2.0, ErrorKind::Panic, "deliberate panic"),
+        ] {
+            let calls = vec![
+                client.call(method, call_args(&[bad])),
+                client.call(method, call_args(&[5.0])),
+            ];
+            for result in within("a failing batch", join_all(calls)).await {
+                let err = result.unwrap_err();
+                let remote = err.remote().expect("a remote error");
+                assert_eq!(remote.kind, kind, "{method}: {err}");
+                assert!(remote.message.contains(says), "{method}: {err}");
+            }
         }
-    }
-    let calls = vec![
-        client.call("picky", call_args(&[1.0])),
-        client.call("picky", call_args(&[2.0])),
-    ];
-    for (result, x) in within("the next batch", join_all(calls))
-        .await
-        .into_iter()
-        .zip([1.0f32, 2.0])
-    {
-        assert_eq!(result.unwrap(), call_args(&[x]));
+        let calls = vec![
+            client.call(method, call_args(&[1.0])),
+            client.call(method, call_args(&[2.0])),
+        ];
+        for (result, x) in within("the next batch", join_all(calls))
+            .await
+            .into_iter()
+            .zip([1.0f32, 2.0])
+        {
+            assert_eq!(result.unwrap(), call_args(&[x]), "{method}");
+        }
     }
 }
 
@@ -398,7 +404,7 @@ async fn a_call_that_expires_while_queued_takes_no_row() {
 }
 
 #[tokio::test]
-async fn a_batched_function_can_call_another_server() {
+async fn blocking_and_async_batched_functions_can_call_another_server() {
     let inner_batches = Arc::new(AtomicUsize::new(0));
     let counter = inner_batches.clone();
     let inner = Server::builder()
@@ -418,30 +424,37 @@ async fn a_batched_function_can_call_another_server() {
     .await
     .unwrap();
     // A blocking function runs on a worker thread: it reaches async code
-    // through the runtime it was bound in.
+    // through the runtime it was bound in. An async one just awaits.
     let runtime = tokio::runtime::Handle::current();
+    let (blocking_client, async_client) = (to_inner.clone(), to_inner);
     let fixture = Fixture::start_with(|b| {
         b.bind_batched("proxy", policy(4, FILL_ONLY), move |batch: Tree| {
-            Ok(runtime.block_on(to_inner.call("double", batch))?)
+            Ok(runtime.block_on(blocking_client.call("double", batch))?)
+        })
+        .bind_batched_async("proxy_async", policy(4, FILL_ONLY), move |batch: Tree| {
+            let client = async_client.clone();
+            async move { Ok(client.call("double", batch).await?) }
         })
     })
     .await;
     let client = fixture.client().await;
-    let calls: Vec<_> = (0..4)
-        .map(|i| client.call("proxy", call_args(&row(i))))
-        .collect();
-    for (i, result) in within("proxied batch", join_all(calls))
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        assert_doubled(&result.unwrap(), &row(i));
+    for (method, batches_before) in [("proxy", 0), ("proxy_async", 1)] {
+        let calls: Vec<_> = (0..4)
+            .map(|i| client.call(method, call_args(&row(i))))
+            .collect();
+        for (i, result) in within("proxied batch", join_all(calls))
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_doubled(&result.unwrap(), &row(i));
+        }
+        assert_eq!(
+            inner_batches.load(Ordering::SeqCst),
+            batches_before + 1,
+            "{method}: one inner call per batch"
+        );
     }
-    assert_eq!(
-        inner_batches.load(Ordering::SeqCst),
-        1,
-        "one call per batch"
-    );
     within("inner shutdown", inner.shutdown(Duration::from_secs(5))).await;
 }
 
