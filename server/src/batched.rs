@@ -17,6 +17,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use teleport_protocol::batch::{split, stack_compatible};
 use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError, Batcher};
 use teleport_protocol::server::SERVER_ERROR_TYPE;
@@ -24,8 +25,6 @@ use teleport_protocol::{ErrorKind, RemoteError, Timestamp, Tree};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-use futures_util::FutureExt;
 
 use crate::handler::{panic_error, AsyncFn, BlockingFn, HandlerError};
 
