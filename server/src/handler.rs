@@ -11,6 +11,7 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::Semaphore;
 
+use crate::batched::BatchedFunction;
 use crate::deferred::Responder;
 use crate::functions::PooledFunction;
 use crate::queue::QueueSender;
@@ -96,8 +97,8 @@ impl fmt::Display for HandlerError {
 
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
-type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
-type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
+pub(crate) type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
+pub(crate) type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
 type DeferredFn = dyn Fn(Tree, Responder) + Send + Sync;
 
 /// A bound function, type-erased.
@@ -114,6 +115,8 @@ pub(crate) enum Handler {
     Deferred(Arc<DeferredFn>),
     /// Its calls go to a queue the application takes them from.
     Queue(QueueSender),
+    /// Runs on a worker thread, on the stacked arguments of many calls at once.
+    Batched(BatchedFunction),
 }
 
 impl fmt::Debug for Handler {
@@ -124,6 +127,7 @@ impl fmt::Debug for Handler {
             Handler::Pooled(_) => "Handler::Pooled",
             Handler::Deferred(_) => "Handler::Deferred",
             Handler::Queue(_) => "Handler::Queue",
+            Handler::Batched(_) => "Handler::Batched",
         })
     }
 }
@@ -200,6 +204,8 @@ impl Handler {
                 queue.push(method, (args, responder))?;
                 answer.wait().await
             }
+            // Waits for its batch, which runs on the same worker pool.
+            Handler::Batched(f) => f.call(method, args).await,
         }
     }
 }

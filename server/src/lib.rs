@@ -25,6 +25,7 @@
 //! goodbyes), and every call comes on a stream of its own, answered on the same
 //! stream. Functions run concurrently; a slow or large call delays no other.
 
+mod batched;
 mod connection;
 mod deferred;
 mod functions;
@@ -37,4 +38,5 @@ pub use functions::{FunctionOptions, Workers};
 pub use handler::HandlerError;
 pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
 pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
+pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

@@ -15,11 +15,13 @@ use teleport_quic::{
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::batched::{BatchFn, BatchedFunction};
 use crate::connection::{serve_connection, ConnectionHandle};
 use crate::deferred::Responder;
 use crate::functions::{BlockingFunction, FunctionOptions};
 use crate::handler::{Handler, HandlerError};
 use crate::queue::{call_queue, CallQueue};
+use crate::{BatchPolicy, BatchPolicyError};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,14 @@ pub enum ServerError {
     /// Two functions were bound under one name.
     #[error("the name {0:?} is bound twice")]
     DuplicateMethod(String),
+    /// A batched function's policy cannot work (`max_batch` 0).
+    #[error("the batched function {method:?} cannot be served: {error}")]
+    BatchPolicy {
+        /// The name the function is bound as.
+        method: String,
+        /// What is wrong with its policy.
+        error: BatchPolicyError,
+    },
 }
 
 /// A bound function failed (returned an error or panicked); see [`Server::check`].
@@ -229,6 +239,75 @@ impl ServerBuilder {
         (self.insert(name.into(), Handler::Queue(sender)), queue)
     }
 
+    /// Binds a blocking function under `name` that serves many calls at once:
+    /// concurrent calls of it, from any connection, are stacked into one
+    /// tree whose arrays gain a leading axis of the batch size (ints, floats
+    /// and bools become 1-d arrays; see [`teleport_protocol::batch`]), the
+    /// function runs once on that tree, on the [`workers`](Self::workers)
+    /// pool, and its result is split back along axis 0, one row per call.
+    ///
+    /// A batch starts as soon as `policy.max_batch` calls are queued, or when
+    /// the oldest has waited `policy.max_wait`, so a lone call is served after
+    /// `max_wait`. A call whose arguments differ in structure, dtype or shape
+    /// from the rest of its batch (or hold strings or bytes, which do not stack)
+    /// gets its own `BadRequest` error and the others are served. Every array
+    /// in the function's result must have the batch size as its leading
+    /// dimension; otherwise, or if the function fails or panics, every call of
+    /// the batch gets that error. Calls cancelled or expired before their
+    /// batch runs are left out of it.
+    ///
+    /// [`listen`](Self::listen) fails with [`ServerError::BatchPolicy`] if
+    /// `policy.max_batch` is 0.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use teleport_protocol::{tree, Array, Tree};
+    /// use teleport_server::{BatchPolicy, Server};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Each call sends {"x": float32 array of shape [3]}; the function sees
+    /// // shape [N, 3] for a batch of N calls and answers with shape [N].
+    /// let policy = BatchPolicy { max_batch: 32, max_wait: Duration::from_millis(2) };
+    /// let server = Server::builder()
+    ///     .bind_batched("norm2", policy, |batch: Tree| {
+    ///         let x = batch.get("x")?.as_array()?;
+    ///         let sums: Vec<f32> =
+    ///             x.as_slice::<f32>()?.chunks(3).map(|row| row.iter().map(|v| v * v).sum()).collect();
+    ///         Ok(tree!((Array::from_vec1(sums))))
+    ///     })
+    ///     .listen("127.0.0.1:4433".parse()?)
+    ///     .await?;
+    /// server.wait().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_batched<F>(self, name: impl Into<String>, policy: BatchPolicy, function: F) -> Self
+    where
+        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
+    {
+        let batched = BatchedFunction::new(policy, BatchFn::Blocking(Arc::new(function)));
+        self.insert(name.into(), Handler::Batched(batched))
+    }
+
+    /// Like [`bind_batched`](Self::bind_batched), for an async function: it
+    /// runs on the tokio runtime (so it must not block) and suits a batch
+    /// that mostly waits, on another server or a device, say.
+    pub fn bind_batched_async<F, Fut>(
+        self,
+        name: impl Into<String>,
+        policy: BatchPolicy,
+        function: F,
+    ) -> Self
+    where
+        F: Fn(Tree) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
+    {
+        let function = BatchFn::Async(Arc::new(move |args| Box::pin(function(args))));
+        self.insert(
+            name.into(),
+            Handler::Batched(BatchedFunction::new(policy, function)),
+        )
+    }
+
     /// The server's certificate and key. Without one, the server makes a
     /// self-signed certificate for `localhost` and the bound IP address; print
     /// its [`fingerprint`](Server::fingerprint) for clients to pin.
@@ -299,18 +378,37 @@ impl ServerBuilder {
                 Identity::self_signed(names)?
             }
         };
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let workers = Arc::new(Semaphore::new(self.workers));
+        let mut batchers = Vec::new();
+        for (method, handler) in &self.handlers {
+            if let Handler::Batched(batched) = handler {
+                let started = batched
+                    .start(method, workers.clone(), shutdown_rx.clone())
+                    .map_err(|error| ServerError::BatchPolicy {
+                        method: method.clone(),
+                        error,
+                    });
+                match started {
+                    Ok(task) => batchers.extend(task),
+                    Err(e) => {
+                        batchers.iter().for_each(JoinHandle::abort);
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity).with_client_auth(self.client_auth);
         let listener = Listener::bind(addr, &tls, &self.transport, self.limits.clone())?;
         let local_addr = listener.local_addr();
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             handlers: self.handlers,
             token: self.token,
             max_in_flight: self.max_in_flight,
             max_in_flight_total: self.max_in_flight_total,
             running_total: AtomicUsize::new(0),
-            workers: Arc::new(Semaphore::new(self.workers)),
+            workers,
             first_error: Mutex::new(None),
             origin: Instant::now(),
             connections: Mutex::new(HashMap::new()),
@@ -326,6 +424,7 @@ impl ServerBuilder {
             shared,
             shutdown_tx,
             accept: Mutex::new(Some(accept)),
+            batchers: Mutex::new(batchers),
         })
     }
 }
@@ -388,6 +487,8 @@ pub struct Server {
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
     accept: Mutex<Option<JoinHandle<()>>>,
+    /// The tasks of the batched functions, stopped once the calls have drained.
+    batchers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Server {
@@ -472,6 +573,15 @@ impl Server {
         let deadline = tokio::time::Instant::now() + grace;
         let drains = connections.iter().map(|c| c.drain(deadline));
         futures_util::future::join_all(drains).await;
+        // Calls still waiting for a batch now fail with `ShuttingDown`.
+        for batcher in self
+            .batchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            batcher.abort();
+        }
         let listener = self
             .listener
             .lock()

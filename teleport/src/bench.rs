@@ -11,7 +11,8 @@ use anyhow::{ensure, Context};
 use bytes::Bytes;
 use teleport::quic::reference::{ReferenceClient, ReferenceMode, ReferenceServer};
 use teleport::{
-    tree, Array, Client, ClientTls, Identity, Server, ServerTls, TransportConfig, Tree,
+    tree, Array, BatchPolicy, Client, ClientTls, HandlerError, Identity, Server, ServerTls,
+    TransportConfig, Tree,
 };
 
 use crate::builtins::bind_builtins;
@@ -19,8 +20,16 @@ use crate::demo::pattern_array;
 
 const SMALL: usize = 1 << 10;
 const LARGE: usize = 256 << 20;
-/// Calls in flight at once for the small-call measurement.
+/// Calls in flight at once for the small-call and batching measurements.
 const CONCURRENCY: usize = 64;
+/// The batching measurement's function: `y = W x` with `W` of shape
+/// `[MODEL_OUT, MODEL_IN]` and `x` a float32 vector of `MODEL_IN` values...
+const MODEL_IN: usize = 256;
+const MODEL_OUT: usize = 64;
+/// ...plus this much fixed CPU work per invocation of the function, standing
+/// for what a batch shares (loading weights, launching a GPU kernel): the
+/// unbatched function pays it per call, the batched one per batch.
+const INVOCATION_COST: Duration = Duration::from_micros(50);
 
 /// One side of the comparison: something that can echo or sink bytes.
 #[derive(Clone, Debug)]
@@ -81,6 +90,15 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
         .bind("sink", |args: Tree| async move {
             Ok(tree!({"bytes": (args.data_len() as i64)}))
         })
+        .bind_blocking("model", |x: Tree| model(&x))
+        .bind_batched(
+            "model_batched",
+            BatchPolicy {
+                max_batch: CONCURRENCY,
+                max_wait: Duration::from_millis(1),
+            },
+            |x: Tree| model(&x),
+        )
         .identity(identity.clone())
         .transport(transport.clone())
         .max_in_flight(CONCURRENCY * 2)
@@ -225,6 +243,47 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
         }
     );
 
+    // (e) batching: the same function bound unbatched and batched.
+    let x = Array::from_vec1(
+        (0..MODEL_IN)
+            .map(|i| (i % 7) as f32 - 3.0)
+            .collect::<Vec<_>>(),
+    );
+    let x = Tree::Array(x);
+    let unbatched = client.call("model", x.clone()).await?;
+    let batched = client.call("model_batched", x.clone()).await?;
+    ensure!(
+        unbatched == batched,
+        "the batched model's result differs from the unbatched one's"
+    );
+    let mut best = [0.0f64; 2];
+    for round in 0..rounds {
+        for (i, method) in ["model", "model_batched"].into_iter().enumerate() {
+            calls_per_second(&client, method, &x, Duration::from_millis(200)).await?;
+            let rate = calls_per_second(&client, method, &x, small_for).await?;
+            println!(
+                "  round {}: {:<14} {:>9.0} calls/s ({MODEL_OUT}x{MODEL_IN} float32 \
+                 matrix-vector product + {} µs per invocation, {CONCURRENCY} in flight)",
+                round + 1,
+                method,
+                rate,
+                INVOCATION_COST.as_micros()
+            );
+            best[i] = best[i].max(rate);
+        }
+    }
+    println!(
+        "(e) batching: batched {:.0} calls/s (max_batch {CONCURRENCY}, max_wait 1 ms), \
+         unbatched {:.0} calls/s, ratio {:.2}x\n",
+        best[1],
+        best[0],
+        if best[0] > 0.0 {
+            best[1] / best[0]
+        } else {
+            0.0
+        }
+    );
+
     if let Peer::Quinn(reference_client) = &peers[1] {
         reference_client.close().await;
     }
@@ -292,6 +351,78 @@ async fn small_calls(peer: &Peer, payload: &Array, duration: Duration) -> anyhow
         worker.await.context("a benchmark task panicked")??;
     }
     Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+/// Keeps `CONCURRENCY` calls of `method` on `args` in flight for `duration`;
+/// returns calls/s.
+async fn calls_per_second(
+    client: &Client,
+    method: &'static str,
+    args: &Tree,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (client, args) = (client.clone(), args.clone());
+            let (stop, done) = (stop.clone(), done.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    client.call(method, args.clone()).await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    tokio::time::sleep(duration).await;
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.context("a benchmark task panicked")??;
+    }
+    Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+/// The batching measurement's function, for one call (`x` of shape
+/// `[MODEL_IN]`) or a batch (`[N, MODEL_IN]`): `W x` per row, with `W[o][i] =
+/// ((o + i) % 5 - 2) / 4`, after [`INVOCATION_COST`] of fixed work.
+fn model(x: &Tree) -> Result<Tree, HandlerError> {
+    let x = x.as_array()?;
+    let rows = match x.shape() {
+        [n] if *n == MODEL_IN => None,
+        [rows, n] if *n == MODEL_IN => Some(*rows),
+        shape => {
+            return Err(HandlerError::new(format!(
+                "expected a float32 array of shape [{MODEL_IN}] (or [N, {MODEL_IN}] batched), \
+                 got {shape:?}"
+            )))
+        }
+    };
+    let started = Instant::now();
+    while started.elapsed() < INVOCATION_COST {
+        std::hint::spin_loop();
+    }
+    let input = x.as_slice::<f32>()?;
+    let mut out = Vec::with_capacity(rows.unwrap_or(1) * MODEL_OUT);
+    for row in input.chunks_exact(MODEL_IN) {
+        for o in 0..MODEL_OUT {
+            let sum: f32 = row
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * (((o + i) % 5) as f32 - 2.0) / 4.0)
+                .sum();
+            out.push(sum);
+        }
+    }
+    let shape = match rows {
+        None => vec![MODEL_OUT],
+        Some(rows) => vec![rows, MODEL_OUT],
+    };
+    Ok(Tree::Array(Array::from_vec(shape, out)?))
 }
 
 fn report(what: &str, unit: &str, [teleport, quinn]: [f64; 2]) {

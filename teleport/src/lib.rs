@@ -55,7 +55,9 @@ pub use teleport_protocol::{
 pub use teleport_quic::{
     ClientAuth, ClientTls, Fingerprint, Identity, ServerTls, TransportConfig, TransportError,
 };
-pub use teleport_server::{HandlerError, HandlerFailure, Server, ServerBuilder, ServerError};
+pub use teleport_server::{
+    BatchPolicy, HandlerError, HandlerFailure, Server, ServerBuilder, ServerError,
+};
 
 /// Why connecting or calling failed (the client's error type).
 pub type ClientError = teleport_client::Error;
