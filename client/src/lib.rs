@@ -27,7 +27,7 @@ mod blocking;
 mod client;
 
 pub use blocking::BlockingClient;
-pub use client::{Client, ClientBuilder, Error, PendingCall};
+pub use client::{CallOptions, Client, ClientBuilder, Error, PendingCall};
 pub use teleport_protocol::client::CallError;
 pub use teleport_protocol::{ErrorKind, RemoteError};
 pub use teleport_quic::{ClientTls, Fingerprint, Identity, TransportConfig};
