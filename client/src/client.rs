@@ -709,6 +709,7 @@ impl Client {
                 result: rx,
                 slot,
                 early: Some(Error::Unobserved { method, error }),
+                cancelled_unsent: AtomicBool::new(false),
                 driver: None,
             };
         }
@@ -760,6 +761,7 @@ impl Client {
             result: rx,
             slot,
             early: None,
+            cancelled_unsent: AtomicBool::new(false),
             driver,
         }
     }
@@ -964,6 +966,10 @@ pub struct PendingCall {
     slot: Arc<Mutex<Slot>>,
     /// An error to return without waiting (an earlier call's unobserved failure).
     early: Option<Error>,
+    /// Set when the call was cancelled before it was sent: the future resolves
+    /// at once, rather than when the task holding the call next looks (which,
+    /// for a call waiting for a connection, may be its deadline).
+    cancelled_unsent: AtomicBool,
     /// Reads the reply when the call was sent from the caller's task: it runs
     /// when the future is polled (or in a task, if the future is dropped).
     driver: Option<Driver>,
@@ -1005,7 +1011,10 @@ impl PendingCall {
                     inner.cancel(id);
                 }
             }
-            Slot::Queued => *slot = Slot::Abandoned,
+            Slot::Queued => {
+                *slot = Slot::Abandoned;
+                self.cancelled_unsent.store(true, Ordering::Relaxed);
+            }
             Slot::Abandoned => {}
         }
     }
@@ -1039,6 +1048,9 @@ impl Future for PendingCall {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(error) = self.early.take() {
             return Poll::Ready(Err(error));
+        }
+        if self.cancelled_unsent.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(Error::Call(CallError::Cancelled)));
         }
         if let Some(driver) = self.driver.as_mut() {
             if driver.as_mut().poll(cx).is_ready() {

@@ -6,7 +6,7 @@
 //! use teleport_protocol::{tree, Array};
 //!
 //! # async fn run(fingerprint: teleport_client::Fingerprint) -> Result<(), teleport_client::Error> {
-//! let client = Client::builder("127.0.0.1:4433".parse().unwrap())
+//! let client = Client::builder("127.0.0.1:4433")
 //!     .pin(fingerprint)
 //!     .connect()
 //!     .await?;
@@ -17,6 +17,12 @@
 //! let (a, b) = (a.await?, b.await?);
 //! # Ok(()) }
 //! ```
+//!
+//! After losing the server the client reconnects for new calls, with backoff;
+//! calls pending on the lost connection fail (they may or may not have run)
+//! unless they were marked idempotent ([`CallOptions::idempotent`],
+//! [`ClientBuilder::resend_lost_calls`]), in which case they are sent again.
+//! [`ClientBuilder::connect_lazy`] waits for a server that is not up yet.
 //!
 //! Each call travels on a QUIC stream of its own, so a large call or reply
 //! delays no other. A [`ClientProtocol`](teleport_protocol::client::ClientProtocol)

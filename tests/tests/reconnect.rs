@@ -274,3 +274,77 @@ async fn with_reconnect_disabled_calls_after_a_loss_keep_failing() {
     assert!(client.is_closed());
     assert!(!client.connected());
 }
+
+#[tokio::test]
+async fn cancelling_a_call_that_waits_for_a_connection_ends_it_at_once_and_it_is_never_sent() {
+    let addr = free_port();
+    let identity = Identity::self_signed(["localhost"]).unwrap();
+    let client = client_builder(addr, &identity)
+        .connect_timeout(common::WAIT)
+        .connect_lazy();
+    let waiting = client.call("sleep", tree!(0.0));
+    waiting.cancel();
+    let err = within("the cancelled call", waiting).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Call(teleport_client::CallError::Cancelled)),
+        "{err}"
+    );
+
+    let server = serve(addr, &identity).await;
+    assert_eq!(
+        within("a later call", client.call("echo", tree!(1)))
+            .await
+            .unwrap(),
+        tree!(1)
+    );
+    assert_eq!(server.counters.sleeps_started.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_lazy_client_with_a_wrong_token_says_so_when_its_call_gives_up() {
+    let identity = Identity::self_signed(["localhost"]).unwrap();
+    let server = common::test_functions(Server::builder(), Arc::new(Counters::default()))
+        .identity(identity.clone())
+        .token("correct horse")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let client = client_builder(server.local_addr(), &identity)
+        .token("battery staple")
+        .connect_lazy();
+    let err = within(
+        "a call that cannot be sent",
+        client.call_with_timeout("echo", tree!(1), Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::NotConnected { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("refused"), "{message}");
+    assert!(message.contains("token"), "{message}");
+    assert!(!client.connected());
+}
+
+#[test]
+fn the_blocking_client_connects_lazily_and_reports_its_connection() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let identity = Identity::self_signed(["localhost"]).unwrap();
+    let addr = free_port();
+    let client = teleport_client::BlockingClient::connect_lazy(
+        client_builder(addr, &identity).connect_timeout(common::WAIT),
+    )
+    .unwrap();
+    assert!(!client.connected());
+    let fixture = runtime.block_on(serve(addr, &identity));
+    let result = client
+        .call_with_options(
+            "add",
+            tree!({"a": 1, "b": 2}),
+            CallOptions::new().idempotent(true),
+        )
+        .unwrap();
+    assert_eq!(result, tree!(3));
+    assert!(client.connected());
+    drop(client);
+    runtime.block_on(fixture.server.shutdown(Duration::from_secs(1)));
+}
