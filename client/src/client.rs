@@ -314,8 +314,9 @@ enum Link {
     /// A connection; it may have ended, which the supervisor notices and
     /// replaces (if reconnecting is enabled).
     Up(Arc<Inner>),
-    /// The client was closed.
-    Closed,
+    /// The client was closed. Keeps the last connection, for
+    /// [`Client::closed`] to wait until the server was told.
+    Closed { last: Option<Arc<Inner>> },
 }
 
 /// What every connection of one client shares: the settings, the in-flight
@@ -343,7 +344,7 @@ impl Shared {
     /// Makes `link` the current one, unless the client was closed.
     fn publish(&self, link: Link) -> bool {
         self.link.send_if_modified(|current| {
-            if matches!(current, Link::Closed) {
+            if matches!(current, Link::Closed { .. }) {
                 return false;
             }
             *current = link;
@@ -352,7 +353,7 @@ impl Shared {
     }
 
     fn is_closed(&self) -> bool {
-        matches!(*self.link.borrow(), Link::Closed)
+        matches!(*self.link.borrow(), Link::Closed { .. })
     }
 
     /// The current connection if it takes calls (or, without reconnecting,
@@ -367,8 +368,16 @@ impl Shared {
     }
 
     fn close(&self) {
-        let previous = self.link.send_replace(Link::Closed);
-        if let Link::Up(inner) = previous {
+        let mut last = None;
+        self.link.send_modify(|link| {
+            let previous = std::mem::replace(link, Link::Closed { last: None });
+            if let Link::Up(inner) | Link::Closed { last: Some(inner) } = previous {
+                last = Some(inner.clone());
+                *link = Link::Closed { last: Some(inner) };
+            }
+        });
+        // Outside the link's lock: closing takes the connection's lock.
+        if let Some(inner) = last {
             inner.close();
         }
     }
@@ -407,12 +416,17 @@ async fn supervise(shared: Arc<Shared>, mut current: Option<Arc<Inner>>) {
         if let Some(inner) = current.take() {
             tokio::select! {
                 _ = inner.ended() => {}
-                _ = closed.wait_for(|link| matches!(link, Link::Closed)) => return,
+                _ = closed.wait_for(|link| matches!(link, Link::Closed { .. })) => return,
             }
             if shared.reconnect.is_none() {
                 // The ended connection stays current: calls fail with its cause.
                 return;
             }
+            // A connection that ends soon after it was made (a server that
+            // accepts and then fails) must not be retried at the initial
+            // pace forever: the backoff only starts over after a connection
+            // that lasted.
+            let lasted = inner.origin.elapsed() >= backoff.max;
             let cause = inner.end_cause();
             tracing::debug!(target = %shared.settings.target, %cause, "connection lost; reconnecting");
             if !shared.publish(Link::Connecting {
@@ -420,17 +434,21 @@ async fn supervise(shared: Arc<Shared>, mut current: Option<Arc<Inner>>) {
             }) {
                 return;
             }
-            wait = backoff.initial;
+            wait = if lasted {
+                backoff.initial
+            } else {
+                (wait * 2).clamp(backoff.initial, backoff.max)
+            };
         }
         if !wait.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = closed.wait_for(|link| matches!(link, Link::Closed)) => return,
+                _ = closed.wait_for(|link| matches!(link, Link::Closed { .. })) => return,
             }
         }
         let attempt = tokio::select! {
             attempt = open_connection(&shared) => attempt,
-            _ = closed.wait_for(|link| matches!(link, Link::Closed)) => return,
+            _ = closed.wait_for(|link| matches!(link, Link::Closed { .. })) => return,
         };
         match attempt {
             Ok(inner) => {
@@ -628,7 +646,9 @@ impl CallOptions {
 
     /// Fail with [`CallError::DeadlineExceeded`] if no reply arrives within
     /// `timeout` (the server is told the deadline too, and drops the call when
-    /// it passes). Waiting for a connection counts against it.
+    /// it passes). Waiting for a turn or a connection counts against it; a
+    /// call still waiting for a connection when it passes fails with
+    /// [`Error::NotConnected`].
     pub fn timeout(mut self, timeout: Duration) -> CallOptions {
         self.timeout = Some(timeout);
         self
@@ -799,7 +819,7 @@ impl Client {
     /// closed.
     pub fn is_closed(&self) -> bool {
         match &*self.handle.shared.link.borrow() {
-            Link::Closed => true,
+            Link::Closed { .. } => true,
             Link::Up(inner) => self.handle.shared.reconnect.is_none() && inner.is_finished(),
             Link::Connecting { .. } => false,
         }
@@ -823,7 +843,7 @@ impl Client {
                 .wait_for(|link| !matches!(link, Link::Connecting { .. }))
                 .await;
             match ready.as_deref() {
-                Ok(Link::Up(inner)) => inner.clone(),
+                Ok(Link::Up(inner) | Link::Closed { last: Some(inner) }) => inner.clone(),
                 _ => return TransportError::ClosedLocally,
             }
         };
@@ -912,7 +932,9 @@ fn start_later(shared: Arc<Shared>, request: CallRequest, permit: Option<OwnedSe
         let mut link = shared.link.subscribe();
         let connected = tokio::time::timeout_at(
             give_up,
-            link.wait_for(|link| matches!(link, Link::Closed) || shared.usable(link).is_some()),
+            link.wait_for(|link| {
+                matches!(link, Link::Closed { .. }) || shared.usable(link).is_some()
+            }),
         )
         .await
         .map(|ready| ready.ok().and_then(|link| shared.usable(&link)));
@@ -1073,8 +1095,13 @@ struct Waiter {
     method: String,
     result: oneshot::Sender<Result<Tree, Error>>,
     permit: OwnedSemaphorePermit,
-    /// What re-sending the call on a new connection needs, if it is
-    /// idempotent and the client reconnects.
+    slot: Arc<Mutex<Slot>>,
+    /// Whether running the call twice is harmless (as the caller said).
+    idempotent: bool,
+    /// What sending the call again on a new connection needs, if the
+    /// connection is lost while the call is pending and the client
+    /// reconnects: set for idempotent calls, and for calls whose stream could
+    /// not even be opened (they were never sent).
     resend: Option<Resend>,
 }
 
@@ -1083,7 +1110,6 @@ struct Resend {
     args: Tree,
     timeout: Option<Duration>,
     deadline: Option<tokio::time::Instant>,
-    slot: Arc<Mutex<Slot>>,
 }
 
 #[derive(Debug)]
@@ -1191,7 +1217,6 @@ impl Inner {
                     .or(state.protocol.config().default_timeout)
                     .map(|t| tokio::time::Instant::now() + t)
             }),
-            slot: slot_handle.clone(),
         });
         let now = self.now();
         match state
@@ -1207,6 +1232,8 @@ impl Inner {
                         method,
                         result,
                         permit,
+                        slot: slot_handle.clone(),
+                        idempotent,
                         resend,
                     },
                 );
@@ -1271,7 +1298,7 @@ impl Inner {
         let (mut send, mut recv) = match self.connection.try_open_stream() {
             Some(Ok(streams)) => streams,
             Some(Err(e)) => {
-                self.on_reply(id, Err(e));
+                self.open_failed(call, e);
                 return None;
             }
             None => {
@@ -1401,8 +1428,9 @@ impl Inner {
         }
     }
 
-    /// Hands a completed call's result to its caller, or, for an idempotent
-    /// call lost with its connection, starts it again on the next one.
+    /// Hands a completed call's result to its caller, or, for a call lost
+    /// with its connection that may be sent again (idempotent, or never
+    /// sent), starts it again on the next connection.
     /// Called from `pump`, with the state lock held. (It takes the call's slot
     /// lock; only `start_call` holds a slot lock while taking a state lock,
     /// and it has released this call's slot by the time the call is a waiter.)
@@ -1410,17 +1438,19 @@ impl Inner {
         let client = self.client.upgrade();
         let result = match (result, waiter.resend, client) {
             (Err(error), Some(resend), Some(client))
-                if lost_with_connection(&error) && !client.is_closed() =>
+                if lost_with_connection(&error)
+                    && client.reconnect.is_some()
+                    && !client.is_closed() =>
             {
-                tracing::debug!(method = %waiter.method, %error, "re-sending an idempotent call on the next connection");
-                *resend.slot.lock().unwrap_or_else(|p| p.into_inner()) = Slot::Queued;
+                tracing::debug!(method = %waiter.method, %error, "sending a lost call again on the next connection");
+                *waiter.slot.lock().unwrap_or_else(|p| p.into_inner()) = Slot::Queued;
                 let request = CallRequest {
                     method: waiter.method,
                     args: resend.args,
                     timeout: resend.timeout,
                     deadline: resend.deadline,
-                    idempotent: true,
-                    slot: resend.slot,
+                    idempotent: waiter.idempotent,
+                    slot: waiter.slot,
                     result: waiter.result,
                 };
                 start_later(client, request, Some(waiter.permit));
@@ -1437,6 +1467,28 @@ impl Inner {
                 client.keep_unobserved(waiter.method, error);
             }
         }
+    }
+
+    /// The stream of `call` could not be opened, so the call was never sent:
+    /// if the connection is gone and the client reconnects, the call is sent
+    /// on the next connection whether or not it is idempotent.
+    fn open_failed(self: &Arc<Self>, call: Call, error: TransportError) {
+        let id = call.request_id;
+        if error.is_connection_error() {
+            let mut state = self.lock();
+            if let Some(waiter) = state.waiters.get_mut(&id) {
+                if waiter.resend.is_none() {
+                    // The deadline counts from now rather than from the
+                    // call's start: later by the microseconds in between.
+                    waiter.resend = Some(Resend {
+                        deadline: call.timeout.map(|t| tokio::time::Instant::now() + t),
+                        timeout: call.timeout,
+                        args: call.args,
+                    });
+                }
+            }
+        }
+        self.on_reply(id, Err(error));
     }
 
     /// A reply (or its absence) arrived on the stream of call `id`.
@@ -1500,7 +1552,7 @@ async fn run_call(inner: Arc<Inner>, call: Call, mut stop: oneshot::Receiver<Str
     };
     let (mut send, mut recv) = match opened {
         Ok(streams) => streams,
-        Err(e) => return inner.on_reply(id, Err(e)),
+        Err(e) => return inner.open_failed(call, e),
     };
     let outgoing = match Outgoing::new(&Message::Call(call)) {
         Ok(outgoing) => outgoing,
