@@ -1189,11 +1189,13 @@ impl Inner {
             return Started::Done;
         }
         let mut state = self.lock();
-        let client = self.client.upgrade();
-        let reconnects = client
-            .as_ref()
-            .is_some_and(|client| client.reconnect.is_some() && !client.is_closed());
-        if state.protocol.is_closed() && reconnects {
+        // Looked at only when needed: a successful ordinary call pays nothing.
+        let reconnects = || {
+            self.client
+                .upgrade()
+                .is_some_and(|client| client.reconnect.is_some() && !client.is_closed())
+        };
+        if state.protocol.is_closed() && reconnects() {
             // Checked under the lock, so no call is lost to a connection
             // that ended between choosing it and starting the call here.
             return Started::ConnectionEnded(request, permit);
@@ -1209,7 +1211,7 @@ impl Inner {
         } = request;
         // Only a call that may be re-sent pays for keeping its arguments
         // (a clone of the tree: array data is shared, not copied).
-        let resend = (idempotent && reconnects).then(|| Resend {
+        let resend = (idempotent && reconnects()).then(|| Resend {
             args: args.clone(),
             timeout,
             deadline: deadline.or_else(|| {
@@ -1434,29 +1436,33 @@ impl Inner {
     /// Called from `pump`, with the state lock held. (It takes the call's slot
     /// lock; only `start_call` holds a slot lock while taking a state lock,
     /// and it has released this call's slot by the time the call is a waiter.)
-    fn deliver(&self, waiter: Waiter, result: Result<Tree, CallError>) {
-        let client = self.client.upgrade();
-        let result = match (result, waiter.resend, client) {
-            (Err(error), Some(resend), Some(client))
-                if lost_with_connection(&error)
-                    && client.reconnect.is_some()
-                    && !client.is_closed() =>
-            {
-                tracing::debug!(method = %waiter.method, %error, "sending a lost call again on the next connection");
-                *waiter.slot.lock().unwrap_or_else(|p| p.into_inner()) = Slot::Queued;
-                let request = CallRequest {
-                    method: waiter.method,
-                    args: resend.args,
-                    timeout: resend.timeout,
-                    deadline: resend.deadline,
-                    idempotent: waiter.idempotent,
-                    slot: waiter.slot,
-                    result: waiter.result,
-                };
-                start_later(client, request, Some(waiter.permit));
-                return;
+    fn deliver(&self, mut waiter: Waiter, result: Result<Tree, CallError>) {
+        let result = match result {
+            Err(error) if waiter.resend.is_some() && lost_with_connection(&error) => {
+                let client = self
+                    .client
+                    .upgrade()
+                    .filter(|client| client.reconnect.is_some() && !client.is_closed());
+                match (client, waiter.resend.take()) {
+                    (Some(client), Some(resend)) => {
+                        tracing::debug!(method = %waiter.method, %error, "sending a lost call again on the next connection");
+                        *waiter.slot.lock().unwrap_or_else(|p| p.into_inner()) = Slot::Queued;
+                        let request = CallRequest {
+                            method: waiter.method,
+                            args: resend.args,
+                            timeout: resend.timeout,
+                            deadline: resend.deadline,
+                            idempotent: waiter.idempotent,
+                            slot: waiter.slot,
+                            result: waiter.result,
+                        };
+                        start_later(client, request, Some(waiter.permit));
+                        return;
+                    }
+                    _ => Err(error),
+                }
             }
-            (result, _, _) => result,
+            result => result,
         };
         drop(waiter.permit);
         if let Err(Err(Error::Call(error))) = waiter.result.send(result.map_err(Error::Call)) {
