@@ -53,7 +53,7 @@ pub enum Error {
     /// none, and was not sent.
     #[error(
         "not connected to {target}: no connection within {waited:?}, so the call was not sent \
-         (last attempt: {last_error}; is the server up, and are the pin and token right?)"
+         (last error: {last_error}; is the server up, and are the pin and token right?)"
     )]
     NotConnected {
         target: String,
@@ -309,7 +309,7 @@ const DEFAULT_BACKOFF: Backoff = Backoff {
 #[derive(Clone, Debug)]
 enum Link {
     /// No connection yet, or the last one was lost and a new one is being
-    /// opened. Holds why the last attempt failed, for callers who give up.
+    /// opened. Holds why the last connection or attempt failed, for callers who give up.
     Connecting { last_error: Option<Arc<str>> },
     /// A connection; it may have ended, which the supervisor notices and
     /// replaces (if reconnecting is enabled).
@@ -428,7 +428,7 @@ async fn supervise(shared: Arc<Shared>, mut current: Option<Arc<Inner>>) {
             // that lasted.
             let lasted = inner.origin.elapsed() >= backoff.max;
             let cause = inner.end_cause();
-            tracing::debug!(target = %shared.settings.target, %cause, "connection lost; reconnecting");
+            tracing::debug!(server = %shared.settings.target, %cause, "connection lost; reconnecting");
             if !shared.publish(Link::Connecting {
                 last_error: Some(cause.into()),
             }) {
@@ -459,7 +459,7 @@ async fn supervise(shared: Arc<Shared>, mut current: Option<Arc<Inner>>) {
                 current = Some(inner);
             }
             Err(e) => {
-                tracing::debug!(target = %shared.settings.target, error = %e, "connection attempt failed");
+                tracing::debug!(server = %shared.settings.target, error = %e, "connection attempt failed");
                 if !shared.publish(Link::Connecting {
                     last_error: Some(e.to_string().into()),
                 }) {
@@ -949,7 +949,7 @@ fn start_later(shared: Arc<Shared>, request: CallRequest, permit: Option<OwnedSe
                     Link::Connecting {
                         last_error: Some(error),
                     } => error.to_string(),
-                    _ => "none finished yet".to_owned(),
+                    _ => "no attempt has finished yet".to_owned(),
                 };
                 let error = Error::NotConnected {
                     target: shared.settings.target.clone(),

@@ -348,3 +348,26 @@ fn the_blocking_client_connects_lazily_and_reports_its_connection() {
     drop(client);
     runtime.block_on(fixture.server.shutdown(Duration::from_secs(1)));
 }
+
+#[tokio::test]
+async fn an_idempotent_call_lost_with_its_server_still_ends_by_its_deadline() {
+    let identity = Identity::self_signed(["localhost"]).unwrap();
+    let first = serve("127.0.0.1:0".parse().unwrap(), &identity).await;
+    let addr = first.server.local_addr();
+    let client = connect(client_builder(addr, &identity)).await;
+    let pending = client.call_with_options(
+        "sleep",
+        tree!(30.0),
+        CallOptions::new()
+            .idempotent(true)
+            .timeout(Duration::from_secs(2)),
+    );
+    until_sleeps_started(&first, 1).await;
+    // The server never comes back: the call waits for a connection no longer
+    // than its own deadline allows.
+    stop(first).await;
+    let err = within("the lost call", pending).await.unwrap_err();
+    let ended_by_deadline = matches!(err, Error::NotConnected { .. })
+        || matches!(err, Error::Call(ref e) if e.is_deadline_exceeded());
+    assert!(ended_by_deadline, "{err}");
+}
