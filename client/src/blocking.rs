@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use teleport_protocol::Tree;
 
-use crate::{Client, ClientBuilder, Error};
+use crate::{CallOptions, Client, ClientBuilder, Error};
 
 /// A [`Client`] with its own small tokio runtime, for synchronous programs.
 /// Calls from several threads at once run concurrently on one connection.
@@ -17,13 +17,20 @@ pub struct BlockingClient {
 impl BlockingClient {
     /// Connects as `builder` says. Must not be called from inside an async runtime.
     pub fn connect(builder: ClientBuilder) -> Result<BlockingClient, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("teleport-client")
-            .enable_all()
-            .build()
-            .map_err(Error::Runtime)?;
+        let runtime = runtime()?;
         let client = runtime.block_on(builder.connect())?;
+        Ok(BlockingClient { client, runtime })
+    }
+
+    /// Returns at once and connects in the background, waiting for a server
+    /// that is not up yet (see [`ClientBuilder::connect_lazy`]). Must not be
+    /// called from inside an async runtime.
+    pub fn connect_lazy(builder: ClientBuilder) -> Result<BlockingClient, Error> {
+        let runtime = runtime()?;
+        let client = {
+            let _guard = runtime.enter();
+            builder.connect_lazy()
+        };
         Ok(BlockingClient { client, runtime })
     }
 
@@ -50,6 +57,25 @@ impl BlockingClient {
         self.runtime.block_on(pending)
     }
 
+    /// Like [`call`](Self::call), as `options` say (timeout, idempotence).
+    pub fn call_with_options(
+        &self,
+        method: &str,
+        args: Tree,
+        options: CallOptions,
+    ) -> Result<Tree, Error> {
+        let pending = {
+            let _guard = self.runtime.enter();
+            self.client.call_with_options(method, args, options)
+        };
+        self.runtime.block_on(pending)
+    }
+
+    /// True while the client has a connection that takes calls.
+    pub fn connected(&self) -> bool {
+        self.client.connected()
+    }
+
     /// The async client underneath, to start several calls before waiting.
     pub fn client(&self) -> &Client {
         &self.client
@@ -70,4 +96,14 @@ impl Drop for BlockingClient {
             let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
         });
     }
+}
+
+/// A small runtime of the client's own, for its connection's tasks.
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("teleport-client")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)
 }

@@ -18,6 +18,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! After losing the server the client reconnects for new calls, with backoff;
+//! calls pending on the lost connection fail (they may or may not have run)
+//! unless they were marked idempotent ([`CallOptions::idempotent`],
+//! [`ClientBuilder::resend_lost_calls`]), in which case they are sent again.
+//! [`ClientBuilder::connect_lazy`] waits for a server that is not up yet.
+//!
 //! Each call travels on a QUIC stream of its own, so a large call or reply
 //! delays no other. A [`ClientProtocol`](teleport_protocol::client::ClientProtocol)
 //! makes every decision about deadlines, pings and failures; this crate drives
@@ -27,7 +33,7 @@ mod blocking;
 mod client;
 
 pub use blocking::BlockingClient;
-pub use client::{Client, ClientBuilder, Error, PendingCall};
+pub use client::{CallOptions, Client, ClientBuilder, Error, PendingCall};
 pub use teleport_protocol::client::CallError;
 pub use teleport_protocol::{ErrorKind, RemoteError};
 pub use teleport_quic::{ClientTls, Fingerprint, Identity, TransportConfig};

@@ -48,7 +48,9 @@ pub use teleport_protocol as protocol;
 pub use teleport_quic as quic;
 pub use teleport_server as server;
 
-pub use teleport_client::{BlockingClient, CallError, Client, ClientBuilder, PendingCall};
+pub use teleport_client::{
+    BlockingClient, CallError, CallOptions, Client, ClientBuilder, PendingCall,
+};
 pub use teleport_protocol::{
     tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError, Tree, TreeError,
 };

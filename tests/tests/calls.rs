@@ -406,7 +406,13 @@ async fn a_server_restarted_on_the_same_port_serves_new_clients() {
         Fixture::start_with(move |b| b.identity(identity)).await
     };
     let addr = first.server.local_addr();
-    let client = first.client().await;
+    // Without reconnecting, so that a call to the stopped server fails at once.
+    let client = within(
+        "connecting",
+        first.client_builder().reconnect(false).connect(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         within("call", client.call("echo", tree!(1))).await.unwrap(),
         tree!(1)
@@ -570,7 +576,13 @@ async fn the_server_refuses_calls_beyond_its_in_flight_limit() {
 async fn graceful_shutdown_finishes_running_calls_and_releases_the_port() {
     let fixture = Fixture::start().await;
     let addr = fixture.server.local_addr();
-    let client = fixture.client().await;
+    // Without reconnecting, so that a call after the shutdown fails at once.
+    let client = within(
+        "connecting",
+        fixture.client_builder().reconnect(false).connect(),
+    )
+    .await
+    .unwrap();
     let running = client.call("sleep", tree!(0.3));
     within("the function starts", async {
         while fixture.counters.sleeps_started.load(Ordering::SeqCst) == 0 {
