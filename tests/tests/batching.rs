@@ -494,3 +494,69 @@ async fn a_policy_of_zero_calls_per_batch_is_refused_at_listen() {
     assert!(matches!(err, ServerError::BatchPolicy { .. }), "{err}");
     assert!(err.to_string().contains("\"never\""), "{err}");
 }
+
+#[tokio::test]
+async fn a_server_that_drops_out_mid_batch_is_replaced_on_the_same_port() {
+    // A batch that cannot fill holds its calls until the server goes away.
+    let identity = teleport_quic::Identity::self_signed(["localhost"]).unwrap();
+    let first = {
+        let (identity, function) = (identity.clone(), doubler(Arc::default()));
+        Fixture::start_with(move |b| {
+            b.identity(identity)
+                .bind_batched("double", policy(64, FILL_ONLY), function)
+        })
+        .await
+    };
+    let addr = first.server.local_addr();
+    let client = within(
+        "connect",
+        first
+            .client_builder()
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|i| client.call("double", call_args(&row(i))))
+        .collect();
+    // Give the calls time to reach the batch, then take the server away with
+    // a grace period too short for the batch to fill.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    within(
+        "shutdown",
+        first.server.shutdown(Duration::from_millis(200)),
+    )
+    .await;
+    for outcome in within("the calls of the lost batch", join_all(waiting)).await {
+        // Served by the shutdown's flush, or failed with a connection error:
+        // never left hanging, never a wrong row.
+        match outcome {
+            Ok(result) => assert_eq!(result.get("y").unwrap().as_array().unwrap().shape(), &[4]),
+            Err(e) => assert!(e.is_connection_error(), "unexpected error: {e}"),
+        }
+    }
+
+    // A new server on the same port, with the same identity: the client
+    // reconnects and batches again.
+    let seen = Arc::new(Seen::default());
+    let second = Server::builder()
+        .identity(identity)
+        .bind_batched(
+            "double",
+            policy(4, Duration::from_millis(20)),
+            doubler(seen.clone()),
+        )
+        .listen(addr)
+        .await
+        .expect("the port is free again");
+    let calls: Vec<_> = (0..8)
+        .map(|i| client.call("double", call_args(&row(i))))
+        .collect();
+    let results = within("batched calls on the new server", join_all(calls)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_doubled(&result.unwrap(), &row(i));
+    }
+    assert!(seen.sizes().iter().any(|&n| n > 1), "{:?}", seen.sizes());
+    second.shutdown(Duration::from_secs(1)).await;
+}
