@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{within, Fixture};
+use common::{wait_until, within, Fixture};
 use futures_util::future::join_all;
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, DType, Map, Tree};
@@ -343,10 +343,8 @@ async fn cancelled_calls_and_closed_clients_do_not_break_the_batch() {
     let first = client.call("double", call_args(&row(0)));
     let cancelled = client.call("double", call_args(&row(1)));
     let orphaned = leaving.call("double", call_args(&row(2)));
-    within("3 calls queued for their batch", async {
-        while fixture.server.running() < 3 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("3 calls queued for their batch", || {
+        fixture.server.running() >= 3
     })
     .await;
     cancelled.cancel();
@@ -357,12 +355,7 @@ async fn cancelled_calls_and_closed_clients_do_not_break_the_batch() {
         .await
         .unwrap_err();
     assert!(err.remote().is_none(), "failed locally: {err}");
-    within("the server drops both", async {
-        while fixture.server.running() > 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_until("the server drops both", || fixture.server.running() <= 1).await;
 
     // The two withdrawn calls still hold places in the queue (they are left
     // out when the batch runs), so one more call fills it.
@@ -389,10 +382,8 @@ async fn a_call_that_expires_while_queued_takes_no_row() {
         matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
         "{err}"
     );
-    within("the server drops the expired call", async {
-        while fixture.server.running() > 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the server drops the expired call", || {
+        fixture.server.running() <= 1
     })
     .await;
     let calls = vec![waiting, client.call("double", call_args(&row(2)))];
@@ -466,12 +457,7 @@ async fn shutdown_runs_queued_calls_without_waiting_for_max_wait() {
         Fixture::start_with(|b| b.bind_batched("double", policy(64, FILL_ONLY), function)).await;
     let client = fixture.client().await;
     let queued = client.call("double", call_args(&row(1)));
-    within("the call is queued", async {
-        while fixture.server.running() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_until("the call is queued", || fixture.server.running() >= 1).await;
     let started = std::time::Instant::now();
     let (result, ()) = within("shutdown with a queued call", async {
         tokio::join!(queued, fixture.server.shutdown(Duration::from_secs(5)))

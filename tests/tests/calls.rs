@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{within, Fixture};
+use common::{wait_until, within, Fixture};
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, DType, Limits, Map, Tree};
 
@@ -198,10 +198,8 @@ async fn a_deadline_fails_the_call_and_the_server_drops_it() {
         "{err}"
     );
     // The server gets the deadline too and stops the function.
-    within("server drops the call", async {
-        while fixture.counters.sleeps_dropped.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_until("server drops the call", || {
+        fixture.counters.sleeps_dropped.load(Ordering::SeqCst) > 0
     })
     .await;
     let ok = within("next call", client.call("add", tree!({"a": 1, "b": 2}))).await;
@@ -213,19 +211,15 @@ async fn cancelling_a_call_stops_it_on_the_server() {
     let fixture = Fixture::start().await;
     let client = fixture.client().await;
     let pending = client.call("sleep", tree!(30.0));
-    within("the function starts", async {
-        while fixture.counters.sleeps_started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the function starts", || {
+        fixture.counters.sleeps_started.load(Ordering::SeqCst) > 0
     })
     .await;
     pending.cancel();
     let err = within("cancelled call", pending).await.unwrap_err();
     assert!(matches!(err, Error::Call(CallError::Cancelled)), "{err}");
-    within("the function is stopped", async {
-        while fixture.counters.sleeps_dropped.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the function is stopped", || {
+        fixture.counters.sleeps_dropped.load(Ordering::SeqCst) > 0
     })
     .await;
     assert_eq!(client.in_flight(), 0);
@@ -240,12 +234,7 @@ async fn the_error_of_a_dropped_call_is_raised_by_the_next_call() {
     // A dropped call still runs: a fire-and-forget call is not lost.
     drop(client.call("sleep", tree!(0.0)));
     drop(client.call("fail", tree!(null)));
-    within("the dropped calls finish", async {
-        while client.in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_until("the dropped calls finish", || client.in_flight() == 0).await;
     assert_eq!(fixture.counters.sleeps_started.load(Ordering::SeqCst), 1);
     let err = within("next call", client.call("add", tree!({"a": 1, "b": 2})))
         .await
@@ -272,12 +261,7 @@ async fn the_error_of_a_dropped_call_is_raised_by_the_next_call() {
     .await
     .unwrap();
     drop(quiet.call("fail", tree!(null)));
-    within("the dropped call finishes", async {
-        while quiet.in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_until("the dropped call finishes", || quiet.in_flight() == 0).await;
     let ok = within("next call", quiet.call("add", tree!({"a": 1, "b": 2}))).await;
     assert_eq!(ok.unwrap(), tree!(3));
 }
@@ -584,10 +568,8 @@ async fn graceful_shutdown_finishes_running_calls_and_releases_the_port() {
     .await
     .unwrap();
     let running = client.call("sleep", tree!(0.3));
-    within("the function starts", async {
-        while fixture.counters.sleeps_started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the function starts", || {
+        fixture.counters.sleeps_started.load(Ordering::SeqCst) > 0
     })
     .await;
     let server = fixture.server;

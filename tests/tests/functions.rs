@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::{within, Fixture, WAIT};
+use common::{wait_until, within, Fixture, WAIT};
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, Tree};
 use teleport_server::{stack_calls, FunctionOptions, HandlerError, Responder, Workers};
@@ -63,16 +63,6 @@ async fn all<F: Future>(calls: Vec<F>) -> Vec<F::Output> {
         results.push(call.await);
     }
     results
-}
-
-/// Polls `condition` until it holds (bounded by [`WAIT`]).
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test]

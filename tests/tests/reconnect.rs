@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{within, Counters, Fixture};
+use common::{wait_until, within, Counters, Fixture};
 use teleport_client::{CallOptions, Client, ClientBuilder, Error};
 use teleport_protocol::tree;
 use teleport_quic::Identity;
@@ -45,20 +45,16 @@ async fn connect(builder: ClientBuilder) -> Client {
 
 /// Waits until the client's `connected()` says `connected`.
 async fn until_connected(client: &Client, connected: bool) {
-    within(&format!("connected() == {connected}"), async {
-        while client.connected() != connected {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until(&format!("connected() == {connected}"), || {
+        client.connected() == connected
     })
     .await;
 }
 
 /// Waits until `count` of the server's `sleep` calls have started.
 async fn until_sleeps_started(fixture: &Fixture, count: usize) {
-    within("the function starts", async {
-        while fixture.counters.sleeps_started.load(Ordering::SeqCst) < count {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the function starts", || {
+        fixture.counters.sleeps_started.load(Ordering::SeqCst) >= count
     })
     .await;
 }
@@ -225,10 +221,8 @@ async fn the_in_flight_limit_holds_across_a_restart() {
     // Some calls run on the first server, the rest wait for a turn; all of
     // them end up on the second server, re-sent or sent for the first time.
     let pending: Vec<_> = (0..6).map(|_| client.call("hold", tree!(0.5))).collect();
-    within("the first calls run", async {
-        while first.counters.holding.load(Ordering::SeqCst) < MAX_IN_FLIGHT {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the first calls run", || {
+        first.counters.holding.load(Ordering::SeqCst) >= MAX_IN_FLIGHT
     })
     .await;
     let first_counters = first.counters.clone();

@@ -21,6 +21,16 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
 }
 
+/// Polls `condition` until it holds, bounded by [`WAIT`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Counts how often `sleep` calls were dropped before finishing (cancelled).
 #[derive(Debug, Default)]
 pub struct Counters {
