@@ -323,34 +323,19 @@ async fn reference_one_way(payload: &Array, config: &TransportConfig) -> anyhow:
 
 /// Keeps `CONCURRENCY` 1 KiB echoes in flight for `duration`; returns calls/s.
 async fn small_calls(peer: &Peer, payload: &Array, duration: Duration) -> anyhow::Result<f64> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (peer, payload) = (peer.clone(), payload.clone());
-            let (stop, done) = (stop.clone(), done.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let back = peer.echo(&payload).await?;
-                    ensure!(
-                        back.len() == payload.nbytes(),
-                        "a 1 KiB echo came back short"
-                    );
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), anyhow::Error>(())
-            })
-        })
-        .collect();
-    let t = Instant::now();
-    tokio::time::sleep(duration).await;
-    let counted = done.load(Ordering::Relaxed);
-    let elapsed = t.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.context("a benchmark task panicked")??;
-    }
-    Ok(counted as f64 / elapsed.as_secs_f64())
+    let (peer, payload) = (peer.clone(), payload.clone());
+    rate(duration, move || {
+        let (peer, payload) = (peer.clone(), payload.clone());
+        async move {
+            let back = peer.echo(&payload).await?;
+            ensure!(
+                back.len() == payload.nbytes(),
+                "a 1 KiB echo came back short"
+            );
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Keeps `CONCURRENCY` calls of `method` on `args` in flight for `duration`;
@@ -361,15 +346,32 @@ async fn calls_per_second(
     args: &Tree,
     duration: Duration,
 ) -> anyhow::Result<f64> {
+    let (client, args) = (client.clone(), args.clone());
+    rate(duration, move || {
+        let call = client.call(method, args.clone());
+        async move {
+            call.await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Runs `CONCURRENCY` loops of `one()` for `duration`; returns completions/s.
+async fn rate<F, Fut>(duration: Duration, one: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
-            let (client, args) = (client.clone(), args.clone());
+            let one = one.clone();
             let (stop, done) = (stop.clone(), done.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    client.call(method, args.clone()).await?;
+                    one().await?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<(), anyhow::Error>(())
