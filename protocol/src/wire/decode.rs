@@ -53,6 +53,18 @@ impl core::fmt::Debug for Decoder {
     }
 }
 
+/// The header fields of a `Call` whose data is still arriving; see
+/// [`Decoder::partial_call`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallHeader<'a> {
+    /// The client's id for the call.
+    pub request_id: u64,
+    /// The function's name.
+    pub method: &'a str,
+    /// The timeout as sent.
+    pub timeout: Option<Duration>,
+}
+
 /// Supplies the memory a message's data section is received into.
 ///
 /// The default is an ordinary heap allocation. An IO layer may do better for
@@ -204,6 +216,24 @@ impl Decoder {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The header of the `Call` being received, once its header is decoded
+    /// and while its data section is still arriving: what a server needs to
+    /// admit the call before its arrays are complete. `None` otherwise (a
+    /// call with no data section is returned whole by [`feed`](Self::feed)).
+    pub fn partial_call(&self) -> Option<CallHeader<'_>> {
+        match &self.state {
+            State::Data(DataState {
+                message: Message::Call(call),
+                ..
+            }) => Some(CallHeader {
+                request_id: call.request_id,
+                method: &call.method,
+                timeout: call.timeout,
+            }),
+            _ => None,
+        }
     }
 
     /// True between messages: no partial message is buffered.

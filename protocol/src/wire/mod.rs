@@ -18,7 +18,7 @@ mod decode;
 mod encode;
 mod error;
 
-pub use decode::{decode_message, DataAllocator, DataBuffer, Decoder};
+pub use decode::{decode_message, CallHeader, DataAllocator, DataBuffer, Decoder};
 pub use encode::{encode, Encoded};
 pub use error::{DecodeError, EncodeError};
 
