@@ -433,10 +433,19 @@ impl ServerProtocol {
 
     /// The client opened call stream `stream` (report them in the order they
     /// are accepted). Its call waits for admission until its header arrives.
+    /// A stream opened once the Goodbye is out is reset at once (code 4,
+    /// shutting down): every stream gets an answer from the machine.
     pub fn call_opened(&mut self, now: Timestamp, stream: StreamIndex) {
-        if matches!(self.phase, Phase::Closed | Phase::Closing { .. })
-            || self.streams.contains_key(&stream)
-        {
+        if self.streams.contains_key(&stream) {
+            return;
+        }
+        if matches!(self.phase, Phase::Closed | Phase::Closing { .. }) {
+            // Too late for a call: the stream is abandoned at once, so
+            // nothing waits on it (the Goodbye already told the client).
+            self.out.push_back(ServerOutput::Reset {
+                stream,
+                code: StreamCode::ShuttingDown,
+            });
             return;
         }
         self.touch(now);

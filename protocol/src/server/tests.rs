@@ -695,3 +695,22 @@ fn zero_max_in_flight_means_one() {
     deliver(&mut s, at_ms(0), 0, call(1, None));
     assert_eq!(started(&drain(&mut s)), vec![1]);
 }
+
+#[test]
+fn a_stream_opened_after_the_goodbye_or_the_close_is_reset_not_left_waiting() {
+    // Defect 5: a stream accepted after the machine closed got nothing, so the
+    // task serving it waited forever. Every stream the machine will not take
+    // is reset, so its task ends.
+    let mut s = server(ServerConfig::default());
+    s.begin_shutdown(at(0), at(5));
+    assert_eq!(goodbye(&drain(&mut s)), Some(GoodbyeReason::ShuttingDown));
+    s.call_opened(at(1), 0);
+    assert_eq!(resets(&drain(&mut s)), vec![(0, StreamCode::ShuttingDown)]);
+    s.handle_timeout(at(3));
+    assert_eq!(close(&drain(&mut s)), Some(CloseCode::ShuttingDown));
+    assert!(s.is_closed());
+    s.call_opened(at(4), 1);
+    assert_eq!(resets(&drain(&mut s)), vec![(1, StreamCode::ShuttingDown)]);
+    s.call_received(at(4), 1, call(7, None));
+    assert!(drain(&mut s).is_empty(), "the call is not admitted");
+}
