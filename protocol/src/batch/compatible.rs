@@ -30,7 +30,8 @@ pub struct StackOutcome {
 /// member its own error, so that one malformed request never fails the others.
 ///
 /// The reference structure is the most common [`Layout`] among the members that
-/// can be stacked at all (those without string or bytes leaves); ties go to the
+/// can be stacked on their own (every member, now that strings and bytes stack
+/// as lists; the check stays for leaves that may not); ties go to the
 /// layout that arrived first (lowest index). Taking the most common layout rather
 /// than member 0's means that a single bad request at the front of a batch costs
 /// only that request. Each rejected member's error names the first node where it
@@ -41,8 +42,8 @@ pub fn stack_compatible<T: Borrow<Tree>>(trees: &[T]) -> StackOutcome {
     let trees: Vec<&Tree> = trees.iter().map(Borrow::borrow).collect();
     let mut rejected = Vec::new();
 
-    // Members whose own leaves cannot stack (strings, bytes) are out whatever the
-    // others hold.
+    // Members whose own leaves cannot stack are out whatever the others hold.
+    // (Since strings and bytes stack as lists, every leaf kind can.)
     let mut candidates: Vec<(usize, Layout)> = Vec::with_capacity(trees.len());
     for (i, tree) in trees.iter().enumerate() {
         match Walk::new(&[i], false).node(&[tree]) {

@@ -18,13 +18,18 @@
 //! | `Float`                       | `float64` array of shape `[N]`       |
 //! | `Bool`                        | `bool` array of shape `[N]`          |
 //! | `None`                        | `None`                               |
-//! | `Str`, `Bytes`                | an error: they have no array form    |
+//! | `Str`                         | a list of the N strings, one per row |
+//! | `Bytes`                       | a list of the N bytes, one per row   |
 //!
 //! `Int` and `Float` are different kinds, as in a [`Layout`]: a member that sends
 //! `1` where the others send `1.0` does not stack with them.
 //!
-//! [`split`] is the inverse for arrays: every array leaf must have leading
-//! dimension N and is cut into N arrays along axis 0; `None` stays `None`. Scalars
+//! [`split`] is the inverse: every array leaf must have leading dimension N and
+//! is cut into N arrays along axis 0; `None` stays `None`; a non-empty list whose
+//! elements are all strings, or all bytes, is such a column of N rows and row `i`
+//! gets element `i`. (A list the members held is stacked to a list of stacked
+//! children, so a list of plain strings in a stacked tree can only be a column:
+//! `split(stack(trees))` gives back `trees`.) Scalars
 //! stacked into arrays therefore come back from a split as rank-0 arrays (an `Int`
 //! becomes a rank-0 `int64` array), not as scalars.
 //!
@@ -142,6 +147,9 @@ pub enum StackError {
     },
 
     /// A string or bytes leaf, which has no array form to stack into.
+    ///
+    /// No longer produced: strings and bytes stack as a list with one element
+    /// per row. Kept so that code matching on it still compiles.
     #[error(
         "cannot stack the {kind} at {} (batch member {member}): only arrays, ints, floats, bools and None stack; pass {kind} outside the batched argument or as an array",
         .path.at()
@@ -208,15 +216,29 @@ fn key_difference(index: usize, expected: Option<&str>, found: Option<&str>) -> 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SplitError {
-    /// A leaf that is neither an array nor `None`.
+    /// A leaf that is neither an array nor `None`, outside a list of strings
+    /// or bytes.
     #[error(
-        "cannot split the {kind} at {}: every leaf of a batched tree must be an array with leading dimension {expected} (the batch size) or None",
+        "cannot split the {kind} at {}: every leaf of a batched tree must be an array with leading dimension {expected} (the batch size) or None, or a string or bytes in a list with one per row",
         .path.at()
     )]
     NotAnArray {
         path: TreePath,
         kind: &'static str,
         expected: usize,
+    },
+
+    /// A list of strings (or of bytes), the stacked form of a string (bytes)
+    /// leaf, whose length is not the batch size.
+    #[error(
+        "cannot split the list of {kind} at {}: it has {found} elements, expected {expected} (the batch size): strings and bytes split as a list with one element per row",
+        .path.at()
+    )]
+    ColumnLength {
+        path: TreePath,
+        kind: &'static str,
+        expected: usize,
+        found: usize,
     },
 
     /// A rank-0 array, which has no axis to split.
@@ -248,6 +270,7 @@ impl SplitError {
     pub fn path(&self) -> &TreePath {
         match self {
             SplitError::NotAnArray { path, .. }
+            | SplitError::ColumnLength { path, .. }
             | SplitError::RankZero { path, .. }
             | SplitError::LeadingDim { path, .. } => path,
         }

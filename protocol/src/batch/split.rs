@@ -10,9 +10,11 @@ use crate::{Map, Tree};
 /// Splits a batched tree into `n` trees, cutting every array along axis 0 without
 /// copying its data.
 ///
-/// The inverse of [`stack`] for arrays; see the [module docs](crate::batch). Every array
-/// leaf must have leading dimension `n`; `None` leaves are repeated into every
-/// part. With `n == 0` the tree is still checked and the result is empty.
+/// The inverse of [`stack`](super::stack); see the [module docs](crate::batch).
+/// Every array leaf must have leading dimension `n`; `None` leaves are repeated
+/// into every part; a non-empty list of strings only, or of bytes only, must
+/// have `n` elements and element `i` goes to part `i`. With `n == 0` the tree
+/// is still checked and the result is empty.
 ///
 /// ```
 /// use teleport_protocol::{batch, tree, Array};
@@ -33,8 +35,9 @@ use crate::{Map, Tree};
 /// # Errors
 ///
 /// The first leaf (depth first) that is not `None` or an array with leading
-/// dimension `n`: a scalar, string or bytes leaf, a rank-0 array, or an array
-/// whose leading dimension differs.
+/// dimension `n`: a scalar, a string or bytes leaf outside a list of them, a
+/// rank-0 array, or an array whose leading dimension differs; or a list of
+/// strings or bytes whose length is not `n`.
 pub fn split(tree: &Tree, n: usize) -> Result<Vec<Tree>, SplitError> {
     split_node(tree, n, &mut Cursor::default())
 }
@@ -66,6 +69,18 @@ fn split_node<'a>(
             (0..n)
                 .map(|i| a.index_axis0(i).map(Tree::Array).map_err(|_| wrong()))
                 .collect()
+        }
+        Tree::List(list) if column_kind(list).is_some() => {
+            if list.len() != n {
+                return Err(SplitError::ColumnLength {
+                    path: cursor.path(),
+                    kind: column_kind(list).unwrap_or_default(),
+                    expected: n,
+                    found: list.len(),
+                });
+            }
+            // Bytes leaves keep sharing their buffers; strings are copied.
+            Ok(list.clone())
         }
         Tree::List(list) => {
             let mut parts: Vec<Vec<Tree>> =
@@ -100,5 +115,16 @@ fn split_node<'a>(
                 expected: n,
             })
         }
+    }
+}
+
+/// `Some("strings")` or `Some("bytes")` when `list` is the stacked form of a
+/// string or bytes leaf: non-empty, and every element a string, or every
+/// element bytes.
+fn column_kind(list: &[Tree]) -> Option<&'static str> {
+    match list.first()? {
+        Tree::Str(_) if list.iter().all(|t| matches!(t, Tree::Str(_))) => Some("strings"),
+        Tree::Bytes(_) if list.iter().all(|t| matches!(t, Tree::Bytes(_))) => Some("bytes"),
+        _ => None,
     }
 }

@@ -39,7 +39,7 @@ use crate::{Array, Map, Tree};
 /// # Errors
 ///
 /// [`StackError::Empty`] for no trees; otherwise the first node where a member's
-/// structure, dtype or shape differs from member 0's, or a string or bytes leaf.
+/// structure, dtype or shape differs from member 0's.
 pub fn stack<T: Borrow<Tree>>(trees: &[T]) -> Result<Tree, StackError> {
     let nodes: Vec<&Tree> = trees.iter().map(Borrow::borrow).collect();
     if nodes.is_empty() {
@@ -84,10 +84,12 @@ impl<'a, 'i> Walk<'a, 'i> {
         }
         match first {
             Tree::None => Ok(Tree::None),
-            Tree::Str(_) | Tree::Bytes(_) => Err(StackError::Unstackable {
-                member: self.ids[0],
-                path: self.cursor.path(),
-                kind: first.kind_name(),
+            // No array form: a list with one element per row, as numpy
+            // stacks strings (bytes leaves share their buffers).
+            Tree::Str(_) | Tree::Bytes(_) => Ok(if self.build {
+                Tree::List(nodes.iter().map(|t| (*t).clone()).collect())
+            } else {
+                Tree::None
             }),
             _ if !self.build && matches!(first, Tree::Bool(_) | Tree::Int(_) | Tree::Float(_)) => {
                 Ok(Tree::None)

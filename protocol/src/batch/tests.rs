@@ -251,24 +251,76 @@ fn stack_errors_name_member_path_and_difference() {
 }
 
 #[test]
-fn strings_and_bytes_do_not_stack() {
-    let err = stack(&[tree!({"a": [1, "x"]}), tree!({"a": [2, "y"]})]).unwrap_err();
+fn strings_and_bytes_stack_as_lists_and_split_back() {
+    let members = [
+        tree!({"a": [null, "x"], "name": "first", "raw": (Bytes::from_static(b"r0"))}),
+        tree!({"a": [null, "y"], "name": "", "raw": (Bytes::new())}),
+        tree!({"a": [null, "z"], "name": "third", "raw": (Bytes::from_static(b"r2"))}),
+    ];
+    let batched = stack(&members).unwrap();
+    assert_eq!(
+        batched,
+        tree!({
+            "a": [null, ["x", "y", "z"]],
+            "name": ["first", "", "third"],
+            "raw": [
+                (Bytes::from_static(b"r0")),
+                (Bytes::new()),
+                (Bytes::from_static(b"r2"))
+            ],
+        })
+    );
+    // Strings and bytes come back as they were.
+    assert_eq!(split(&batched, 3).unwrap(), members);
+    // Bytes leaves share their buffers through the stack and the split.
+    let raw = members[0].get("raw").unwrap().as_bytes().unwrap().as_ptr();
+    let back = split(&batched, 3).unwrap();
+    assert_eq!(
+        back[0].get("raw").unwrap().as_bytes().unwrap().as_ptr(),
+        raw
+    );
+    // A single member, and a string at the root.
+    assert_eq!(stack(&[tree!("s")]).unwrap(), tree!(["s"]));
+    assert_eq!(split(&tree!(["s"]), 1).unwrap(), [tree!("s")]);
+    // A list of strings a member held stacks to a list of columns.
+    let lists = [tree!(["a", "b"]), tree!(["c", "d"])];
+    let batched = stack(&lists).unwrap();
+    assert_eq!(batched, tree!([["a", "c"], ["b", "d"]]));
+    assert_eq!(split(&batched, 2).unwrap(), lists);
+    // A string where another member has bytes still differs in kind.
+    let err = stack(&[tree!("s"), Tree::Bytes(Bytes::new())]).unwrap_err();
+    assert!(matches!(err, StackError::Kind { member: 1, .. }), "{err}");
+}
+
+#[test]
+fn a_column_of_the_wrong_length_does_not_split() {
+    let t = tree!({"names": ["a", "b", "c"]});
+    let err = split(&t, 2).unwrap_err();
     assert_eq!(
         err,
-        StackError::Unstackable {
-            member: 0,
-            path: key_path(&["a", "1"]),
-            kind: "string"
+        SplitError::ColumnLength {
+            path: key_path(&["names"]),
+            kind: "strings",
+            expected: 2,
+            found: 3
         }
     );
-    assert!(
-        err.to_string()
-            .starts_with("cannot stack the string at `a[1]`"),
-        "{err}"
+    assert_eq!(
+        err.to_string(),
+        "cannot split the list of strings at `names`: it has 3 elements, expected 2 (the \
+         batch size): strings and bytes split as a list with one element per row"
     );
-    let b = || Tree::Bytes(Bytes::from_static(b"raw"));
-    let err = stack(&[b(), b()]).unwrap_err();
-    assert!(matches!(err, StackError::Unstackable { kind: "bytes", .. }));
+    let t = tree!([(Bytes::new())]);
+    assert!(matches!(
+        split(&t, 2),
+        Err(SplitError::ColumnLength { kind: "bytes", .. })
+    ));
+    // A mixed list is structure, and its strings are leaves that do not split.
+    let t = tree!(["a", (Bytes::new())]);
+    assert!(matches!(
+        split(&t, 2),
+        Err(SplitError::NotAnArray { kind: "string", .. })
+    ));
 }
 
 #[test]
@@ -297,7 +349,8 @@ fn split_errors() {
     assert_eq!(
         err.to_string(),
         "cannot split the int at `x[1]`: every leaf of a batched tree must be an array \
-         with leading dimension 2 (the batch size) or None"
+         with leading dimension 2 (the batch size) or None, or a string or bytes in a list \
+         with one per row"
     );
     let err = split(&t, 3).unwrap_err();
     assert_eq!(
@@ -331,10 +384,10 @@ fn compatible_takes_the_most_common_layout() {
     let good = |v: f32| obs(v, 0);
     let mut wrong_shape = obs(0.0, 0);
     set(&mut wrong_shape, &["reward"], Tree::Int(3));
-    let with_string = tree!({"s": "text"});
+    let other_keys = tree!({"s": "text"});
 
     // The malformed request comes first; it must not win.
-    let trees = [wrong_shape, good(1.0), with_string, good(2.0), good(3.0)];
+    let trees = [wrong_shape, good(1.0), other_keys, good(2.0), good(3.0)];
     let out = stack_compatible(&trees);
     assert_eq!(out.members, [1, 3, 4]);
     let stacked = out.stacked.unwrap();
@@ -351,12 +404,16 @@ fn compatible_takes_the_most_common_layout() {
     assert_eq!(out.rejected[1].0, 2);
     assert!(matches!(
         &out.rejected[1].1,
-        StackError::Unstackable {
-            member: 2,
-            kind: "string",
-            ..
-        }
+        StackError::MapKeys { member: 2, .. }
     ));
+    // Members with strings stack with each other.
+    let named = |n: &str| tree!({"x": 1, "name": (n)});
+    let out = stack_compatible(&[named("a"), tree!(1), named("b")]);
+    assert_eq!(out.members, [0, 2]);
+    assert_eq!(
+        out.stacked.unwrap().get("name").unwrap(),
+        &tree!(["a", "b"])
+    );
 }
 
 #[test]
@@ -371,10 +428,11 @@ fn compatible_ties_go_to_the_earliest_and_edge_cases() {
     assert_eq!(out.stacked, None);
     assert!(out.members.is_empty() && out.rejected.is_empty());
 
+    // A string and bytes: two layouts, one each; the earliest wins.
     let out = stack_compatible(&[tree!("x"), Tree::Bytes(Bytes::new())]);
-    assert_eq!(out.stacked, None);
-    assert!(out.members.is_empty());
-    assert_eq!(out.rejected.len(), 2);
+    assert_eq!(out.stacked, Some(tree!(["x"])));
+    assert_eq!(out.members, [0]);
+    assert_eq!(out.rejected.len(), 1);
 
     // A stack that fails as a whole rejects every member with its error.
     let huge = || Tree::Array(Array::new(DType::U8, [usize::MAX, 0], Bytes::new()).unwrap());
