@@ -336,9 +336,7 @@ proptest! {
         let extra = extra.min(10 - long.len());
         prop_assume!(extra > 0);
         *long.last_mut().unwrap() |= 0x80;
-        for _ in 1..extra {
-            long.push(0x80);
-        }
+        long.extend(std::iter::repeat_n(0x80, extra - 1));
         long.push(0);
         prop_assert_eq!(
             decode_message(&ping_with(&long), &Limits::default()),
