@@ -9,7 +9,7 @@
 //!
 //! Members stack when their trees have the same structure: the same node kinds,
 //! maps with the same keys in the same order, lists of the same length, and arrays
-//! of the same dtype and shape (exactly what [`Tree::layout`] compares). Then:
+//! of the same dtype and shape (exactly what [`Tree::layout`](crate::Tree::layout) compares). Then:
 //!
 //! | leaf in each of the N members | leaf in the stacked tree             |
 //! |-------------------------------|--------------------------------------|
@@ -21,7 +21,7 @@
 //! | `Str`                         | a list of the N strings, one per row |
 //! | `Bytes`                       | a list of the N bytes, one per row   |
 //!
-//! `Int` and `Float` are different kinds, as in a [`Layout`]: a member that sends
+//! `Int` and `Float` are different kinds, as in a [`Layout`](crate::Layout): a member that sends
 //! `1` where the others send `1.0` does not stack with them.
 //!
 //! [`split`] is the inverse: every array leaf must have leading dimension N and
@@ -36,7 +36,7 @@
 //! # Copies
 //!
 //! [`stack`] allocates one buffer per array leaf of the result, aligned to
-//! [`ALIGN`] (64) bytes like the arrays the decoder produces, and copies each
+//! [`ALIGN`](crate::wire::ALIGN) (64) bytes like the arrays the decoder produces, and copies each
 //! member's bytes into it exactly once. [`split`] copies no array data: the parts
 //! share the batched array's buffer.
 //!

@@ -10,7 +10,7 @@ use crate::{Map, Tree};
 /// Splits a batched tree into `n` trees, cutting every array along axis 0 without
 /// copying its data.
 ///
-/// The inverse of [`stack`](super::stack); see the [module docs](crate::batch).
+/// The inverse of [`stack`](fn@super::stack); see the [module docs](crate::batch).
 /// Every array leaf must have leading dimension `n`; `None` leaves are repeated
 /// into every part; a non-empty list of strings only, or of bytes only, must
 /// have `n` elements and element `i` goes to part `i`. With `n == 0` the tree
