@@ -215,10 +215,11 @@ impl ServerBuilder {
     /// A batch starts as soon as `policy.max_batch` calls are queued, or when
     /// the oldest has waited `policy.max_wait`, so a lone call is served after
     /// `max_wait`. A call whose arguments differ in structure, dtype or shape
-    /// from the rest of its batch (or hold strings or bytes, which do not stack)
-    /// gets its own `BadRequest` error and the others are served. Every array
-    /// in the function's result must have the batch size as its leading
-    /// dimension; otherwise, or if the function fails or panics, every call of
+    /// from the rest of its batch gets its own `BadRequest` error and the others
+    /// are served; strings and bytes stack as a list at their path, one element
+    /// per call. Every array in the function's result must have the batch size
+    /// as its leading dimension (and every list of strings or bytes the batch
+    /// size as its length); otherwise, or if the function fails or panics, every call of
     /// the batch gets that error. Calls cancelled or expired before their
     /// batch runs are left out of it.
     ///

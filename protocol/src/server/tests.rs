@@ -714,3 +714,40 @@ fn a_stream_opened_after_the_goodbye_or_the_close_is_reset_not_left_waiting() {
     s.call_received(at(4), 1, call(7, None));
     assert!(drain(&mut s).is_empty(), "the call is not admitted");
 }
+
+/// `docs/wire-format.md` §4 and §10: request id 0 is reserved; a Call with it
+/// is answered on its stream by a Reply with id 0 and kind bad request, and
+/// never reaches the application.
+#[test]
+fn a_call_with_request_id_0_is_refused_with_bad_request() {
+    let mut s = server(ServerConfig::default());
+    deliver(&mut s, at(0), 0, call(0, None));
+    let out = drain(&mut s);
+    assert!(admitted(&out).is_empty());
+    assert_eq!(refusals(&out), vec![(0, 0, ErrorKind::BadRequest, None)]);
+    let message = out.iter().find_map(|o| match o {
+        ServerOutput::Reply {
+            reply: Reply { result: Err(e), .. },
+            ..
+        } => Some(e.message.clone()),
+        _ => None,
+    });
+    assert!(message.unwrap().contains("reserved"));
+}
+
+/// `docs/wire-format.md` §10: clients ping, the server only answers.
+#[test]
+fn the_server_never_pings() {
+    let mut s = server(ServerConfig::default());
+    deliver(&mut s, at(0), 0, call(1, None));
+    drain(&mut s);
+    for t in 1..120 {
+        s.handle_timeout(at(t * 5));
+        let out = drain(&mut s);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, ServerOutput::Transmit(Message::Ping { .. }))),
+            "{out:?}"
+        );
+    }
+}
