@@ -94,7 +94,12 @@ fn tree(skel: &Skel) -> BoxedStrategy<Tree> {
             let (dtype, shape) = (*dtype, shape.clone());
             let len = shape.iter().product::<usize>() * dtype.size();
             prop::collection::vec(any::<u8>(), len)
-                .prop_map(move |data| Tree::Array(Array::new(dtype, shape.clone(), data).unwrap()))
+                .prop_map(move |mut data| {
+                    if dtype == DType::Bool {
+                        data.iter_mut().for_each(|b| *b &= 1);
+                    }
+                    Tree::Array(Array::new(dtype, shape.clone(), data).unwrap())
+                })
                 .boxed()
         }
         Skel::List(items) => items
