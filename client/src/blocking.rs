@@ -71,6 +71,17 @@ impl BlockingClient {
         self.runtime.block_on(pending)
     }
 
+    /// A client that connects on its first call (see [`ClientBuilder::build`]).
+    /// Must not be called from inside an async runtime.
+    pub fn build(builder: ClientBuilder) -> Result<BlockingClient, Error> {
+        let runtime = runtime()?;
+        let client = {
+            let _guard = runtime.enter();
+            builder.build()
+        };
+        Ok(BlockingClient { client, runtime })
+    }
+
     /// True while the client has a connection that takes calls.
     pub fn connected(&self) -> bool {
         self.client.connected()
@@ -91,10 +102,9 @@ impl Drop for BlockingClient {
         if tokio::runtime::Handle::try_current().is_ok() {
             return;
         }
+        // The state machine bounds how long closing takes.
         let client = &self.client;
-        self.runtime.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
-        });
+        self.runtime.block_on(client.closed());
     }
 }
 

@@ -38,7 +38,8 @@ pub(crate) fn byte_len(dtype: DType, shape: &[usize]) -> Option<usize> {
 
 impl Array {
     /// An array over existing bytes. Fails unless `data` holds exactly
-    /// `product(shape) * dtype.size()` bytes.
+    /// `product(shape) * dtype.size()` bytes, and, for bool, unless every byte
+    /// is 0 or 1.
     pub fn new(
         dtype: DType,
         shape: impl Into<Vec<usize>>,
@@ -54,6 +55,17 @@ impl Array {
                 expected,
                 actual: data.len(),
             });
+        }
+        if dtype == DType::Bool {
+            // Writers MUST send 0 or 1 (readers reject anything else), so a
+            // bool array that could not be sent is refused here, where the
+            // caller can still fix it.
+            if let Some(index) = data.iter().position(|&b| b > 1) {
+                return Err(TreeError::BadBool {
+                    index,
+                    byte: data[index],
+                });
+            }
         }
         Ok(Array { dtype, shape, data })
     }
@@ -264,6 +276,16 @@ impl core::fmt::Debug for Array {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_bool_array_holds_only_0_and_1() {
+        assert!(Array::new(DType::Bool, [3], alloc::vec![0u8, 1, 0]).is_ok());
+        assert_eq!(
+            Array::new(DType::Bool, [3], alloc::vec![0u8, 2, 1]).unwrap_err(),
+            TreeError::BadBool { index: 1, byte: 2 }
+        );
+    }
+
     use super::*;
     use alloc::vec;
 

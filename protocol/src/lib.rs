@@ -14,10 +14,14 @@
 //!   copying them; decoding is incremental and copies array data exactly once,
 //!   into 64-byte-aligned memory.
 //! - [`batch`]: stacking trees along a new axis 0 and splitting them back.
-//! - [`client`] and [`server`]: the request state machines of each side of a
-//!   connection, and [`batcher`]: the batching policy. Each follows the same
-//!   run-loop contract: feed inputs with the current time, drain `poll_output()`
-//!   until it is empty, and call `handle_timeout` at `poll_timeout()`.
+//! - [`client`] and [`server`]: the state machines of each side, and
+//!   [`batcher`]: the batching policy. Each follows the same run-loop
+//!   contract: feed inputs with the current time first, drain `poll_output()`
+//!   until it is empty, and call `handle_timeout` at `poll_timeout()`. Every
+//!   rule a user can observe (the order calls are admitted in, deadlines
+//!   wherever a call waits, pings and dead peers, the Hello deadline, draining
+//!   and closing, reconnection and its backoff, re-sending idempotent calls)
+//!   lives in them, so tests drive them on a virtual clock.
 //!
 //! # `no_std`
 //!
@@ -34,22 +38,30 @@ extern crate alloc;
 extern crate std;
 
 mod array;
+mod backoff;
 pub mod batch;
 pub mod batcher;
 pub mod client;
+mod codes;
+mod deadlines;
 mod dtype;
 mod limits;
+mod liveness;
 mod message;
 #[cfg(feature = "ndarray")]
 mod ndarray_conv;
 mod path;
 pub mod server;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod time;
 mod tree;
 pub mod wire;
 
 pub use array::Array;
+pub use backoff::Backoff;
 pub use batch::{SplitError, StackError, StackOutcome};
+pub use codes::{CloseCode, StreamCode};
 pub use dtype::{DType, Element};
 pub use limits::Limits;
 pub use message::{

@@ -14,9 +14,13 @@ pub struct Limits {
     pub max_header_len: u64,
     /// Bytes of array and bytes-leaf data, padding included.
     pub max_data_len: u64,
-    /// Nesting depth of lists and maps; the root is at depth 0.
+    /// Nesting depth of lists and maps: the root is at depth 0, a container's
+    /// children (and map keys) one deeper; every node's depth must be
+    /// `<= max_depth`. So `0` allows only a scalar or empty root, `1` a flat
+    /// list or map.
     pub max_depth: usize,
-    /// Nodes in a tree, map keys counted.
+    /// Nodes in a tree, the root and every map key counted; the count must be
+    /// `<= max_nodes` (`{"a": 1}` is three nodes).
     pub max_nodes: usize,
     /// Axes of one array.
     pub max_rank: usize,

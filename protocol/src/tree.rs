@@ -104,6 +104,8 @@ pub enum TreeError {
     },
     #[error("array size overflows the address space")]
     SizeOverflow,
+    #[error("bool element {index} is {byte}; a bool array holds only 0 and 1")]
+    BadBool { index: usize, byte: u8 },
     #[error("{dtype} data is not aligned to {align} bytes; use to_vec() to copy it")]
     Misaligned { dtype: DType, align: usize },
     #[error("a rank-0 array has no axis 0")]

@@ -23,8 +23,8 @@ fn dtype() -> impl Strategy<Value = DType> {
     prop::sample::select(DType::ALL.to_vec())
 }
 
-/// Structures; with `strings`, leaves may also be strings and bytes (which do not
-/// stack).
+/// Structures; with `strings`, leaves may also be strings and bytes (which
+/// stack as a list, one per row).
 fn skel(strings: bool) -> impl Strategy<Value = Skel> {
     let mut leaves = vec![
         Just(Skel::None).boxed(),
@@ -39,6 +39,25 @@ fn skel(strings: bool) -> impl Strategy<Value = Skel> {
         leaves.push(Just(Skel::Str).boxed());
         leaves.push(Just(Skel::Bytes).boxed());
     }
+    nest(leaves)
+}
+
+/// Structures whose leaves come back from a stack and a split exactly as they
+/// were: strings, bytes, arrays and `None` (no scalars, which come back as
+/// rank-0 arrays).
+fn exact_skel() -> impl Strategy<Value = Skel> {
+    nest(vec![
+        Just(Skel::Str).boxed(),
+        Just(Skel::Bytes).boxed(),
+        Just(Skel::None).boxed(),
+        (dtype(), prop::collection::vec(0usize..3, 0..3))
+            .prop_map(|(d, s)| Skel::Array(d, s))
+            .boxed(),
+    ])
+}
+
+/// Lists and maps of `leaves`, a few levels deep.
+fn nest(leaves: Vec<BoxedStrategy<Skel>>) -> impl Strategy<Value = Skel> {
     prop::strategy::Union::new(leaves).prop_recursive(4, 32, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Skel::List),
@@ -75,7 +94,12 @@ fn tree(skel: &Skel) -> BoxedStrategy<Tree> {
             let (dtype, shape) = (*dtype, shape.clone());
             let len = shape.iter().product::<usize>() * dtype.size();
             prop::collection::vec(any::<u8>(), len)
-                .prop_map(move |data| Tree::Array(Array::new(dtype, shape.clone(), data).unwrap()))
+                .prop_map(move |mut data| {
+                    if dtype == DType::Bool {
+                        data.iter_mut().for_each(|b| *b &= 1);
+                    }
+                    Tree::Array(Array::new(dtype, shape.clone(), data).unwrap())
+                })
                 .boxed()
         }
         Skel::List(items) => items
@@ -111,9 +135,9 @@ fn as_split(tree: &Tree) -> Tree {
     }
 }
 
-/// One structure and 1 to 5 trees of it.
+/// One structure (strings and bytes included) and 1 to 5 trees of it.
 fn batch() -> impl Strategy<Value = Vec<Tree>> {
-    skel(false).prop_flat_map(|s| prop::collection::vec(tree(&s), 1..6))
+    skel(true).prop_flat_map(|s| prop::collection::vec(tree(&s), 1..6))
 }
 
 /// 0 to 6 trees of one or two structures, strings and bytes allowed.
@@ -140,6 +164,20 @@ proptest! {
         prop_assert_eq!(out.stacked, Some(stacked));
         prop_assert_eq!(out.members, (0..n).collect::<Vec<_>>());
         prop_assert!(out.rejected.is_empty());
+    }
+
+    /// Strings and bytes stack as a list at their path, one element per row,
+    /// and split back: `split(stack(trees)) == trees`, and `stack(split(s)) ==
+    /// s` for a stacked `s`.
+    #[test]
+    fn stack_then_split_is_the_identity_with_strings_and_bytes(
+        trees in exact_skel().prop_flat_map(|s| prop::collection::vec(tree(&s), 1..6))
+    ) {
+        let n = trees.len();
+        let stacked = stack(&trees).unwrap();
+        let parts = split(&stacked, n).unwrap();
+        prop_assert_eq!(&parts, &trees);
+        prop_assert_eq!(stack(&parts).unwrap(), stacked);
     }
 
     #[test]

@@ -276,6 +276,75 @@ proptest! {
     }
 }
 
+/// The shortest varint of `v`.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A Ping whose header is `nonce`, as given.
+fn ping_with(nonce: &[u8]) -> Vec<u8> {
+    let mut out = b"TLPT".to_vec();
+    out.extend_from_slice(&[1, 4, 0, 0]);
+    out.extend_from_slice(&(nonce.len() as u64).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(nonce);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A message has one encoding: any single-byte change to an encoded
+    /// message is either rejected or decodes to a message that encodes to
+    /// exactly the changed bytes (never a second encoding of some message).
+    #[test]
+    fn a_message_has_exactly_one_encoding(
+        m in message(),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut bytes = encode(&m).unwrap().to_vec();
+        let i = at.index(bytes.len());
+        prop_assume!(bytes[i] != byte);
+        bytes[i] = byte;
+        if let Ok(other) = decode_message(&bytes, &Limits::default()) {
+            prop_assert_eq!(encode(&other).unwrap().to_vec(), bytes, "{:?}", other);
+        }
+    }
+
+    /// Every value decodes from its shortest varint, and no longer form of it
+    /// (a last byte of zero) is accepted.
+    #[test]
+    fn only_shortest_varints_decode(v in any::<u64>(), shift in 0u32..64, extra in 1usize..4) {
+        let v = v >> shift;
+        let short = varint(v);
+        prop_assert_eq!(
+            decode_message(&ping_with(&short), &Limits::default()),
+            Ok(Message::Ping { nonce: v })
+        );
+        let mut long = short.clone();
+        // A u64 varint has at most 10 bytes; longer is an overflow, not this.
+        let extra = extra.min(10 - long.len());
+        prop_assume!(extra > 0);
+        *long.last_mut().unwrap() |= 0x80;
+        long.extend(std::iter::repeat_n(0x80, extra - 1));
+        long.push(0);
+        prop_assert_eq!(
+            decode_message(&ping_with(&long), &Limits::default()),
+            Err(DecodeError::NonCanonicalVarint { offset: 0, what: "ping nonce" })
+        );
+    }
+}
+
 /// The regression behind the dimension-order fix: an empty float64 array whose
 /// other dimension times the item size overflows 64 bits. `Array::new` accepts it
 /// (product of dimensions first, then the item size), so the decoder must too.

@@ -55,6 +55,7 @@ fn raw(kind: u8, header: &[u8], data_len: u64) -> Vec<u8> {
 }
 
 const CALL: u8 = 2;
+const REPLY: u8 = 3;
 const PING: u8 = 4;
 
 /// A Call header: request id 1, method "m", no timeout, then `tree`.
@@ -747,17 +748,104 @@ fn shape_times_itemsize_must_equal_the_region() {
 }
 
 #[test]
-fn padding_is_ignored() {
+fn padding_must_be_zero() {
     let m = call_of(tree!([
         (Bytes::from_static(b"ab")),
         (Bytes::from_static(b"cd"))
     ]));
-    let mut bytes = enc(&m);
-    let data_start = bytes.len() - 66;
-    // Padding after the header and between regions is not checked.
-    bytes[data_start - 1] = 0xee;
-    bytes[data_start + 2] = 0xee;
+    let bytes = enc(&m);
     assert_eq!(decode(&bytes), Ok(m));
+    let data_start = bytes.len() - 66;
+    // After the header, and between regions: each a one-byte covert channel
+    // and a second encoding of the same message, so each is rejected.
+    for (at, expected) in [
+        (data_start - 1, data_start - 1),
+        (data_start + 2, data_start + 2),
+    ] {
+        let mut bad = bytes.clone();
+        bad[at] = 0xee;
+        assert_eq!(
+            decode_with(&bad, &Limits::default()),
+            Err(DecodeError::NonZeroPadding {
+                offset: expected as u64,
+                byte: 0xee
+            }),
+            "{at}"
+        );
+    }
+    // The padding before an empty region at the end of the data section.
+    let m = call_of(tree!([(Bytes::from_static(b"ab")), (Bytes::new())]));
+    let mut bytes = enc(&m);
+    assert_eq!(decode(&bytes), Ok(m));
+    let last = bytes.len() - 1;
+    bytes[last] = 1;
+    assert_eq!(
+        decode_with(&bytes, &Limits::default()),
+        Err(DecodeError::NonZeroPadding {
+            offset: last as u64,
+            byte: 1
+        })
+    );
+}
+
+#[test]
+fn bool_array_elements_must_be_0_or_1() {
+    let m = call_of(Tree::Array(
+        Array::from_bools([4], &[true, false, false, true]).unwrap(),
+    ));
+    let bytes = enc(&m);
+    assert_eq!(decode(&bytes), Ok(m));
+    let data_start = bytes.len() - 4;
+    for byte in [2u8, 0x80, 0xff] {
+        let mut bad = bytes.clone();
+        bad[data_start + 2] = byte;
+        assert_eq!(
+            decode_with(&bad, &Limits::default()),
+            Err(DecodeError::BadBoolElement {
+                offset: (data_start + 2) as u64,
+                byte
+            })
+        );
+    }
+    // Other one-byte dtypes take any byte.
+    let mut bytes = enc(&call_of(Tree::Array(Array::from_vec1(vec![0u8, 0, 0, 0]))));
+    let last = bytes.len() - 1;
+    bytes[last] = 0xff;
+    assert!(decode(&bytes).is_ok());
+}
+
+#[test]
+fn an_error_reply_carries_no_tree_and_no_data() {
+    // Reply 4, error kind 0, type "T", message "m".
+    let mut h = vec![4, 1, 0];
+    h.extend(string("T"));
+    h.extend(string("m"));
+    assert!(decode(&raw(REPLY, &h, 0)).is_ok());
+    // A tree after the error.
+    let with_tree = [h.clone(), vec![0]].concat();
+    assert_eq!(
+        decode_with(&raw(REPLY, &with_tree, 0), &Limits::default()),
+        Err(DecodeError::ErrorReplyWithData {
+            header_bytes: 1,
+            data_len: 0
+        })
+    );
+    // A data section (with or without a tree declaring it).
+    assert_eq!(
+        decode_with(&raw(REPLY, &h, 64), &Limits::default()),
+        Err(DecodeError::ErrorReplyWithData {
+            header_bytes: 0,
+            data_len: 64
+        })
+    );
+    let with_bytes = [h, bytes_node(0, 2)].concat();
+    assert_eq!(
+        decode_with(&raw(REPLY, &with_bytes, 2), &Limits::default()),
+        Err(DecodeError::ErrorReplyWithData {
+            header_bytes: 3,
+            data_len: 2
+        })
+    );
 }
 
 // ---------------------------------------------------------------- depth bomb
@@ -791,7 +879,11 @@ fn malformed_header_values() {
         Err(DecodeError::MalformedHeader { what, .. }) => what,
         other => panic!("{tree:02x?}: {other:?}"),
     };
-    assert_eq!(malformed(&[1, 2]), "bool");
+    // Header offsets: the call's fields take 4 bytes (see `call_header`).
+    assert_eq!(
+        decode(&call(&[1, 2], 0)),
+        Err(DecodeError::BadBool { offset: 5, byte: 2 })
+    );
     assert_eq!(malformed(&[9]), "unknown node tag");
     assert_eq!(malformed(&[0xff, 0xff, 0xff, 0xff, 0x7f]), "node tag");
     assert_eq!(malformed(&[4, 2, 0xc3, 0x28]), "string");
@@ -850,4 +942,290 @@ fn unknown_error_kinds_and_goodbye_reasons_are_accepted() {
             message: "bye".into()
         }))
     );
+}
+
+// ---------------------------------------------------------------- strict encodings
+
+#[test]
+fn non_canonical_varints_are_rejected() {
+    // Ping nonce 1 as `81 00`, and 0 as `80 00`, `80 80 00`.
+    for (nonce, what) in [
+        (vec![0x81, 0x00], "ping nonce"),
+        (vec![0x80, 0x00], "ping nonce"),
+    ] {
+        assert_eq!(
+            decode_with(&raw(PING, &nonce, 0), &Limits::default()),
+            Err(DecodeError::NonCanonicalVarint { offset: 0, what })
+        );
+    }
+    assert_eq!(
+        decode(&raw(PING, &[0x80, 0x80, 0x00], 0)),
+        Err(DecodeError::NonCanonicalVarint {
+            offset: 0,
+            what: "ping nonce"
+        })
+    );
+    // The shortest forms, up to the longest: 0, 127, 128, u64::MAX.
+    for v in [0u64, 127, 128, 300, u64::MAX] {
+        assert_eq!(
+            decode(&raw(PING, &varint(v), 0)),
+            Ok(Message::Ping { nonce: v })
+        );
+    }
+    // A ten-byte u64 whose last byte is 0: non-canonical, not an overflow.
+    let mut long = vec![0xff; 9];
+    long.push(0);
+    assert!(matches!(
+        decode(&raw(PING, &long, 0)),
+        Err(DecodeError::NonCanonicalVarint { .. })
+    ));
+    // Every varint field: node tag (u32), list length, int (zigzag), region
+    // offset, array rank and dimension, string length, request id.
+    let at = |tree: &[u8]| match decode(&call(tree, 0)) {
+        Err(DecodeError::NonCanonicalVarint { offset, what }) => (offset, what),
+        other => panic!("{tree:02x?}: {other:?}"),
+    };
+    assert_eq!(at(&[0x80, 0x00]), (4, "node tag"));
+    assert_eq!(at(&[7, 0x81, 0x00, 0]), (5, "list length"));
+    assert_eq!(at(&[2, 0x82, 0x00]), (5, "int"));
+    assert_eq!(at(&[4, 0x80, 0x00]), (5, "string"));
+    assert_eq!(at(&[6, 5, 0x80, 0x00, 0]), (6, "array offset"));
+    assert_eq!(at(&[6, 5, 0, 0x81, 0x00, 1]), (7, "array rank"));
+    assert_eq!(at(&[6, 5, 0, 1, 0x80, 0x00]), (8, "array dimension"));
+    let mut h = vec![0x81, 0x00];
+    h.extend(string("m"));
+    h.extend([0, 0]);
+    assert_eq!(
+        decode(&raw(CALL, &h, 0)),
+        Err(DecodeError::NonCanonicalVarint {
+            offset: 0,
+            what: "call request id"
+        })
+    );
+}
+
+#[test]
+fn option_tags_other_than_00_and_01_are_rejected() {
+    // Call timeout: header `01 01 6d`, then the option at offset 3.
+    for byte in [2u8, 0x80, 0xff] {
+        let mut h = vec![1];
+        h.extend(string("m"));
+        h.extend([byte, 0, 0]);
+        assert_eq!(
+            decode_with(&raw(CALL, &h, 0), &Limits::default()),
+            Err(DecodeError::BadOption {
+                offset: 3,
+                byte,
+                what: "call timeout"
+            })
+        );
+    }
+    // Hello token.
+    let h = [string("agent"), vec![2]].concat();
+    assert_eq!(
+        decode(&raw(1, &h, 0)),
+        Err(DecodeError::BadOption {
+            offset: 6,
+            byte: 2,
+            what: "hello token"
+        })
+    );
+    // Reply error.
+    assert_eq!(
+        decode(&raw(REPLY, &[9, 2, 0], 0)),
+        Err(DecodeError::BadOption {
+            offset: 1,
+            byte: 2,
+            what: "reply error"
+        })
+    );
+}
+
+// ---------------------------------------------------------------- counting
+
+/// `max_depth`: the root is at depth 0, the children of a container one deeper
+/// than it; map keys sit at their value's depth. Every node's depth must be
+/// `<= max_depth`. `max_nodes`: every node counts, the root and every map key
+/// included; the count must be `<= max_nodes`. At the limit passes, one over
+/// fails.
+#[test]
+fn depth_and_node_limits_count_as_documented() {
+    // {"k": [1]}: map (depth 0), key + list (depth 1), int (depth 2); 4 nodes.
+    let bytes = enc(&call_of(tree!({"k": [1]})));
+    let ok = limits(|l| {
+        l.max_depth = 2;
+        l.max_nodes = 4
+    });
+    assert!(decode_with(&bytes, &ok).is_ok());
+    assert_eq!(
+        decode_with(&bytes, &limits(|l| l.max_depth = 1)),
+        Err(DecodeError::TooDeep { max: 1 })
+    );
+    assert_eq!(
+        decode_with(&bytes, &limits(|l| l.max_nodes = 3)),
+        Err(DecodeError::TooManyNodes { max: 3 })
+    );
+    // An empty map at the root: one node, depth 0.
+    let bytes = enc(&call_of(tree!({})));
+    assert!(decode_with(
+        &bytes,
+        &limits(|l| {
+            l.max_depth = 0;
+            l.max_nodes = 1
+        })
+    )
+    .is_ok());
+    // {"a": 1, "b": 2}: 5 nodes, depth 1.
+    let bytes = enc(&call_of(tree!({"a": 1, "b": 2})));
+    assert!(decode_with(&bytes, &limits(|l| l.max_nodes = 5)).is_ok());
+    assert_eq!(
+        decode_with(&bytes, &limits(|l| l.max_nodes = 4)),
+        Err(DecodeError::TooManyNodes { max: 4 })
+    );
+}
+
+// ---------------------------------------------------------------- error order
+
+/// When several errors apply, the one reported is fixed (section 7 of
+/// `docs/wire-format.md`): stages in byte order (preamble, header, padding,
+/// data), each checked once all its bytes are in; within the preamble magic,
+/// version, kind, flags, header limit, data limit, data on a kind without data;
+/// within the header, fields in order, each value before its limit.
+#[test]
+fn error_order_is_fixed() {
+    let d = |b: &[u8]| decode_with(b, &Limits::default());
+    let huge = 1u64 << 60;
+    let with = |magic: &[u8; 4], version: u8, kind: u8, flags: u16, h: u64, dl: u64| {
+        let mut p = magic.to_vec();
+        p.push(version);
+        p.push(kind);
+        p.extend_from_slice(&flags.to_le_bytes());
+        p.extend_from_slice(&h.to_le_bytes());
+        p.extend_from_slice(&dl.to_le_bytes());
+        p
+    };
+    // Each preamble check wins over every later one.
+    assert_eq!(
+        d(&with(b"XLPT", 9, 99, 1, huge, huge)),
+        Err(DecodeError::BadMagic(*b"XLPT"))
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 9, 99, 1, huge, huge)),
+        Err(DecodeError::UnsupportedVersion {
+            found: 9,
+            supported: 1
+        })
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 1, 99, 1, huge, huge)),
+        Err(DecodeError::UnknownKind(99))
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 1, PING, 1, huge, huge)),
+        Err(DecodeError::ReservedFlags(1))
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 1, PING, 0, huge, huge)),
+        Err(DecodeError::HeaderTooLarge {
+            len: huge,
+            max: Limits::default().max_header_len
+        })
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 1, PING, 0, 1, huge)),
+        Err(DecodeError::DataTooLarge {
+            len: huge,
+            max: Limits::default().max_data_len
+        })
+    );
+    assert_eq!(
+        d(&with(b"TLPT", 1, PING, 0, 1, 1)),
+        Err(DecodeError::UnexpectedData {
+            kind: Kind::Ping,
+            len: 1
+        })
+    );
+    // A complete preamble's error wins over truncation: nothing follows it.
+    let p = with(b"TLPT", 1, CALL, 0, huge, 0);
+    assert!(matches!(d(&p), Err(DecodeError::HeaderTooLarge { .. })));
+    // An incomplete stage is truncated, whatever its bytes so far: a header
+    // that is already malformed (tag 9) but not complete.
+    let full = call(&[list(2), vec![9], vec![0]].concat(), 0);
+    assert!(matches!(
+        d(&full),
+        Err(DecodeError::MalformedHeader {
+            what: "unknown node tag",
+            ..
+        })
+    ));
+    assert_eq!(
+        d(&full[..full.len() - 1]),
+        Err(DecodeError::Truncated { needed: 1 })
+    );
+    // Within the header: the first bad field wins, and a value is checked
+    // before its limit (a non-canonical method length beats the name limit).
+    let mut h = vec![0x80, 0x00];
+    h.extend([0x81, 0x00, b'm']);
+    assert_eq!(
+        decode_with(&raw(CALL, &h, 0), &limits(|l| l.max_name_len = 0)),
+        Err(DecodeError::NonCanonicalVarint {
+            offset: 0,
+            what: "call request id"
+        })
+    );
+    // A container: depth, then the node limit, then the bytes left.
+    let tree = [list(1), list(1 << 40)].concat();
+    assert_eq!(
+        decode_with(
+            &call(&tree, 0),
+            &limits(|l| {
+                l.max_depth = 1;
+                l.max_nodes = 3
+            })
+        ),
+        Err(DecodeError::TooDeep { max: 1 })
+    );
+    assert_eq!(
+        decode_with(&call(&tree, 0), &limits(|l| l.max_nodes = 3)),
+        Err(DecodeError::TooManyNodes { max: 3 })
+    );
+    // An array: dtype, then the rank limit, then the bytes left.
+    let arr = [vec![6, 15, 0], varint(1 << 40)].concat();
+    assert_eq!(d(&call(&arr, 0)), Err(DecodeError::UnknownDType(15)));
+    let arr = [vec![6, 5, 0], varint(1 << 40)].concat();
+    assert!(matches!(
+        d(&call(&arr, 0)),
+        Err(DecodeError::RankTooLarge { .. })
+    ));
+    // After the fields: trailing header bytes, then the data length.
+    assert_eq!(
+        d(&call(&[0, 0], 64)),
+        Err(DecodeError::TrailingHeaderBytes { len: 1 })
+    );
+    // Header before padding before data.
+    let m = call_of(Tree::Array(Array::from_bools([2], &[true, false]).unwrap()));
+    let good = enc(&m);
+    let data_start = good.len() - 2;
+    let mut bad = good.clone();
+    bad[data_start - 1] = 7; // header padding
+    bad[data_start] = 2; // a bool element
+    assert!(matches!(d(&bad), Err(DecodeError::NonZeroPadding { .. })));
+    bad[data_start - 1] = 0;
+    assert!(matches!(d(&bad), Err(DecodeError::BadBoolElement { .. })));
+    bad[PREAMBLE_LEN] = 0x80; // request id `80 01`: the method's length is then 0x6d
+    assert_eq!(
+        d(&bad),
+        Err(DecodeError::MalformedHeader {
+            offset: 2,
+            what: "call method"
+        })
+    );
+    // A bad message followed by more bytes: its own error, not TrailingBytes.
+    let mut bad = good.clone();
+    bad[data_start] = 2;
+    bad.extend_from_slice(b"more");
+    assert!(matches!(
+        decode(&bad),
+        Err(DecodeError::BadBoolElement { .. })
+    ));
 }

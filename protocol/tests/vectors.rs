@@ -28,8 +28,12 @@ fn vectors() -> Vec<Vector> {
     let f32_2x3 = Array::from_vec([2, 3], vec![0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
     let mut dtypes = Map::new();
     for d in DType::ALL {
-        // Two elements whose bytes count up from 1, so every byte is visible.
-        let bytes: Vec<u8> = (1..=2 * d.size() as u8).collect();
+        // Two elements whose bytes count up from 1, so every byte is visible;
+        // bool elements are true and false (a bool byte is 0 or 1).
+        let bytes: Vec<u8> = match d {
+            DType::Bool => vec![1, 0],
+            _ => (1..=2 * d.size() as u8).collect(),
+        };
         dtypes.insert(d.name(), Array::new(d, [2], bytes).unwrap());
     }
     vec![
@@ -135,7 +139,8 @@ fn vectors() -> Vec<Vector> {
             name: "reply_all_dtypes",
             description: "Reply 5, ok: a map from each dtype name (in code order, bool to \
                           complex128) to a 1-d array of 2 elements whose bytes count 1, 2, 3, \
-                          ... Each region starts on a 64-byte boundary.",
+                          ... (bool: true, false, bytes 01 00). Each region starts on a \
+                          64-byte boundary.",
             message: Message::Reply(Reply {
                 request_id: 5,
                 result: Ok(Tree::Map(dtypes)),

@@ -20,23 +20,38 @@
 //! ```
 //!
 //! Each connection is driven by a
-//! [`ServerProtocol`](teleport_protocol::server::ServerProtocol): the client's
-//! first stream is the control stream (the `Hello`s, then pings, cancels and
-//! goodbyes), and every call comes on a stream of its own, answered on the same
-//! stream. Functions run concurrently; a slow or large call delays no other.
+//! [`ServerProtocol`](teleport_protocol::server::ServerProtocol), which makes
+//! every decision about it: the client's first stream is the control stream
+//! (the `Hello`s, then pings, cancels and goodbyes), and every call comes on a
+//! stream of its own, answered on the same stream. Calls of one connection are
+//! admitted in the order the client made them, as soon as their header has
+//! arrived; functions run concurrently, so a slow or large call delays no
+//! other.
+//!
+//! # How the crate is built
+//!
+//! - `builder`: binding functions and settings; `server`: the running server
+//!   and its shutdown; `shared`: what all connections of a server share.
+//! - `connection`: the driver of one connection's state machine (handshake,
+//!   control stream, accept loop) and `connection::call`, the task serving one
+//!   call stream. The driver holds the machine behind one lock and decides
+//!   nothing itself; see `teleport_quic::driver` for the parts it shares with
+//!   the client.
+//! - `function`: the kinds of bound functions and how a call reaches one, in
+//!   admission order.
 
-mod batched;
+mod builder;
 mod connection;
-mod deferred;
-mod functions;
-mod handler;
-mod queue;
+mod error;
+mod function;
 mod server;
+mod shared;
 
-pub use deferred::Responder;
-pub use functions::{FunctionOptions, Workers};
-pub use handler::HandlerError;
-pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
-pub use server::{HandlerFailure, Server, ServerBuilder, ServerError};
+pub use builder::ServerBuilder;
+pub use error::{HandlerError, HandlerFailure, ServerError};
+pub use function::{
+    stack_calls, CallQueue, FunctionOptions, QueuedCall, Responder, StackedCalls, Workers,
+};
+pub use server::Server;
 pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

@@ -1,480 +1,15 @@
-//! Configuring, starting and stopping a server.
+//! A running server: its address, its first failure, and its shutdown.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use teleport_protocol::{Limits, RemoteError, Timestamp, Tree};
-use teleport_quic::{
-    ClientAuth, CloseCode, Fingerprint, Identity, Listener, ServerTls, TransportConfig,
-    TransportError,
-};
-use tokio::sync::{watch, Semaphore};
+use teleport_protocol::CloseCode;
+use teleport_quic::{Fingerprint, Listener};
 use tokio::task::JoinHandle;
 
-use crate::batched::{BatchFn, BatchedFunction};
-use crate::connection::{serve_connection, ConnectionHandle};
-use crate::deferred::Responder;
-use crate::functions::{BlockingFunction, FunctionOptions};
-use crate::handler::{Handler, HandlerError};
-use crate::queue::{call_queue, CallQueue};
-use crate::{BatchPolicy, BatchPolicyError};
-
-/// Why a server could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// The identity or the socket could not be set up.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// Two functions were bound under one name.
-    #[error("the name {0:?} is bound twice")]
-    DuplicateMethod(String),
-    /// A batched function's policy cannot work (`max_batch` 0).
-    #[error("the batched function {method:?} cannot be served: {error}")]
-    BatchPolicy {
-        /// The name the function is bound as.
-        method: String,
-        /// What is wrong with its policy.
-        error: BatchPolicyError,
-    },
-}
-
-/// A bound function failed (returned an error or panicked); see [`Server::check`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the function {method:?} failed: {error}")]
-pub struct HandlerFailure {
-    /// The name the function is bound as.
-    pub method: String,
-    /// What the caller was told.
-    pub error: RemoteError,
-}
-
-/// Settings and bound functions of a server. Start from [`Server::builder`].
-#[derive(Debug)]
-pub struct ServerBuilder {
-    identity: Option<Identity>,
-    client_auth: ClientAuth,
-    token: Option<String>,
-    transport: TransportConfig,
-    limits: Limits,
-    max_in_flight: usize,
-    max_in_flight_total: usize,
-    workers: usize,
-    handlers: HashMap<String, Handler>,
-    duplicate: Option<String>,
-}
-
-impl ServerBuilder {
-    fn new() -> ServerBuilder {
-        ServerBuilder {
-            identity: None,
-            client_auth: ClientAuth::None,
-            token: None,
-            transport: TransportConfig::default(),
-            limits: Limits::default(),
-            max_in_flight: 64,
-            max_in_flight_total: 4096,
-            workers: std::thread::available_parallelism().map_or(4, |n| n.get()),
-            handlers: HashMap::new(),
-            duplicate: None,
-        }
-    }
-
-    fn insert(mut self, name: String, handler: Handler) -> Self {
-        if self.handlers.insert(name.clone(), handler).is_some() {
-            self.duplicate.get_or_insert(name);
-        }
-        self
-    }
-
-    /// Binds an async function under `name`. It runs on the tokio runtime, so
-    /// it must not block; use [`bind_blocking`](Self::bind_blocking) for work
-    /// that does (numerics, file IO, calls into C).
-    pub fn bind<F, Fut>(self, name: impl Into<String>, function: F) -> Self
-    where
-        F: Fn(Tree) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
-    {
-        self.insert(name.into(), Handler::from_async(function))
-    }
-
-    /// Binds a blocking function under `name`. Calls run on worker threads,
-    /// at most [`workers`](Self::workers) at once across the server, so they
-    /// run in parallel and never stall the network.
-    pub fn bind_blocking<F>(self, name: impl Into<String>, function: F) -> Self
-    where
-        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
-    {
-        self.insert(name.into(), Handler::from_blocking(function))
-    }
-
-    /// Binds a blocking function under `name`, run as `options` say: on a
-    /// worker pool of its own ([`Workers::Own`](crate::Workers::Own)) so that
-    /// slow calls of other functions do not hold it up, and with at most
-    /// [`max_concurrent`](FunctionOptions::max_concurrent) calls admitted at
-    /// once, the others waiting in arrival order. The server-wide and
-    /// per-connection limits apply as to any call.
-    pub fn bind_blocking_with<F>(
-        self,
-        name: impl Into<String>,
-        options: FunctionOptions,
-        function: F,
-    ) -> Self
-    where
-        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
-    {
-        let name = name.into();
-        let function = BlockingFunction::<()>::new(
-            &name,
-            options,
-            Arc::new(move |args| function(args).map(|tree| (tree, ()))),
-            None,
-        );
-        self.insert(name, Handler::Pooled(Arc::new(function)))
-    }
-
-    /// Binds a blocking function with an ordered completion hook (Teleport's
-    /// `donefn`, Portal's `postfn`): `function` returns its result and a
-    /// by-product; the result goes to the caller at once, and `hook` runs on
-    /// the by-products one at a time, on a thread of its own, strictly in the
-    /// order the calls were admitted, whatever order they finish in.
-    ///
-    /// A call keeps its admission slot (see
-    /// [`max_concurrent`](FunctionOptions::max_concurrent)) until its hook has
-    /// run, so a slow hook slows the function instead of letting by-products
-    /// pile up. Without `max_concurrent` nothing bounds that backlog.
-    ///
-    /// A call that fails, panics, or is cancelled before its function runs
-    /// gives the hook nothing and does not hold up the hooks after it. A call
-    /// cancelled while its function runs still hands its by-product to the hook
-    /// (the work was done). A panicking hook is logged and later hooks run.
-    pub fn bind_blocking_with_hook<F, B, H>(
-        self,
-        name: impl Into<String>,
-        options: FunctionOptions,
-        function: F,
-        hook: H,
-    ) -> Self
-    where
-        F: Fn(Tree) -> Result<(Tree, B), HandlerError> + Send + Sync + 'static,
-        B: Send + 'static,
-        H: Fn(B) + Send + Sync + 'static,
-    {
-        let name = name.into();
-        let function =
-            BlockingFunction::new(&name, options, Arc::new(function), Some(Box::new(hook)));
-        self.insert(name, Handler::Pooled(Arc::new(function)))
-    }
-
-    /// Binds a function that answers later: it gets the call's arguments and a
-    /// [`Responder`], keeps the responder (in a queue, another thread, a task)
-    /// and answers through it when it can. The function itself runs on the
-    /// async runtime and must return quickly.
-    ///
-    /// A responder dropped without answering fails the call with an error of
-    /// kind `Handler` ("the function dropped its responder without answering").
-    /// A call cancelled or expired meanwhile is stopped as usual; answering it
-    /// afterwards does nothing. Until answered, the call counts against the
-    /// per-connection and server-wide limits.
-    ///
-    /// ```no_run
-    /// use teleport_server::Server;
-    /// use teleport_protocol::{tree, Tree};
-    ///
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let server = Server::builder()
-    ///     .bind_deferred("later", |args: Tree, responder| {
-    ///         std::thread::spawn(move || {
-    ///             std::thread::sleep(std::time::Duration::from_millis(10));
-    ///             responder.respond(Ok(tree!({"echo": args})));
-    ///         });
-    ///     })
-    ///     .listen("127.0.0.1:4433".parse()?)
-    ///     .await?;
-    /// # let _ = server;
-    /// # Ok(()) }
-    /// ```
-    pub fn bind_deferred<F>(self, name: impl Into<String>, function: F) -> Self
-    where
-        F: Fn(Tree, Responder) + Send + Sync + 'static,
-    {
-        self.insert(name.into(), Handler::Deferred(Arc::new(function)))
-    }
-
-    /// Binds `name` as a queue: its calls wait in the returned [`CallQueue`]
-    /// for the application to take them, with their [`Responder`]s, one at a
-    /// time or as a batch of whatever is queued
-    /// ([`recv_batch`](CallQueue::recv_batch), with
-    /// [`stack_calls`](crate::stack_calls) to stack their arguments).
-    ///
-    /// At most `capacity` calls (at least 1) wait; more are refused with an
-    /// `Overloaded` error, so a queue nobody takes from does not grow without
-    /// bound. Calls cancelled while queued stay in the queue until taken;
-    /// [`Responder::is_cancelled`] tells them apart.
-    ///
-    /// ```no_run
-    /// use teleport_server::{stack_calls, Server};
-    ///
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (builder, queue) = Server::builder().bind_queue("infer", 256);
-    /// let server = builder.listen("127.0.0.1:4433".parse()?).await?;
-    /// tokio::spawn(async move {
-    ///     // Up to 32 calls at a time, as many as are waiting.
-    ///     while let Some(calls) = queue.recv_batch(32).await {
-    ///         if let Some(batch) = stack_calls(calls) {
-    ///             let result = batch.args().clone(); // run the model here
-    ///             batch.respond(Ok(result));
-    ///         }
-    ///     }
-    /// });
-    /// server.wait().await;
-    /// # Ok(()) }
-    /// ```
-    pub fn bind_queue(self, name: impl Into<String>, capacity: usize) -> (Self, CallQueue) {
-        let (sender, queue) = call_queue(capacity);
-        (self.insert(name.into(), Handler::Queue(sender)), queue)
-    }
-
-    /// Binds a blocking function under `name` that serves many calls at once:
-    /// concurrent calls of it, from any connection, are stacked into one
-    /// tree whose arrays gain a leading axis of the batch size (ints, floats
-    /// and bools become 1-d arrays; see [`teleport_protocol::batch`]), the
-    /// function runs once on that tree, on the [`workers`](Self::workers)
-    /// pool, and its result is split back along axis 0, one row per call.
-    ///
-    /// A batch starts as soon as `policy.max_batch` calls are queued, or when
-    /// the oldest has waited `policy.max_wait`, so a lone call is served after
-    /// `max_wait`. A call whose arguments differ in structure, dtype or shape
-    /// from the rest of its batch (or hold strings or bytes, which do not stack)
-    /// gets its own `BadRequest` error and the others are served. Every array
-    /// in the function's result must have the batch size as its leading
-    /// dimension; otherwise, or if the function fails or panics, every call of
-    /// the batch gets that error. Calls cancelled or expired before their
-    /// batch runs are left out of it.
-    ///
-    /// [`listen`](Self::listen) fails with [`ServerError::BatchPolicy`] if
-    /// `policy.max_batch` is 0.
-    ///
-    /// ```no_run
-    /// use std::time::Duration;
-    /// use teleport_protocol::{tree, Array, Tree};
-    /// use teleport_server::{BatchPolicy, Server};
-    ///
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// // Each call sends {"x": float32 array of shape [3]}; the function sees
-    /// // shape [N, 3] for a batch of N calls and answers with shape [N].
-    /// let policy = BatchPolicy { max_batch: 32, max_wait: Duration::from_millis(2) };
-    /// let server = Server::builder()
-    ///     .bind_batched("norm2", policy, |batch: Tree| {
-    ///         let x = batch.get("x")?.as_array()?;
-    ///         let sums: Vec<f32> =
-    ///             x.as_slice::<f32>()?.chunks(3).map(|row| row.iter().map(|v| v * v).sum()).collect();
-    ///         Ok(tree!((Array::from_vec1(sums))))
-    ///     })
-    ///     .listen("127.0.0.1:4433".parse()?)
-    ///     .await?;
-    /// server.wait().await;
-    /// # Ok(()) }
-    /// ```
-    pub fn bind_batched<F>(self, name: impl Into<String>, policy: BatchPolicy, function: F) -> Self
-    where
-        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
-    {
-        let batched = BatchedFunction::new(policy, BatchFn::Blocking(Arc::new(function)));
-        self.insert(name.into(), Handler::Batched(batched))
-    }
-
-    /// Like [`bind_batched`](Self::bind_batched), for an async function: it
-    /// runs on the tokio runtime (so it must not block) and suits a batch
-    /// that mostly waits, on another server or a device, say.
-    pub fn bind_batched_async<F, Fut>(
-        self,
-        name: impl Into<String>,
-        policy: BatchPolicy,
-        function: F,
-    ) -> Self
-    where
-        F: Fn(Tree) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
-    {
-        let function = BatchFn::Async(Arc::new(move |args| Box::pin(function(args))));
-        self.insert(
-            name.into(),
-            Handler::Batched(BatchedFunction::new(policy, function)),
-        )
-    }
-
-    /// The server's certificate and key. Without one, the server makes a
-    /// self-signed certificate for `localhost` and the bound IP address; print
-    /// its [`fingerprint`](Server::fingerprint) for clients to pin.
-    pub fn identity(mut self, identity: Identity) -> Self {
-        self.identity = Some(identity);
-        self
-    }
-
-    /// Require client certificates (mutual TLS).
-    pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
-        self.client_auth = client_auth;
-        self
-    }
-
-    /// Require this shared token in each client's `Hello`.
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// QUIC windows and timers.
-    pub fn transport(mut self, transport: TransportConfig) -> Self {
-        self.transport = transport;
-        self
-    }
-
-    /// Bounds on every message received; calls over them are refused with an
-    /// `OverLimit` error and the connection carries on.
-    pub fn limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// Calls one connection may have running at once; more are refused with an
-    /// `OverLimit` error. Default 64.
-    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
-        self.max_in_flight = max_in_flight.max(1);
-        self
-    }
-
-    /// Calls running at once across all connections; more are refused with an
-    /// `Overloaded` error (retry later, or elsewhere). Default 4096.
-    pub fn max_in_flight_total(mut self, max: usize) -> Self {
-        self.max_in_flight_total = max.max(1);
-        self
-    }
-
-    /// Worker threads running blocking functions at once, shared by all
-    /// connections. Default: the number of CPUs.
-    pub fn workers(mut self, workers: usize) -> Self {
-        self.workers = workers.max(1);
-        self
-    }
-
-    /// Binds `addr` (port 0 picks a free port) and starts serving. Must be
-    /// called inside a tokio runtime.
-    pub async fn listen(self, addr: SocketAddr) -> Result<Server, ServerError> {
-        if let Some(name) = self.duplicate {
-            return Err(ServerError::DuplicateMethod(name));
-        }
-        let identity = match self.identity {
-            Some(identity) => identity,
-            None => {
-                let mut names = vec!["localhost".to_owned()];
-                if !addr.ip().is_unspecified() {
-                    names.push(addr.ip().to_string());
-                }
-                Identity::self_signed(names)?
-            }
-        };
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let workers = Arc::new(Semaphore::new(self.workers));
-        let mut batchers = Vec::new();
-        for (method, handler) in &self.handlers {
-            if let Handler::Batched(batched) = handler {
-                let started = batched
-                    .start(method, workers.clone(), shutdown_rx.clone())
-                    .map_err(|error| ServerError::BatchPolicy {
-                        method: method.clone(),
-                        error,
-                    });
-                match started {
-                    Ok(task) => batchers.extend(task),
-                    Err(e) => {
-                        batchers.iter().for_each(JoinHandle::abort);
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        let fingerprint = identity.fingerprint();
-        let tls = ServerTls::new(identity).with_client_auth(self.client_auth);
-        let listener = Listener::bind(addr, &tls, &self.transport, self.limits.clone())?;
-        let local_addr = listener.local_addr();
-        let shared = Arc::new(Shared {
-            handlers: self.handlers,
-            token: self.token,
-            max_in_flight: self.max_in_flight,
-            max_in_flight_total: self.max_in_flight_total,
-            running_total: AtomicUsize::new(0),
-            workers,
-            first_error: Mutex::new(None),
-            origin: Instant::now(),
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
-            shutdown: shutdown_rx,
-        });
-        let accept = tokio::spawn(accept_loop(listener.clone(), shared.clone()));
-        tracing::info!(%local_addr, %fingerprint, "serving");
-        Ok(Server {
-            local_addr,
-            fingerprint,
-            listener: Mutex::new(Some(listener)),
-            shared,
-            shutdown_tx,
-            accept: Mutex::new(Some(accept)),
-            batchers: Mutex::new(batchers),
-        })
-    }
-}
-
-/// What every connection task of a server shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) handlers: HashMap<String, Handler>,
-    pub(crate) token: Option<String>,
-    pub(crate) max_in_flight: usize,
-    pub(crate) max_in_flight_total: usize,
-    /// Functions running now, across connections.
-    pub(crate) running_total: AtomicUsize,
-    /// Permits for blocking functions: the worker pool's size.
-    pub(crate) workers: Arc<Semaphore>,
-    /// The first function error or panic, for [`Server::check`].
-    pub(crate) first_error: Mutex<Option<HandlerFailure>>,
-    origin: Instant,
-    pub(crate) connections: Mutex<HashMap<u64, Arc<ConnectionHandle>>>,
-    next_connection: AtomicU64,
-    /// Becomes true when the server starts shutting down.
-    pub(crate) shutdown: watch::Receiver<bool>,
-}
-
-impl Shared {
-    /// The time the state machines see: monotonic, from the server's start.
-    pub(crate) fn now(&self) -> Timestamp {
-        Timestamp::from_duration(self.origin.elapsed())
-    }
-}
-
-async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let Some(accepted) = accepted else { return };
-        match accepted {
-            Ok(connection) => {
-                let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(serve_connection(id, connection, shared.clone()));
-            }
-            // A failed handshake (untrusted client certificate, wrong ALPN)
-            // concerns that peer only.
-            Err(e) => tracing::info!(error = %e, "a connection attempt failed"),
-        }
-    }
-}
+use crate::shared::ServerShared;
+use crate::{connection, HandlerFailure, ServerBuilder};
 
 /// A running server. Dropping it does not stop it; call
 /// [`shutdown`](Server::shutdown).
@@ -484,8 +19,7 @@ pub struct Server {
     fingerprint: Fingerprint,
     /// Taken at shutdown, so the socket (and the port) is released.
     listener: Mutex<Option<Listener>>,
-    shared: Arc<Shared>,
-    shutdown_tx: watch::Sender<bool>,
+    shared: Arc<ServerShared>,
     accept: Mutex<Option<JoinHandle<()>>>,
     /// The tasks of the batched functions, stopped once the calls have drained.
     batchers: Mutex<Vec<JoinHandle<()>>>,
@@ -496,6 +30,25 @@ impl Server {
     /// authentication and the default limits.
     pub fn builder() -> ServerBuilder {
         ServerBuilder::new()
+    }
+
+    pub(crate) fn start(
+        listener: Listener,
+        fingerprint: Fingerprint,
+        shared: Arc<ServerShared>,
+        batchers: Vec<JoinHandle<()>>,
+    ) -> Server {
+        let local_addr = listener.local_addr();
+        let accept = tokio::spawn(accept_loop(listener.clone(), shared.clone()));
+        tracing::info!(%local_addr, %fingerprint, "serving");
+        Server {
+            local_addr,
+            fingerprint,
+            listener: Mutex::new(Some(listener)),
+            shared,
+            accept: Mutex::new(Some(accept)),
+            batchers: Mutex::new(batchers),
+        }
     }
 
     /// The address the server listens on.
@@ -510,7 +63,7 @@ impl Server {
 
     /// The names of the bound functions, sorted.
     pub fn methods(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.shared.handlers.keys().cloned().collect();
+        let mut names: Vec<String> = self.shared.functions.keys().cloned().collect();
         names.sort();
         names
     }
@@ -519,61 +72,51 @@ impl Server {
     /// server started, if any. The caller got it too; this is for the
     /// application serving, which otherwise would not hear of it.
     pub fn check(&self) -> Result<(), HandlerFailure> {
-        match &*self
-            .shared
-            .first_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(failure) => Err(failure.clone()),
+        match self.shared.first_failure() {
+            Some(failure) => Err(failure),
             None => Ok(()),
         }
     }
 
     /// Calls running now, across connections.
     pub fn running(&self) -> usize {
-        self.shared.running_total.load(Ordering::Relaxed)
+        self.shared
+            .protocol
+            .capacity
+            .as_ref()
+            .map_or(0, |c| c.in_use())
     }
 
-    /// Connections currently open.
+    /// Connections currently open (handshakes in progress included).
     pub fn connections(&self) -> usize {
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.shared.live_connections()
     }
 
     /// Waits until [`shutdown`](Self::shutdown) begins, from another task. A
     /// program that serves until it is killed awaits this.
     pub async fn wait(&self) {
-        let mut shutdown = self.shared.shutdown.clone();
-        let _ = shutdown.wait_for(|stop| *stop).await;
+        self.shared.shutdown_signal().await;
     }
 
     /// Stops gracefully: takes no new connections or calls (new calls get a
-    /// `ShuttingDown` error), lets running calls finish and deliver their
-    /// replies for up to `grace`, then says goodbye to every client and
-    /// releases the port.
-    /// Calling it again does nothing more.
+    /// `ShuttingDown` error), lets running calls finish and their replies go
+    /// out for up to `grace`, then says goodbye to every client, gives each
+    /// the server's close timeout (2 s by default) to read its replies and
+    /// close, and releases the port. Calling it again does nothing more.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.shutdown_tx.send(true);
+        let deadline = self.shared.clock.now() + grace;
+        self.shared.begin_shutdown(deadline);
         let accept = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(accept) = accept {
             let _ = accept.await;
         }
-        let connections: Vec<Arc<ConnectionHandle>> = self
-            .shared
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        let deadline = tokio::time::Instant::now() + grace;
-        let drains = connections.iter().map(|c| c.drain(deadline));
-        futures_util::future::join_all(drains).await;
-        // Calls still waiting for a batch now fail with `ShuttingDown`.
+        // Each connection's state machine drains it and bounds how long that
+        // takes; nothing here sets a time limit of its own.
+        for conn in self.shared.connections() {
+            conn.begin_shutdown(deadline);
+        }
+        self.shared.all_closed().await;
+        // Calls still waiting for a batch have drained with their connections.
         for batcher in self
             .batchers
             .lock()
@@ -589,18 +132,24 @@ impl Server {
             .take();
         if let Some(listener) = listener {
             listener.close(CloseCode::ShuttingDown, "the server is shutting down");
-            // Give the close packets a moment to reach the clients.
-            let _ = tokio::time::timeout(Duration::from_secs(1), listener.wait_idle()).await;
-            drop(listener);
-            // quinn's driver task closes the socket soon after the last handle
-            // goes; wait for that (bounded), so that a server restarted on this
-            // port right after `shutdown` returns can bind it.
-            let free_by = tokio::time::Instant::now() + Duration::from_secs(1);
-            while std::net::UdpSocket::bind(self.local_addr).is_err()
-                && tokio::time::Instant::now() < free_by
-            {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            // Returns once the socket is closed: a server started on this port
+            // right after `shutdown` returns can bind it.
+            listener.release().await;
         }
+    }
+}
+
+/// Takes connection attempts until shutdown begins; each is served in a task
+/// of its own.
+async fn accept_loop(listener: Listener, shared: Arc<ServerShared>) {
+    let shutdown = shared.shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = listener.accept() => incoming,
+            _ = &mut shutdown => return,
+        };
+        let Some(incoming) = incoming else { return };
+        connection::spawn(incoming, shared.clone());
     }
 }

@@ -484,7 +484,18 @@ async fn clients_connect_by_host_name() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Resolve { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connect {
+                error: teleport_client::ConnectError::Failed(
+                    teleport_protocol::client::ConnectFailure::Resolve(_)
+                ),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("host:port"), "{err}");
 }
 
@@ -524,7 +535,7 @@ async fn a_reply_over_the_clients_limits_fails_that_call_only() {
     .await
     .unwrap_err();
     assert!(
-        matches!(err, Error::Call(CallError::InvalidReply { .. })),
+        matches!(err, Error::Call(CallError::ReplyOverLimit { .. })),
         "{err}"
     );
     let ok = within("next call", client.call("add", tree!({"a": 1, "b": 2}))).await;

@@ -34,7 +34,13 @@ impl SilentServer {
         .unwrap();
         let addr = listener.local_addr();
         let task = tokio::spawn(async move {
-            let Some(Ok(connection)) = listener.accept().await else {
+            let Some(incoming) = listener.accept().await else {
+                return;
+            };
+            let Ok(connecting) = incoming.accept() else {
+                return;
+            };
+            let Ok(connection) = connecting.await else {
                 return;
             };
             let Ok((mut control_send, mut control_recv)) = connection.accept_stream().await else {

@@ -5,10 +5,10 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{within, Fixture};
-use teleport_client::{Client, ClientTls, Error, ErrorKind};
+use common::{raw_connection, within, Fixture};
+use teleport_client::{Client, ClientTls, ConnectError, Error, ErrorKind};
 use teleport_protocol::{encode, tree, Call, Hello, Message, Tree};
-use teleport_quic::{ClientAuth, Connector, Identity, TransportConfig};
+use teleport_quic::{ClientAuth, Identity};
 
 #[tokio::test]
 async fn a_wrong_or_missing_token_is_refused_before_any_function_runs() {
@@ -20,13 +20,31 @@ async fn a_wrong_or_missing_token_is_refused_before_any_function_runs() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Rejected(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connect {
+                error: ConnectError::Rejected { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("token"), "{err}");
 
     let err = within("no token", fixture.client_builder().connect())
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Rejected(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connect {
+                error: ConnectError::Rejected { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let client = within(
         "right token",
@@ -167,19 +185,7 @@ async fn ca_roots_verify_the_server_and_the_client() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A raw connection that speaks the wire format by hand.
-async fn raw_connection(fixture: &Fixture) -> (Connector, teleport_quic::Connection) {
-    let tls = ClientTls::pinned(fixture.server.fingerprint());
-    let connector = Connector::new(&tls, &TransportConfig::default(), Default::default()).unwrap();
-    let connection = within(
-        "raw connect",
-        connector.connect(fixture.server.local_addr(), "localhost"),
-    )
-    .await
-    .unwrap();
-    (connector, connection)
-}
-
+/// A call message, as a hostile or hand-written client would send it.
 fn call(id: u64, method: &str, args: Tree) -> Message {
     Message::Call(Call {
         request_id: id,

@@ -3,40 +3,19 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use futures_util::FutureExt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
-use teleport_protocol::Limits;
+use teleport_protocol::{CloseCode, Limits};
 
+use crate::socket::{ObservedSocket, Released};
 use crate::{
     ClientTls, Fingerprint, RecvStream, SendStream, ServerTls, TransportConfig, TransportError,
 };
-
-/// Application codes for closing a whole connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CloseCode {
-    /// Finished normally.
-    Normal,
-    /// The peer broke the protocol.
-    ProtocolError,
-    /// The peer failed authentication.
-    Unauthenticated,
-    /// The side is shutting down.
-    ShuttingDown,
-}
-
-impl CloseCode {
-    /// The code on the wire.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            CloseCode::Normal => 0,
-            CloseCode::ProtocolError => 1,
-            CloseCode::Unauthenticated => 2,
-            CloseCode::ShuttingDown => 3,
-        }
-    }
-}
 
 /// Builds quinn's server configuration (also for benchmarks against bare quinn).
 pub fn quinn_server_config(
@@ -66,14 +45,30 @@ pub(crate) fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let socket =
-        std::net::UdpSocket::bind(addr).map_err(|error| TransportError::Bind { addr, error })?;
+    bind_observed(addr, server).map(|(endpoint, _)| endpoint)
+}
+
+/// [`bind`], with the signal of the socket's release.
+pub(crate) fn bind_observed(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<(quinn::Endpoint, Released), TransportError> {
+    let bind_error = |error| TransportError::Bind { addr, error };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
         addr,
         error: std::io::Error::other("no async runtime: call this inside a tokio runtime"),
     })?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
-        .map_err(|error| TransportError::Bind { addr, error })
+    let (socket, released) =
+        ObservedSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        runtime,
+    )
+    .map_err(bind_error)?;
+    Ok((endpoint, released))
 }
 
 /// A server's endpoint: accepts connections on one UDP socket.
@@ -81,6 +76,7 @@ pub(crate) fn bind(
 pub struct Listener {
     endpoint: quinn::Endpoint,
     limits: Limits,
+    released: Arc<Mutex<Option<Released>>>,
 }
 
 impl Listener {
@@ -93,9 +89,11 @@ impl Listener {
         limits: Limits,
     ) -> Result<Listener, TransportError> {
         let config = quinn_server_config(tls, transport)?;
+        let (endpoint, released) = bind_observed(addr, Some(config))?;
         Ok(Listener {
-            endpoint: bind(addr, Some(config))?,
+            endpoint,
             limits,
+            released: Arc::new(Mutex::new(Some(released))),
         })
     }
 
@@ -106,29 +104,117 @@ impl Listener {
             .expect("a bound UDP socket has an address")
     }
 
-    /// Waits for the next connection and completes its handshake. `None` once
-    /// the listener is closed. A handshake that fails (untrusted client
-    /// certificate, wrong ALPN) is returned as an error; keep accepting.
-    pub async fn accept(&self) -> Option<Result<Connection, TransportError>> {
+    /// Waits for the next connection attempt (its first packet). `None` once
+    /// the listener is closed. Nothing waits for the handshake here: accept
+    /// (or refuse) each [`Incoming`] in a task of its own, so that a client
+    /// whose handshake stalls delays nobody else.
+    pub async fn accept(&self) -> Option<Incoming> {
         let incoming = self.endpoint.accept().await?;
-        let limits = self.limits.clone();
-        Some(
-            async move {
-                let connection = incoming.await?;
-                Ok(Connection::new(connection, limits))
-            }
-            .await,
-        )
+        Some(Incoming {
+            inner: incoming,
+            limits: self.limits.clone(),
+        })
     }
 
     /// Stops accepting and closes every connection with `code`.
     pub fn close(&self, code: CloseCode, reason: &str) {
-        self.endpoint.close(code.to_u32().into(), reason.as_bytes());
+        self.endpoint.close(close_code(code), reason.as_bytes());
     }
 
     /// Waits until every connection is fully closed (so the peers were told).
     pub async fn wait_idle(&self) {
         self.endpoint.wait_idle().await;
+    }
+
+    /// Drops this handle and waits until the UDP socket is closed, so its port
+    /// can be bound again. Completes once every other handle (clones of this
+    /// listener, connections from it) is gone too; the first caller gets the
+    /// wait, later ones return at once.
+    pub async fn release(self) {
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(self);
+        if let Some(released) = released {
+            released.wait().await;
+        }
+    }
+}
+
+/// A connection attempt that reached a [`Listener`]: accept it (and await
+/// the handshake) or refuse it.
+#[derive(Debug)]
+pub struct Incoming {
+    inner: quinn::Incoming,
+    limits: Limits,
+}
+
+impl Incoming {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote_address()
+    }
+
+    /// Accepts the attempt; the handshake proceeds as the returned
+    /// [`Connecting`] is awaited.
+    pub fn accept(self) -> Result<Connecting, TransportError> {
+        let connecting = self.inner.accept()?;
+        Ok(Connecting {
+            inner: connecting,
+            limits: self.limits,
+        })
+    }
+
+    /// Refuses the attempt: the peer is told at once (a QUIC
+    /// `CONNECTION_REFUSED`), without the cost of a handshake.
+    pub fn refuse(self) {
+        self.inner.refuse();
+    }
+}
+
+/// A server-side handshake in progress. Await it for the [`Connection`];
+/// dropping it abandons the handshake.
+#[derive(Debug)]
+pub struct Connecting {
+    inner: quinn::Connecting,
+    limits: Limits,
+}
+
+impl Connecting {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote_address()
+    }
+}
+
+impl IntoFuture for Connecting {
+    type Output = Result<Connection, TransportError>;
+    type IntoFuture = Handshake;
+
+    fn into_future(self) -> Handshake {
+        Handshake {
+            inner: self.inner,
+            limits: Some(self.limits),
+        }
+    }
+}
+
+/// The future of a [`Connecting`].
+#[derive(Debug)]
+pub struct Handshake {
+    inner: quinn::Connecting,
+    limits: Option<Limits>,
+}
+
+impl Future for Handshake {
+    type Output = Result<Connection, TransportError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let connection = std::task::ready!(Pin::new(&mut self.inner).poll(cx))?;
+        let limits = self.limits.take().unwrap_or_default();
+        Poll::Ready(Ok(Connection::new(connection, limits)))
     }
 }
 
@@ -255,7 +341,7 @@ impl Connection {
     /// Closes the connection at once: streams are abandoned and the peer sees
     /// `code` and `reason`.
     pub fn close(&self, code: CloseCode, reason: &str) {
-        self.inner.close(code.to_u32().into(), reason.as_bytes());
+        self.inner.close(close_code(code), reason.as_bytes());
     }
 
     /// Waits until the connection is closed, and says why.
@@ -267,4 +353,8 @@ impl Connection {
     pub fn close_reason(&self) -> Option<TransportError> {
         self.inner.close_reason().map(Into::into)
     }
+}
+
+fn close_code(code: CloseCode) -> quinn::VarInt {
+    quinn::VarInt::from_u64(code.code()).unwrap_or(quinn::VarInt::MAX)
 }

@@ -19,19 +19,23 @@
 //! QUIC streams are flow controlled and delivered independently.
 
 mod config;
+pub mod driver;
 mod endpoint;
 mod error;
 mod memory;
 pub mod reference;
+mod socket;
 mod stream;
 mod tls;
 
 pub use config::TransportConfig;
 pub use endpoint::{
-    quinn_client_config, quinn_server_config, CloseCode, Connection, Connector, Listener,
+    quinn_client_config, quinn_server_config, Connecting, Connection, Connector, Handshake,
+    Incoming, Listener,
 };
 pub use error::TransportError;
-pub use stream::{Outgoing, RecvStream, SendStream, StreamCode};
+pub use stream::{Outgoing, Progress, RecvStream, SendStream};
+pub use teleport_protocol::{CloseCode, StreamCode};
 pub use tls::{
     ClientAuth, ClientTls, Fingerprint, Identity, ParseFingerprintError, ServerTls, ALPN,
 };

@@ -4,37 +4,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use teleport_protocol::{encode, Decoder, Limits, Message};
+use teleport_protocol::wire::CallHeader;
+use teleport_protocol::{encode, Decoder, Limits, Message, StreamCode};
 
 use crate::memory::LargeMessageMemory;
 use crate::TransportError;
-
-/// Application error codes for abandoning a stream (`RESET_STREAM` and
-/// `STOP_SENDING`), so the peer can tell why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StreamCode {
-    /// The caller cancelled the call.
-    Cancelled,
-    /// The call's deadline passed.
-    Expired,
-    /// The message broke the protocol or a limit.
-    Refused,
-    /// The side is shutting down.
-    ShuttingDown,
-}
-
-impl StreamCode {
-    /// The code on the wire.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            StreamCode::Cancelled => 1,
-            StreamCode::Expired => 2,
-            StreamCode::Refused => 3,
-            StreamCode::ShuttingDown => 4,
-        }
-    }
-}
 
 /// A message encoded for sending: its gather list, and how much of it is written.
 #[derive(Debug)]
@@ -111,18 +85,19 @@ impl SendStream {
 
     /// Abandons the stream: unsent bytes are dropped and the peer sees `code`.
     pub fn reset(&mut self, code: StreamCode) {
-        let _ = self.inner.reset(code.to_u32().into());
+        let _ = self.inner.reset(varint(code.code()));
     }
 
-    /// Waits until the peer has received everything (after [`finish`](Self::finish))
-    /// or stopped reading. Returns the stop code if it stopped.
-    pub async fn stopped(&mut self) -> Result<Option<u64>, TransportError> {
+    /// Waits until the peer has acknowledged everything (after
+    /// [`finish`](Self::finish)) or stopped reading. Returns the stop code if
+    /// it stopped.
+    pub async fn stopped(&mut self) -> Result<Option<StreamCode>, TransportError> {
         match self.inner.stopped().await {
-            Ok(code) => Ok(code.map(|c| c.into_inner())),
+            Ok(code) => Ok(code.map(|c| StreamCode::from_code(c.into_inner()))),
             Err(quinn::StoppedError::ConnectionLost(e)) => Err(e.into()),
-            Err(quinn::StoppedError::ZeroRttRejected) => Err(TransportError::ConnectionFailed(
-                "0-RTT data rejected".into(),
-            )),
+            Err(quinn::StoppedError::ZeroRttRejected) => {
+                Err(TransportError::Misuse("0-RTT data rejected".into()))
+            }
         }
     }
 }
@@ -156,6 +131,22 @@ impl RecvStream {
         &mut self,
         mut on_bytes: impl FnMut(usize),
     ) -> Result<Option<Message>, TransportError> {
+        self.receive_watching(|progress| {
+            if let Progress::Bytes(n) = progress {
+                on_bytes(n)
+            }
+        })
+        .await
+    }
+
+    /// [`receive`](Self::receive), also reporting the header of a `Call` as
+    /// soon as it is decoded, while its arrays are still arriving (once per
+    /// message, and only for calls with a data section).
+    pub async fn receive_watching(
+        &mut self,
+        mut watch: impl FnMut(Progress<'_>),
+    ) -> Result<Option<Message>, TransportError> {
+        let mut header_told = false;
         loop {
             if !self.leftover.is_empty() {
                 let mut input: &[u8] = &self.leftover;
@@ -166,11 +157,17 @@ impl RecvStream {
                 if let Some(message) = result? {
                     return Ok(Some(message));
                 }
+                if !header_told {
+                    if let Some(header) = self.decoder.partial_call() {
+                        header_told = true;
+                        watch(Progress::CallHeader(header));
+                    }
+                }
                 continue;
             }
             match self.inner.read_chunk(usize::MAX, true).await? {
                 Some(chunk) => {
-                    on_bytes(chunk.bytes.len());
+                    watch(Progress::Bytes(chunk.bytes.len()));
                     self.leftover = chunk.bytes;
                 }
                 None => {
@@ -179,6 +176,22 @@ impl RecvStream {
                         Err(e) => Err(TransportError::Truncated(e)),
                     };
                 }
+            }
+        }
+    }
+
+    /// Waits for the end of a stream that carries one message, after that
+    /// message: fails with [`TransportError::TrailingBytes`] if more bytes
+    /// follow, or with the peer's reset.
+    pub async fn expect_end(&mut self) -> Result<(), TransportError> {
+        if !self.leftover.is_empty() {
+            return Err(TransportError::TrailingBytes);
+        }
+        match self.inner.read_chunk(usize::MAX, true).await? {
+            None => Ok(()),
+            Some(chunk) => {
+                self.leftover = chunk.bytes;
+                Err(TransportError::TrailingBytes)
             }
         }
     }
@@ -205,6 +218,20 @@ impl RecvStream {
 
     /// Tells the peer to stop sending on this stream.
     pub fn stop(&mut self, code: StreamCode) {
-        let _ = self.inner.stop(code.to_u32().into());
+        let _ = self.inner.stop(varint(code.code()));
     }
+}
+
+/// What [`RecvStream::receive_watching`] reports while a message arrives.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum Progress<'a> {
+    /// A chunk of this many bytes arrived.
+    Bytes(usize),
+    /// The header of the `Call` being received; its arrays are still arriving.
+    CallHeader(CallHeader<'a>),
+}
+
+fn varint(code: u64) -> quinn::VarInt {
+    quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::MAX)
 }

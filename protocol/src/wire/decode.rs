@@ -6,9 +6,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use bytes::Bytes;
 use core::time::Duration;
-use serde::Deserialize;
 
-use super::{align_up, head, tag, DecodeError, ALIGN, MAGIC, PREAMBLE_LEN, VERSION};
+use super::{align_up, tag, DecodeError, ALIGN, MAGIC, PREAMBLE_LEN, VERSION};
 use crate::message::{
     Call, ErrorKind, Goodbye, GoodbyeReason, Hello, Kind, Message, RemoteError, Reply,
 };
@@ -51,6 +50,18 @@ impl core::fmt::Debug for Decoder {
             .field("custom_allocator", &self.allocator.is_some())
             .finish()
     }
+}
+
+/// The header fields of a `Call` whose data is still arriving; see
+/// [`Decoder::partial_call`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallHeader<'a> {
+    /// The client's id for the call.
+    pub request_id: u64,
+    /// The function's name.
+    pub method: &'a str,
+    /// The timeout as sent.
+    pub timeout: Option<Duration>,
 }
 
 /// Supplies the memory a message's data section is received into.
@@ -97,6 +108,8 @@ enum State {
 struct DataState {
     message: Message,
     regions: Vec<Region>,
+    /// Where the data section starts in the message, for error offsets.
+    data_start: u64,
     buf: DataBuf,
     remaining: usize,
 }
@@ -182,6 +195,8 @@ struct Preamble {
 struct Region {
     offset: u64,
     len: u64,
+    /// The region of a bool array: every byte must be `0` or `1`.
+    bools: bool,
 }
 
 impl Decoder {
@@ -204,6 +219,24 @@ impl Decoder {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The header of the `Call` being received, once its header is decoded
+    /// and while its data section is still arriving: what a server needs to
+    /// admit the call before its arrays are complete. `None` otherwise (a
+    /// call with no data section is returned whole by [`feed`](Self::feed)).
+    pub fn partial_call(&self) -> Option<CallHeader<'_>> {
+        match &self.state {
+            State::Data(DataState {
+                message: Message::Call(call),
+                ..
+            }) => Some(CallHeader {
+                request_id: call.request_id,
+                method: &call.method,
+                timeout: call.timeout,
+            }),
+            _ => None,
+        }
     }
 
     /// True between messages: no partial message is buffered.
@@ -264,7 +297,7 @@ impl Decoder {
                         // The whole header is in this chunk: parse it in place.
                         let (h, rest) = input.split_at(total);
                         *input = rest;
-                        parse_header(&preamble, &h[..preamble.header_len], &self.limits)?
+                        parse_header_and_padding(&preamble, h, &self.limits)?
                     } else {
                         let n = (total - buf.len()).min(input.len());
                         buf.extend_from_slice(&input[..n]);
@@ -272,7 +305,7 @@ impl Decoder {
                         if buf.len() < total {
                             return Ok(None);
                         }
-                        parse_header(&preamble, &buf[..preamble.header_len], &self.limits)?
+                        parse_header_and_padding(&preamble, buf, &self.limits)?
                     };
                     let (message, regions) = message;
                     if preamble.data_len == 0 {
@@ -285,6 +318,7 @@ impl Decoder {
                     self.state = State::Data(DataState {
                         message,
                         regions,
+                        data_start: (PREAMBLE_LEN as u64).saturating_add(total as u64),
                         buf: DataBuf::new(data_len, self.allocator.as_ref())?,
                         remaining: data_len,
                     });
@@ -308,6 +342,7 @@ impl Decoder {
                         unreachable!("matched State::Data above")
                     };
                     let data = d.buf.freeze();
+                    check_data(&data, &d.regions, d.data_start)?;
                     let mut message = d.message;
                     attach_data(&mut message, &data, &d.regions);
                     return Ok(Some(message));
@@ -397,29 +432,125 @@ fn parse_preamble(buf: &[u8; PREAMBLE_LEN], limits: &Limits) -> Result<Preamble,
     })
 }
 
-/// A cursor over the header that reads postcard values and reports where a
-/// malformed one starts.
+/// A cursor over the header that reads the postcard values of section 3 of
+/// `docs/wire-format.md`, strictly: a varint in other than its shortest form, an
+/// option tag or a bool other than `00`/`01`, a value that overflows its type or
+/// runs past the header's end, and a string that is not UTF-8 are all errors, so
+/// a header has exactly one encoding. Errors name the header offset where the
+/// offending value starts.
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take<T: Deserialize<'a>>(&mut self, what: &'static str) -> Result<T, DecodeError> {
-        match postcard::take_from_bytes::<T>(&self.buf[self.pos..]) {
-            Ok((value, rest)) => {
-                self.pos = self.buf.len() - rest.len();
-                Ok(value)
-            }
-            Err(_) => Err(DecodeError::MalformedHeader {
-                offset: self.pos,
-                what,
-            }),
-        }
+    fn malformed(offset: usize, what: &'static str) -> DecodeError {
+        DecodeError::MalformedHeader { offset, what }
     }
 
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
+    }
+
+    fn bytes(
+        &mut self,
+        n: usize,
+        start: usize,
+        what: &'static str,
+    ) -> Result<&'a [u8], DecodeError> {
+        if n > self.remaining() {
+            return Err(Self::malformed(start, what));
+        }
+        let b = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(b)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        let start = self.pos;
+        Ok(self.bytes(1, start, what)?[0])
+    }
+
+    fn bool(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        let offset = self.pos;
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            byte => Err(DecodeError::BadBool { offset, byte }),
+        }
+    }
+
+    /// `true` for some (`01`), `false` for none (`00`).
+    fn option(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        let offset = self.pos;
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            byte => Err(DecodeError::BadOption { offset, byte, what }),
+        }
+    }
+
+    /// An unsigned LEB128 varint of a `bits`-bit type, in its shortest form.
+    fn varint(&mut self, bits: u32, what: &'static str) -> Result<u64, DecodeError> {
+        let start = self.pos;
+        let max_bytes = bits.div_ceil(7);
+        let mut value = 0u64;
+        for i in 0..max_bytes {
+            let byte = self.u8(what).map_err(|_| Self::malformed(start, what))?;
+            let shift = 7 * i;
+            let group = u64::from(byte & 0x7f);
+            if i + 1 == max_bytes && (byte & 0x80 != 0 || group >> (bits - shift) != 0) {
+                // Longer than the type allows, or overflowing it.
+                return Err(Self::malformed(start, what));
+            }
+            value |= group << shift;
+            if byte & 0x80 == 0 {
+                // A last byte of zero adds nothing: a shorter form exists.
+                if byte == 0 && i > 0 {
+                    return Err(DecodeError::NonCanonicalVarint {
+                        offset: start,
+                        what,
+                    });
+                }
+                return Ok(value);
+            }
+        }
+        Err(Self::malformed(start, what))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        // Fits: the varint was checked against 32 bits.
+        Ok(self.varint(32, what)? as u32)
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        self.varint(64, what)
+    }
+
+    fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
+        let z = self.varint(64, what)?;
+        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+    }
+
+    fn f64(&mut self, what: &'static str) -> Result<f64, DecodeError> {
+        let start = self.pos;
+        let b = self.bytes(8, start, what)?;
+        Ok(f64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    fn str(&mut self, what: &'static str) -> Result<&'a str, DecodeError> {
+        let start = self.pos;
+        let len = self.u64(what)?;
+        let len = usize::try_from(len).map_err(|_| Self::malformed(start, what))?;
+        let b = self.bytes(len, start, what)?;
+        core::str::from_utf8(b).map_err(|_| Self::malformed(start, what))
+    }
+
+    /// A string that is a name: checked against `max_name_len`.
+    fn name(&mut self, what: &'static str, limits: &Limits) -> Result<&'a str, DecodeError> {
+        let name = self.str(what)?;
+        check_name(name, limits)?;
+        Ok(name)
     }
 }
 
@@ -429,6 +560,53 @@ fn check_name(name: &str, limits: &Limits) -> Result<(), DecodeError> {
             len: name.len(),
             max: limits.max_name_len,
         });
+    }
+    Ok(())
+}
+
+/// Parses the header (`buf[..header_len]`) and checks the padding that follows
+/// it (the rest of `buf`) is zero.
+fn parse_header_and_padding(
+    preamble: &Preamble,
+    buf: &[u8],
+    limits: &Limits,
+) -> Result<(Message, Vec<Region>), DecodeError> {
+    let (header, padding) = buf.split_at(preamble.header_len);
+    let parsed = parse_header(preamble, header, limits)?;
+    if let Some(i) = padding.iter().position(|&b| b != 0) {
+        return Err(DecodeError::NonZeroPadding {
+            offset: (PREAMBLE_LEN + preamble.header_len + i) as u64,
+            byte: padding[i],
+        });
+    }
+    Ok(parsed)
+}
+
+/// Checks the data section once it is complete, in byte order: the padding
+/// before each region is zero, and every element of a bool array is `0` or
+/// `1`. `data_start` is the section's offset in the message, for the errors.
+fn check_data(data: &[u8], regions: &[Region], data_start: u64) -> Result<(), DecodeError> {
+    let at = |i: usize| data_start.saturating_add(i as u64);
+    let mut end = 0usize;
+    for r in regions {
+        // Regions were validated against data_len, which is data.len().
+        let (offset, len) = (r.offset as usize, r.len as usize);
+        if let Some(i) = data[end..offset].iter().position(|&b| b != 0) {
+            return Err(DecodeError::NonZeroPadding {
+                offset: at(end + i),
+                byte: data[end + i],
+            });
+        }
+        if r.bools {
+            let region = &data[offset..offset + len];
+            if let Some(i) = region.iter().position(|&b| b > 1) {
+                return Err(DecodeError::BadBoolElement {
+                    offset: at(offset + i),
+                    byte: region[i],
+                });
+            }
+        }
+        end = offset + len;
     }
     Ok(())
 }
@@ -452,60 +630,69 @@ fn parse_header(
     };
     let message = match preamble.kind {
         Kind::Hello => {
-            let h: head::Hello = r.take("hello")?;
-            check_name(h.agent, limits)?;
-            if let Some(t) = h.token {
-                check_name(t, limits)?;
-            }
+            let agent = r.name("hello agent", limits)?;
+            let token = match r.option("hello token")? {
+                true => Some(r.name("hello token", limits)?),
+                false => None,
+            };
             Message::Hello(Hello {
-                agent: h.agent.into(),
-                token: h.token.map(String::from),
+                agent: agent.into(),
+                token: token.map(String::from),
             })
         }
         Kind::Call => {
-            let h: head::Call = r.take("call")?;
-            check_name(h.method, limits)?;
-            let method = h.method.into();
+            let request_id = r.u64("call request id")?;
+            let method = r.name("call method", limits)?.into();
+            let timeout_us = match r.option("call timeout")? {
+                true => Some(r.u64("call timeout")?),
+                false => None,
+            };
             let args = tree_parser.parse(&mut r)?;
             Message::Call(Call {
-                request_id: h.request_id,
+                request_id,
                 method,
-                timeout: h.timeout_us.map(Duration::from_micros),
+                timeout: timeout_us.map(Duration::from_micros),
                 args,
             })
         }
         Kind::Reply => {
-            let h: head::Reply = r.take("reply")?;
-            let result = match h.error {
-                None => Ok(tree_parser.parse(&mut r)?),
-                Some(e) => {
-                    check_name(e.type_name, limits)?;
+            let request_id = r.u64("reply request id")?;
+            let result = match r.option("reply error")? {
+                false => Ok(tree_parser.parse(&mut r)?),
+                true => {
+                    let kind = r.u8("error kind")?;
+                    let type_name = r.name("error type name", limits)?;
+                    let message = r.str("error message")?;
+                    if r.remaining() > 0 || preamble.data_len > 0 {
+                        return Err(DecodeError::ErrorReplyWithData {
+                            header_bytes: r.remaining(),
+                            data_len: preamble.data_len,
+                        });
+                    }
                     Err(RemoteError {
-                        kind: ErrorKind::from_code(e.kind),
-                        type_name: e.type_name.into(),
-                        message: e.message.into(),
+                        kind: ErrorKind::from_code(kind),
+                        type_name: type_name.into(),
+                        message: message.into(),
                     })
                 }
             };
-            Message::Reply(Reply {
-                request_id: h.request_id,
-                result,
-            })
+            Message::Reply(Reply { request_id, result })
         }
         Kind::Ping => Message::Ping {
-            nonce: r.take("ping nonce")?,
+            nonce: r.u64("ping nonce")?,
         },
         Kind::Pong => Message::Pong {
-            nonce: r.take("pong nonce")?,
+            nonce: r.u64("pong nonce")?,
         },
         Kind::Cancel => Message::Cancel {
-            request_id: r.take("cancel request id")?,
+            request_id: r.u64("cancel request id")?,
         },
         Kind::Goodbye => {
-            let h: head::Goodbye = r.take("goodbye")?;
+            let reason = r.u8("goodbye reason")?;
+            let message = r.str("goodbye message")?;
             Message::Goodbye(Goodbye {
-                reason: GoodbyeReason::from_code(h.reason),
-                message: h.message.into(),
+                reason: GoodbyeReason::from_code(reason),
+                message: message.into(),
             })
         }
     };
@@ -555,7 +742,7 @@ impl TreeParser<'_> {
         Ok(())
     }
 
-    fn region(&mut self, offset: u64, len: u64) -> Result<(), DecodeError> {
+    fn region(&mut self, offset: u64, len: u64, bools: bool) -> Result<(), DecodeError> {
         let expected = align_up(self.end).ok_or(DecodeError::SizeOverflow)?;
         if offset != expected {
             return Err(DecodeError::MisplacedRegion {
@@ -571,7 +758,7 @@ impl TreeParser<'_> {
             });
         }
         self.end = end;
-        self.regions.push(Region { offset, len });
+        self.regions.push(Region { offset, len, bools });
         Ok(())
     }
 
@@ -611,26 +798,28 @@ impl TreeParser<'_> {
                 None => {}
             }
             if let Some(Frame::Map(_, _, key)) = frames.last_mut() {
-                let k: &str = r.take("map key")?;
-                check_name(k, self.limits)?;
+                let k = r.name("map key", self.limits)?;
                 *key = Some(k.into());
                 self.count_node()?;
             }
-            let tag: u32 = r.take("node tag")?;
+            let tag = r.u32("node tag")?;
             self.count_node()?;
             let mut node = match tag {
                 tag::NONE => Tree::None,
-                tag::BOOL => Tree::Bool(r.take("bool")?),
-                tag::INT => Tree::Int(r.take("int")?),
-                tag::FLOAT => Tree::Float(r.take("float")?),
-                tag::STR => Tree::Str(r.take::<&str>("string")?.into()),
+                tag::BOOL => Tree::Bool(r.bool("bool")?),
+                tag::INT => Tree::Int(r.i64("int")?),
+                tag::FLOAT => Tree::Float(r.f64("float")?),
+                tag::STR => Tree::Str(r.str("string")?.into()),
                 tag::BYTES => {
-                    let (offset, len): (u64, u64) = r.take("bytes region")?;
-                    self.region(offset, len)?;
+                    let offset = r.u64("bytes offset")?;
+                    let len = r.u64("bytes length")?;
+                    self.region(offset, len, false)?;
                     Tree::Bytes(Bytes::new())
                 }
                 tag::ARRAY => {
-                    let (code, offset, rank): (u8, u64, u64) = r.take("array")?;
+                    let code = r.u8("array dtype")?;
+                    let offset = r.u64("array offset")?;
+                    let rank = r.u64("array rank")?;
                     let dtype = DType::from_code(code).ok_or(DecodeError::UnknownDType(code))?;
                     if rank > self.limits.max_rank as u64 {
                         return Err(DecodeError::RankTooLarge {
@@ -651,7 +840,7 @@ impl TreeParser<'_> {
                     // size's multiple (and `Array::new` accepts such shapes).
                     let mut count = 1u64;
                     for _ in 0..rank {
-                        let dim: u64 = r.take("array dimension")?;
+                        let dim = r.u64("array dimension")?;
                         count = count.checked_mul(dim).ok_or(DecodeError::SizeOverflow)?;
                         shape.push(
                             usize::try_from(dim).map_err(|_| DecodeError::TooLargeForPlatform)?,
@@ -660,11 +849,11 @@ impl TreeParser<'_> {
                     let len = count
                         .checked_mul(dtype.size() as u64)
                         .ok_or(DecodeError::SizeOverflow)?;
-                    self.region(offset, len)?;
+                    self.region(offset, len, dtype == DType::Bool)?;
                     Tree::Array(Array::placeholder(dtype, shape))
                 }
                 tag::LIST => {
-                    let n: u64 = r.take("list length")?;
+                    let n = r.u64("list length")?;
                     if n == 0 {
                         Tree::List(Vec::new())
                     } else {
@@ -674,7 +863,7 @@ impl TreeParser<'_> {
                     }
                 }
                 tag::MAP => {
-                    let n: u64 = r.take("map length")?;
+                    let n = r.u64("map length")?;
                     if n == 0 {
                         Tree::Map(Map::new())
                     } else {

@@ -24,8 +24,25 @@ pub enum DecodeError {
     DataTooLarge { len: u64, max: u64 },
     #[error("a {kind:?} message carries no data, but declares {len} data bytes")]
     UnexpectedData { kind: Kind, len: u64 },
+    /// A header value runs past the header's end, overflows its type, or (a
+    /// string) is not UTF-8; `what` names the field, `offset` is where the value
+    /// starts in the header.
     #[error("malformed header at byte {offset}: {what}")]
     MalformedHeader { offset: usize, what: &'static str },
+    /// A varint with a shorter encoding (a last byte of `00` after others):
+    /// every value has exactly one encoding.
+    #[error("varint for {what} at header byte {offset} is not in its shortest form")]
+    NonCanonicalVarint { offset: usize, what: &'static str },
+    /// An option tag other than `00` (none) or `01` (some).
+    #[error("option tag of {what} at header byte {offset} is {byte:#04x}; it must be 00 or 01")]
+    BadOption {
+        offset: usize,
+        byte: u8,
+        what: &'static str,
+    },
+    /// A bool node whose byte is other than `00` (false) or `01` (true).
+    #[error("bool at header byte {offset} is {byte:#04x}; it must be 00 or 01")]
+    BadBool { offset: usize, byte: u8 },
     #[error("{len} unread bytes at the end of the header")]
     TrailingHeaderBytes { len: usize },
     #[error("tree nesting exceeds the depth limit of {max}")]
@@ -46,6 +63,21 @@ pub enum DecodeError {
     SizeOverflow,
     #[error("a declared size does not fit in this platform's address space")]
     TooLargeForPlatform,
+    /// A padding byte (after the header, or between data regions) is not zero.
+    /// `offset` counts from the start of the message.
+    #[error("padding byte at message byte {offset} is {byte:#04x}; padding must be zero")]
+    NonZeroPadding { offset: u64, byte: u8 },
+    /// An element of a bool array is other than `0` or `1`. `offset` counts
+    /// from the start of the message.
+    #[error("bool array element at message byte {offset} is {byte:#04x}; it must be 0 or 1")]
+    BadBoolElement { offset: u64, byte: u8 },
+    /// A Reply carrying an error must carry nothing else: no tree in the
+    /// header, no data section.
+    #[error(
+        "an error Reply carries {header_bytes} header bytes after the error and {data_len} data \
+         bytes; an error Reply carries no tree and no data"
+    )]
+    ErrorReplyWithData { header_bytes: usize, data_len: u64 },
     #[error("data section is {declared} bytes but the tree's regions end at {expected}")]
     DataLengthMismatch { declared: u64, expected: u64 },
     #[error("the stream ended inside a message ({needed} more bytes were expected)")]

@@ -143,3 +143,74 @@ impl Fixture {
             .expect("the client connects")
     }
 }
+
+/// A QUIC connection to the fixture's server that speaks the wire format by
+/// hand (the tests decide every byte), and its endpoint.
+pub async fn raw_connection(
+    fixture: &Fixture,
+) -> (teleport_quic::Connector, teleport_quic::Connection) {
+    let tls = teleport_quic::ClientTls::pinned(fixture.server.fingerprint());
+    let connector = teleport_quic::Connector::new(
+        &tls,
+        &teleport_quic::TransportConfig::default(),
+        Default::default(),
+    )
+    .unwrap();
+    let connection = within(
+        "raw connect",
+        connector.connect(fixture.server.local_addr(), "localhost"),
+    )
+    .await
+    .unwrap();
+    (connector, connection)
+}
+
+/// A raw connection past its Hello exchange: (endpoint, connection, control
+/// stream).
+pub async fn raw_session(
+    fixture: &Fixture,
+) -> (
+    teleport_quic::Connector,
+    teleport_quic::Connection,
+    (teleport_quic::SendStream, teleport_quic::RecvStream),
+) {
+    let (connector, connection) = raw_connection(fixture).await;
+    let (mut send, mut recv) = connection.open_stream().await.unwrap();
+    let hello = teleport_protocol::Message::Hello(teleport_protocol::Hello {
+        agent: "raw".into(),
+        token: None,
+    });
+    send.send(&hello).await.unwrap();
+    let answer = within("the server's hello", recv.receive(|_| {}))
+        .await
+        .unwrap();
+    assert!(matches!(answer, Some(teleport_protocol::Message::Hello(_))));
+    (connector, connection, (send, recv))
+}
+
+/// A UDP relay on loopback that forwards datagrams to `server` and drops
+/// every datagram coming back: a client behind it starts a handshake that
+/// never completes. Lives as long as the returned task.
+pub async fn one_way_relay(
+    server: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let inbound = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let outbound = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = inbound.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                received = inbound.recv_from(&mut up) => {
+                    let Ok((n, _)) = received else { return };
+                    let _ = outbound.send_to(&up[..n], server).await;
+                }
+                // The server's answers are read and dropped.
+                received = outbound.recv_from(&mut down) => {
+                    if received.is_err() { return }
+                }
+            }
+        }
+    });
+    (addr, task)
+}

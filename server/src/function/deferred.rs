@@ -6,7 +6,7 @@ use std::fmt;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::oneshot;
 
-use crate::handler::HandlerError;
+use crate::HandlerError;
 
 /// What the caller is told when a [`Responder`] is dropped unanswered.
 pub(crate) const DROPPED_RESPONDER: &str = "the function dropped its responder without answering";

@@ -9,8 +9,8 @@ use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::deferred::Responder;
-use crate::handler::HandlerError;
+use super::Responder;
+use crate::HandlerError;
 
 /// One call taken from a queue: its arguments and the way to answer it.
 pub type QueuedCall = (Tree, Responder);

@@ -3,10 +3,11 @@
 //!
 //! Each batched function has one task for the whole server that owns its
 //! [`Batcher`] and drives it with real time. A call reaches it as a
-//! [`BatchRequest`] over a channel, with a oneshot for its own result, and waits
-//! on that oneshot in its connection's task like any other function call, so
-//! admission, the in-flight limits, cancellation and [`Server::check`] work as
-//! for unbatched functions.
+//! [`BatchRequest`] over a channel (sent in admission order, so a batch's
+//! members are in the order the calls were made), with a oneshot for its own
+//! result, and waits on that oneshot in its stream's task like any other
+//! function call, so admission, the in-flight limits, cancellation and
+//! [`Server::check`] work as for unbatched functions.
 //!
 //! The channel is unbounded because every request in it is a call the server
 //! admitted: the server-wide in-flight limit already bounds it.
@@ -14,6 +15,7 @@
 //! [`Server::check`]: crate::Server::check
 
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
@@ -22,11 +24,13 @@ use teleport_protocol::batch::{split, stack_compatible};
 use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError, Batcher};
 use teleport_protocol::server::SERVER_ERROR_TYPE;
 use teleport_protocol::{ErrorKind, RemoteError, Timestamp, Tree};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::handler::{panic_error, AsyncFn, BlockingFn, HandlerError};
+use super::panic::panic_error;
+use super::{AsyncFn, BlockingFn, JobFuture};
+use crate::HandlerError;
 
 /// The type name of the error every member of a batch gets when the function's
 /// result cannot be split back into one result per call.
@@ -95,7 +99,7 @@ impl BatchedFunction {
         &self,
         method: &str,
         workers: Arc<Semaphore>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Option<JoinHandle<()>>, BatchPolicyError> {
         let batcher = Batcher::new(self.inner.policy)?;
         let requests = self
@@ -119,16 +123,22 @@ impl BatchedFunction {
         ))))
     }
 
-    /// Queues `args` for the next batch and waits for this call's part of the
-    /// result. Dropping the future withdraws the call.
-    pub(crate) async fn call(&self, method: &str, args: Tree) -> Result<Tree, RemoteError> {
+    /// Queues `args` for the next batch now, in admission order, and returns
+    /// the future of this call's part of the result. Dropping the future
+    /// withdraws the call.
+    pub(crate) fn submit(&self, method: &str, args: Tree) -> JobFuture {
         let (reply, result) = oneshot::channel();
-        let stopped = || {
-            RemoteError::new(
-                ErrorKind::ShuttingDown,
-                SERVER_ERROR_TYPE,
-                format!("the batched function {method:?} has stopped: the server is shutting down"),
-            )
+        let stopped = {
+            let method = method.to_owned();
+            move || {
+                RemoteError::new(
+                    ErrorKind::ShuttingDown,
+                    SERVER_ERROR_TYPE,
+                    format!(
+                        "the batched function {method:?} has stopped: the server is shutting down"
+                    ),
+                )
+            }
         };
         if self
             .inner
@@ -136,9 +146,9 @@ impl BatchedFunction {
             .send(BatchRequest { args, reply })
             .is_err()
         {
-            return Err(stopped());
+            return Box::pin(std::future::ready(Err(stopped())));
         }
-        result.await.unwrap_or_else(|_| Err(stopped()))
+        Box::pin(async move { result.await.unwrap_or_else(|_| Err(stopped())) })
     }
 }
 
@@ -161,8 +171,9 @@ async fn run_batcher(
     mut batcher: Batcher<BatchRequest>,
     mut requests: mpsc::UnboundedReceiver<BatchRequest>,
     job: BatchJob,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send,
 ) {
+    tokio::pin!(shutdown);
     let origin = Instant::now();
     let now = || Timestamp::from_duration(origin.elapsed());
     let mut draining = false;
@@ -184,8 +195,7 @@ async fn run_batcher(
         let request = tokio::select! {
             request = requests.recv() => request,
             _ = tokio::time::sleep_until(due.unwrap_or(origin)), if due.is_some() => continue,
-            // An error means the server is gone: drain as well.
-            _ = shutdown.wait_for(|stop| *stop), if !draining => {
+            _ = &mut shutdown, if !draining => {
                 draining = true;
                 continue;
             }

@@ -1,0 +1,125 @@
+//! The task serving one call stream: it reads the call, runs it when the
+//! state machine says so, and writes the reply (or abandons the stream), doing
+//! exactly what the machine's outputs for its stream say.
+
+use std::sync::Arc;
+
+use teleport_protocol::server::{CallHead, CallStreamError, StreamIndex};
+use teleport_protocol::Message;
+use teleport_quic::{Progress, RecvStream, SendStream, TransportError};
+
+use super::state::{Action, Conn};
+
+/// Serves call stream `stream` until the machine is done with it.
+pub(crate) async fn serve_call(
+    conn: Arc<Conn>,
+    stream: StreamIndex,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    // While the call arrives, the machine may already act on its stream: a
+    // refusal at the header, a stalled upload, the connection's end.
+    let mut next = tokio::select! {
+        action = read_call(&conn, stream, &mut recv) => action,
+        action = conn.next_action(stream) => Some(action),
+    };
+    loop {
+        let action = match next.take() {
+            Some(action) => action,
+            None => conn.next_action(stream).await,
+        };
+        match action {
+            Action::Run { id, method, job } => {
+                tokio::select! {
+                    outcome = job => next = conn.reply(stream, id, &method, outcome),
+                    // A stop (cancel, expiry, shutdown) drops the job: an
+                    // async function stops, a blocking one's result is
+                    // discarded when its thread returns.
+                    action = conn.next_action(stream) => next = Some(action),
+                }
+            }
+            Action::Stop => {}
+            Action::Write {
+                reply,
+                stop_reading,
+            } => {
+                if let Some(code) = stop_reading {
+                    recv.stop(code);
+                }
+                let sent = match send.send(&Message::Reply(reply)).await {
+                    Ok(()) => {
+                        // quinn delivers (and retransmits) a finished stream
+                        // while the connection lives.
+                        send.finish();
+                        // Reading the end spares the client a STOP_SENDING.
+                        recv.try_finish();
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, stream, "the reply could not be written");
+                        false
+                    }
+                };
+                conn.stream_done(stream, sent);
+                return;
+            }
+            Action::Reset(code) => {
+                send.reset(code);
+                recv.stop(code);
+                conn.stream_done(stream, false);
+                return;
+            }
+            Action::Ended => {
+                conn.stream_done(stream, false);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the call on the stream and reports it (its header early, if its
+/// arrays take a while), returning the stream's next action if the machine
+/// had one at once. An action the machine takes on the header (a refusal)
+/// waits in the stream's mailbox, where the caller's `select!` finds it and
+/// stops this reading.
+async fn read_call(conn: &Conn, stream: StreamIndex, recv: &mut RecvStream) -> Option<Action> {
+    let received = recv
+        .receive_watching(|progress| match progress {
+            Progress::Bytes(_) => conn.call_progress(stream),
+            Progress::CallHeader(header) => conn.call_head(
+                stream,
+                CallHead {
+                    request_id: header.request_id,
+                    method: header.method.to_owned(),
+                    timeout: header.timeout,
+                },
+            ),
+            _ => {}
+        })
+        .await;
+    let error = match received {
+        Ok(Some(Message::Call(call))) => match recv.expect_end().await {
+            Ok(()) => return conn.call_received(stream, call),
+            Err(e) => e,
+        },
+        Ok(Some(other)) => {
+            return conn.call_unreadable(stream, CallStreamError::NotACall(other.kind()))
+        }
+        Ok(None) => return conn.call_unreadable(stream, CallStreamError::Empty),
+        Err(e) => e,
+    };
+    let error = match error {
+        TransportError::Decode(e) | TransportError::Truncated(e) if e.is_over_limit() => {
+            CallStreamError::OverLimit(e.to_string())
+        }
+        TransportError::Decode(e) | TransportError::Truncated(e) => {
+            CallStreamError::Malformed(e.to_string())
+        }
+        TransportError::TrailingBytes => CallStreamError::TrailingBytes,
+        TransportError::StreamReset(code) => CallStreamError::Reset(code.code()),
+        // The whole connection is gone: the accept loop reports it.
+        e if e.is_connection_error() => return None,
+        e => CallStreamError::Malformed(e.to_string()),
+    };
+    conn.call_unreadable(stream, error)
+}

@@ -1,0 +1,139 @@
+//! One client connection, from its first packet to its close: the driver of
+//! its [`ServerProtocol`](teleport_protocol::server::ServerProtocol).
+//!
+//! The driver decides nothing: the handshake runs until it completes or the
+//! machine's Hello deadline closes the connection; the client's first stream
+//! is the control stream; every further stream is a call, reported to the
+//! machine in the order it was accepted and served by a task of its own
+//! ([`call`]); the timer task calls `handle_timeout` when the machine asks.
+
+mod call;
+mod state;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use teleport_quic::driver::{read_control, spawn_control_writer};
+use teleport_quic::Incoming;
+use tracing::Instrument;
+
+use crate::shared::ServerShared;
+
+pub(crate) use state::Conn;
+
+/// Serves one connection attempt in a task of its own, so a handshake that
+/// stalls delays no other client.
+pub(crate) fn spawn(incoming: Incoming, shared: Arc<ServerShared>) {
+    let id = shared.next_connection_id();
+    let peer = incoming.remote_addr();
+    let span = tracing::info_span!("connection", id, %peer);
+    tokio::spawn(
+        async move {
+            let conn = Arc::new(Conn::new(id, shared.clone()));
+            let _live = shared.register(&conn);
+            // A connection made while the server drains drains too.
+            if let Some(deadline) = shared.shutdown_deadline() {
+                conn.begin_shutdown(deadline);
+            }
+            let timer = tokio::spawn({
+                let conn = conn.clone();
+                async move {
+                    let clock = conn.shared.clock;
+                    conn.timer
+                        .run(
+                            &clock,
+                            conn.state(),
+                            |state| state.machine.poll_timeout(),
+                            |state, now| conn.handle_timeout(state, now),
+                        )
+                        .await
+                }
+            });
+            drive(&conn, incoming).await;
+            conn.timer.stop();
+            let _ = timer.await;
+            tracing::debug!("connection finished");
+        }
+        .instrument(span),
+    );
+}
+
+/// The connection's life: handshake, control stream, call streams.
+async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::info!(error = %e, "a connection attempt could not be accepted");
+            return;
+        }
+    };
+    // The machine's Hello deadline covers the handshake: when it closes the
+    // connection, the handshake is abandoned.
+    let connection = tokio::select! {
+        done = connecting.into_future() => match done {
+            Ok(connection) => connection,
+            Err(e) => {
+                tracing::info!(error = %e, "a handshake failed");
+                conn.connection_lost();
+                return;
+            }
+        },
+        _ = conn.wait_ended() => return,
+    };
+    if !conn.handshake_done(connection.clone()) {
+        return;
+    }
+    // The control stream is the first the client opens.
+    let control = tokio::select! {
+        accepted = connection.accept_stream() => accepted,
+        _ = conn.wait_ended() => return,
+    };
+    let (send, recv) = match control {
+        Ok(streams) => streams,
+        Err(e) => {
+            tracing::debug!(error = %e, "the connection ended before its control stream");
+            conn.connection_lost();
+            return;
+        }
+    };
+    let writer = {
+        // Weak: the connection holds the writer, not the other way round.
+        let conn = Arc::downgrade(conn);
+        spawn_control_writer(send, move || {
+            if let Some(conn) = conn.upgrade() {
+                conn.goodbye_acknowledged();
+            }
+        })
+    };
+    {
+        let mut state = conn.lock();
+        state.control = Some(writer);
+        // Anything the machine said before the stream existed goes now.
+        conn.pump(&mut state);
+    }
+    tokio::spawn({
+        let conn = conn.clone();
+        read_control(
+            recv,
+            |_| {},
+            move |received| conn.control_received(received),
+        )
+    });
+    let mut next_stream = 0;
+    loop {
+        match connection.accept_stream().await {
+            Ok((send, recv)) => {
+                // Reported here, in accept (= stream id) order: the order the
+                // machine admits calls in.
+                conn.call_opened(next_stream);
+                tokio::spawn(call::serve_call(conn.clone(), next_stream, send, recv));
+                next_stream += 1;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the connection ended");
+                break;
+            }
+        }
+    }
+    conn.connection_lost();
+}

@@ -1,0 +1,408 @@
+//! One connection's state behind one lock: its state machine, the transport
+//! handles, and a mailbox per call stream through which the machine's outputs
+//! reach the task serving that stream.
+//!
+//! Every task of the connection (the accept loop, the control stream reader,
+//! the timer, the stream tasks) feeds its input to the machine under the lock
+//! and then [`pump`](Conn::pump)s: the outputs go where they belong, and the
+//! calling stream task takes its own next action under the same lock, so the
+//! common path of a small call crosses no task boundary.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use teleport_protocol::server::{
+    CallHead, CallStreamError, ServerOutput, ServerProtocol, StreamIndex,
+};
+use teleport_protocol::{
+    Call, CloseCode, Message, RemoteError, Reply, RequestId, StreamCode, Timestamp, Tree,
+};
+use teleport_quic::driver::{ControlSender, Timer};
+use teleport_quic::{Connection, TransportError};
+use tokio::sync::Notify;
+
+use crate::function::{Function, JobFuture};
+use crate::shared::ServerShared;
+
+/// What a stream's task is asked to do next.
+pub(crate) enum Action {
+    /// Run the call and answer it with [`Conn::reply`].
+    Run {
+        id: RequestId,
+        method: Arc<str>,
+        job: JobFuture,
+    },
+    /// Stop the call's work (drop its job).
+    Stop,
+    /// Write this reply and finish the stream (stopping its reading side
+    /// first, if given).
+    Write {
+        reply: Reply,
+        stop_reading: Option<StreamCode>,
+    },
+    /// Abandon the stream both ways.
+    Reset(StreamCode),
+    /// The connection is over: nothing more will come.
+    Ended,
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Run { id, .. } => write!(f, "Run({id})"),
+            Action::Stop => f.write_str("Stop"),
+            Action::Write { reply, .. } => write!(f, "Write({})", reply.request_id),
+            Action::Reset(code) => write!(f, "Reset({code})"),
+            Action::Ended => f.write_str("Ended"),
+        }
+    }
+}
+
+/// Outputs of the machine for one stream, waiting for its task.
+#[derive(Debug, Default)]
+struct Mailbox {
+    actions: VecDeque<Action>,
+    waker: Option<Waker>,
+    /// The function of the stream's admitted call, until its arguments come.
+    function: Option<(Arc<str>, Function)>,
+}
+
+impl Mailbox {
+    fn push(&mut self, action: Action) {
+        self.actions.push_back(action);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    pub(crate) machine: ServerProtocol,
+    /// The QUIC connection, once the handshake is done.
+    pub(crate) transport: Option<Connection>,
+    /// The control stream's writer, once the client opened it.
+    pub(crate) control: Option<ControlSender>,
+    streams: HashMap<StreamIndex, Mailbox>,
+    /// The machine closed the connection, or it was lost.
+    pub(crate) ended: bool,
+    /// A close the machine asked for before the handshake was done.
+    pending_close: Option<(CloseCode, String)>,
+}
+
+/// One connection of a server. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    state: Mutex<ConnState>,
+    pub(crate) timer: Timer,
+    /// Signalled when the connection ends, for the handshake and the accept
+    /// loop.
+    ended: Notify,
+    pub(crate) shared: Arc<ServerShared>,
+}
+
+impl Conn {
+    pub(crate) fn new(id: u64, shared: Arc<ServerShared>) -> Conn {
+        let now = shared.clock.now();
+        let machine = ServerProtocol::new(now, shared.protocol.clone());
+        Conn {
+            id,
+            state: Mutex::new(ConnState {
+                machine,
+                transport: None,
+                control: None,
+                streams: HashMap::new(),
+                ended: false,
+                pending_close: None,
+            }),
+            timer: Timer::new(),
+            ended: Notify::new(),
+            shared,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn state(&self) -> &Mutex<ConnState> {
+        &self.state
+    }
+
+    /// The handshake is done: the connection can be used (or closed, if the
+    /// machine already decided so).
+    pub(crate) fn handshake_done(&self, transport: Connection) -> bool {
+        let mut state = self.lock();
+        if let Some((code, reason)) = state.pending_close.take() {
+            transport.close(code, &reason);
+            return false;
+        }
+        state.transport = Some(transport);
+        !state.ended
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
+    /// Waits until the connection has ended.
+    pub(crate) async fn wait_ended(&self) {
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().ended {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Carries out the machine's outputs. Called after every input, with the
+    /// lock held; never blocks. Deferred functions are called here, in
+    /// admission order (they must return quickly).
+    pub(crate) fn pump(&self, state: &mut ConnState) {
+        while let Some(output) = state.machine.poll_output() {
+            match output {
+                ServerOutput::Transmit(message) => match &state.control {
+                    Some(control) => {
+                        control.send(message);
+                    }
+                    None => tracing::debug!(?message, "no control stream to send on"),
+                },
+                ServerOutput::Admitted { stream, method, .. } => {
+                    // The machine admits only bound names.
+                    let function = self.shared.functions.get(&method).cloned();
+                    if let Some(mailbox) = state.streams.get_mut(&stream) {
+                        mailbox.function = function;
+                    }
+                }
+                ServerOutput::Arguments { stream, id, args } => {
+                    let Some(mailbox) = state.streams.get_mut(&stream) else {
+                        continue;
+                    };
+                    let Some((method, function)) = mailbox.function.take() else {
+                        continue;
+                    };
+                    let job = function.start(&method, args, &self.shared.workers);
+                    mailbox.push(Action::Run { id, method, job });
+                }
+                ServerOutput::Stop { stream, .. } => {
+                    if let Some(mailbox) = state.streams.get_mut(&stream) {
+                        mailbox.function = None;
+                        mailbox.push(Action::Stop);
+                    }
+                }
+                ServerOutput::Reply {
+                    stream,
+                    reply,
+                    stop_reading,
+                } => {
+                    if let Some(mailbox) = state.streams.get_mut(&stream) {
+                        mailbox.push(Action::Write {
+                            reply,
+                            stop_reading,
+                        });
+                    }
+                }
+                ServerOutput::Reset { stream, code } => {
+                    if let Some(mailbox) = state.streams.get_mut(&stream) {
+                        mailbox.push(Action::Reset(code));
+                    }
+                }
+                ServerOutput::Close { code, reason } => {
+                    tracing::debug!(%code, %reason, "closing the connection");
+                    match &state.transport {
+                        Some(transport) => transport.close(code, &reason),
+                        None => state.pending_close = Some((code, reason)),
+                    }
+                    self.end(state);
+                }
+                _ => {}
+            }
+        }
+        if state.machine.is_closed() && !state.ended {
+            self.end(state);
+        }
+        self.timer.rearm(state.machine.poll_timeout());
+    }
+
+    /// Marks the connection over and wakes everything waiting on it. The
+    /// handles to the transport go, so nothing keeps the connection (and the
+    /// server's socket) alive after it ended.
+    fn end(&self, state: &mut ConnState) {
+        state.ended = true;
+        state.control = None;
+        state.transport = None;
+        for mailbox in state.streams.values_mut() {
+            if let Some(waker) = mailbox.waker.take() {
+                waker.wake();
+            }
+        }
+        self.ended.notify_waiters();
+    }
+
+    /// Takes `stream`'s next action now, if one is waiting.
+    fn take_action(state: &mut ConnState, stream: StreamIndex) -> Option<Action> {
+        match state.streams.get_mut(&stream) {
+            Some(mailbox) => mailbox.actions.pop_front(),
+            None => Some(Action::Ended),
+        }
+        .or_else(|| state.ended.then_some(Action::Ended))
+    }
+
+    /// Waits for `stream`'s next action.
+    pub(crate) async fn next_action(&self, stream: StreamIndex) -> Action {
+        std::future::poll_fn(|cx: &mut Context<'_>| {
+            let mut state = self.lock();
+            if let Some(action) = Self::take_action(&mut state, stream) {
+                return Poll::Ready(action);
+            }
+            if let Some(mailbox) = state.streams.get_mut(&stream) {
+                mailbox.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Feeds an input about `stream` to the machine, pumps, and takes the
+    /// stream's next action if one is ready.
+    fn feed(
+        &self,
+        stream: StreamIndex,
+        input: impl FnOnce(&mut ServerProtocol, Timestamp),
+    ) -> Option<Action> {
+        let mut state = self.lock();
+        let now = self.now();
+        input(&mut state.machine, now);
+        self.pump(&mut state);
+        Self::take_action(&mut state, stream)
+    }
+
+    // ----- inputs -----
+
+    /// The client opened call stream `stream` (called in accept order).
+    pub(crate) fn call_opened(&self, stream: StreamIndex) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.streams.insert(stream, Mailbox::default());
+        state.machine.call_opened(now, stream);
+        self.pump(&mut state);
+    }
+
+    pub(crate) fn call_progress(&self, stream: StreamIndex) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.call_progress(now, stream);
+        self.timer.rearm(state.machine.poll_timeout());
+    }
+
+    /// The header of the call on `stream` arrived before its arrays. What the
+    /// machine does about it waits in the stream's mailbox.
+    pub(crate) fn call_head(&self, stream: StreamIndex, head: CallHead) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.call_head(now, stream, head);
+        self.pump(&mut state);
+    }
+
+    pub(crate) fn call_received(&self, stream: StreamIndex, call: Call) -> Option<Action> {
+        self.feed(stream, |m, now| m.call_received(now, stream, call))
+    }
+
+    pub(crate) fn call_unreadable(
+        &self,
+        stream: StreamIndex,
+        error: CallStreamError,
+    ) -> Option<Action> {
+        tracing::info!(stream, %error, "a call could not be read");
+        self.feed(stream, |m, now| m.call_unreadable(now, stream, error))
+    }
+
+    /// The call `id` on `stream` finished with `outcome`.
+    pub(crate) fn reply(
+        &self,
+        stream: StreamIndex,
+        id: RequestId,
+        method: &str,
+        outcome: Result<Tree, RemoteError>,
+    ) -> Option<Action> {
+        if let Err(error) = &outcome {
+            self.shared.record_failure(method, error);
+        }
+        self.feed(stream, |m, now| {
+            m.reply(now, id, outcome);
+        })
+    }
+
+    /// The stream's task is done with it: its reply was written (`sent`) or
+    /// the stream was abandoned.
+    pub(crate) fn stream_done(&self, stream: StreamIndex, sent: bool) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.streams.remove(&stream);
+        if sent {
+            state.machine.reply_sent(now, stream);
+        } else {
+            state.machine.stream_closed(now, stream);
+        }
+        self.pump(&mut state);
+    }
+
+    /// A message (or the end, or a failure) of the control stream. Returns
+    /// whether to go on reading.
+    pub(crate) fn control_received(
+        &self,
+        received: Result<Option<Message>, TransportError>,
+    ) -> bool {
+        let mut state = self.lock();
+        let now = self.now();
+        match received {
+            Ok(Some(message)) => {
+                if let Err(e) = state.machine.handle_message(now, message) {
+                    tracing::info!(error = %e, "a client message was refused");
+                }
+            }
+            Ok(None) => state
+                .machine
+                .protocol_violation(now, "the client finished its control stream"),
+            // The accept loop sees the loss and reports it.
+            Err(e) if e.is_connection_error() => return false,
+            Err(e) => state
+                .machine
+                .protocol_violation(now, format!("the control stream could not be read: {e}")),
+        }
+        self.pump(&mut state);
+        !state.machine.is_closed()
+    }
+
+    pub(crate) fn goodbye_acknowledged(&self) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.goodbye_acknowledged(now);
+        self.pump(&mut state);
+    }
+
+    pub(crate) fn begin_shutdown(&self, deadline: Timestamp) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.begin_shutdown(now, deadline);
+        self.pump(&mut state);
+    }
+
+    pub(crate) fn connection_lost(&self) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.connection_lost(now);
+        self.pump(&mut state);
+        self.end(&mut state);
+    }
+
+    pub(crate) fn handle_timeout(&self, state: &mut ConnState, now: Timestamp) {
+        state.machine.handle_timeout(now);
+        self.pump(state);
+    }
+}

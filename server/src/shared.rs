@@ -1,0 +1,165 @@
+//! What every connection of a server shares.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use teleport_protocol::server::ServerConfig;
+use teleport_protocol::{ErrorKind, RemoteError, Timestamp};
+use teleport_quic::driver::Clock;
+use tokio::sync::{watch, Semaphore};
+
+use crate::connection::Conn;
+use crate::function::Function;
+use crate::HandlerFailure;
+
+/// The server-wide state the connections of one server share. Connections
+/// hold it; it holds them only weakly (for shutdown), so dropping the server
+/// leaves no cycle that would keep a connection, or the socket, alive.
+#[derive(Debug)]
+pub(crate) struct ServerShared {
+    /// The bound functions by name; the name is shared, not copied, per call.
+    pub(crate) functions: HashMap<String, (Arc<str>, Function)>,
+    /// The state machine settings every connection starts from (token,
+    /// limits, the shared capacity, the method names, timeouts).
+    pub(crate) protocol: ServerConfig,
+    /// Permits for blocking functions on the shared pool.
+    pub(crate) workers: Arc<Semaphore>,
+    /// The first function error or panic, for [`Server::check`](crate::Server::check).
+    first_error: Mutex<Option<HandlerFailure>>,
+    pub(crate) clock: Clock,
+    connections: Mutex<HashMap<u64, Weak<Conn>>>,
+    next_connection: AtomicU64,
+    /// Connection tasks running; shutdown waits for 0.
+    live: watch::Sender<usize>,
+    /// `Some(deadline)` once shutdown began: connections that start later
+    /// drain to the same deadline.
+    shutdown: watch::Sender<Option<Timestamp>>,
+}
+
+impl ServerShared {
+    pub(crate) fn new(
+        functions: HashMap<String, Function>,
+        protocol: ServerConfig,
+        workers: usize,
+    ) -> ServerShared {
+        ServerShared {
+            functions: functions
+                .into_iter()
+                .map(|(name, f)| {
+                    let shared: Arc<str> = Arc::from(name.as_str());
+                    (name, (shared, f))
+                })
+                .collect(),
+            protocol,
+            workers: Arc::new(Semaphore::new(workers)),
+            first_error: Mutex::new(None),
+            clock: Clock::new(),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
+            live: watch::channel(0).0,
+            shutdown: watch::channel(None).0,
+        }
+    }
+
+    /// Keeps the first failure of a function (its error or panic).
+    pub(crate) fn record_failure(&self, method: &str, error: &RemoteError) {
+        if matches!(error.kind, ErrorKind::Handler | ErrorKind::Panic) {
+            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| HandlerFailure {
+                method: method.to_owned(),
+                error: error.clone(),
+            });
+        }
+    }
+
+    pub(crate) fn first_failure(&self) -> Option<HandlerFailure> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A number for a new connection, and its registration until the
+    /// returned guard is dropped.
+    pub(crate) fn register(self: &Arc<Self>, conn: &Arc<Conn>) -> LiveConnection {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn.id, Arc::downgrade(conn));
+        self.live.send_modify(|n| *n += 1);
+        LiveConnection {
+            shared: self.clone(),
+            id: conn.id,
+        }
+    }
+
+    pub(crate) fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub(crate) fn live_connections(&self) -> usize {
+        *self.live.borrow()
+    }
+
+    /// The connections still running, for shutdown.
+    pub(crate) fn connections(&self) -> Vec<Arc<Conn>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Waits until every connection task has ended.
+    pub(crate) async fn all_closed(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Starts the shutdown: connections drain until `deadline`.
+    pub(crate) fn begin_shutdown(&self, deadline: Timestamp) {
+        self.shutdown.send_if_modified(|d| {
+            if d.is_some() {
+                return false;
+            }
+            *d = Some(deadline);
+            true
+        });
+    }
+
+    /// The drain deadline, once shutdown began.
+    pub(crate) fn shutdown_deadline(&self) -> Option<Timestamp> {
+        *self.shutdown.borrow()
+    }
+
+    /// Completes when shutdown begins, or when the server is gone; holds
+    /// no reference to the server meanwhile.
+    pub(crate) fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.shutdown.subscribe();
+        async move {
+            let _ = shutdown.wait_for(Option::is_some).await;
+        }
+    }
+}
+
+/// A connection counted as live until this is dropped (when its task ends,
+/// however it ends).
+#[derive(Debug)]
+pub(crate) struct LiveConnection {
+    shared: Arc<ServerShared>,
+    id: u64,
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.shared.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
