@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use teleport_protocol::client::{CallError, CallOptions, StartCallError};
 use teleport_protocol::Tree;
+use teleport_quic::ToAddress;
 
 use crate::driver::Driver;
 use crate::{ClientBuilder, Error, PendingCall};
@@ -32,12 +33,17 @@ impl Drop for Handle {
 }
 
 impl Client {
-    /// A builder for a client of the server at `target`: `"host:port"` (names
-    /// are resolved), `"[::1]:4433"`, or a `SocketAddr`. Choose how to trust the
-    /// server ([`pin`](ClientBuilder::pin) or [`tls`](ClientBuilder::tls))
-    /// before connecting.
-    pub fn builder(target: impl std::fmt::Display) -> ClientBuilder {
-        ClientBuilder::new(target.to_string())
+    /// A builder for a client of the server at `target`, written as people
+    /// write addresses: a port (`4433`, `"4433"`, `":4433"`: this machine),
+    /// `"host:4433"` (a name, resolved on each connection attempt; every
+    /// address it resolves to, IPv4 and IPv6, is tried), `"127.0.0.1:4433"`,
+    /// `"[::1]:4433"`, `"quic://host:4433"`, or a `SocketAddr`. A target that
+    /// is not an address, or a name that does not resolve, fails the first
+    /// connection attempt at once with a message saying why. Choose how to
+    /// trust the server ([`pin`](ClientBuilder::pin) or
+    /// [`tls`](ClientBuilder::tls)) before connecting.
+    pub fn builder(target: impl ToAddress) -> ClientBuilder {
+        ClientBuilder::new(target)
     }
 
     pub(crate) fn from_driver(driver: Arc<Driver>) -> Client {

@@ -8,7 +8,6 @@
 //! followed by [`pump`](Driver::pump), which carries out the outputs.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -20,8 +19,8 @@ use teleport_protocol::client::{
 use teleport_protocol::{Call, Limits, Message, Reply, RequestId, StreamCode, Timestamp, Tree};
 use teleport_quic::driver::{read_control, spawn_control_writer, Clock, ControlSender, Timer};
 use teleport_quic::{
-    ClientTls, Connection, Connector, Identity, RecvStream, SendStream, TransportConfig,
-    TransportError,
+    Address, AddressError, ClientTls, Connection, Connector, Identity, RecvStream, SendStream,
+    TransportConfig, TransportError,
 };
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -31,7 +30,11 @@ use crate::call_io::{self, CallIo, Sent};
 /// What opening a connection needs.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
+    /// The server's address as written, for messages.
     pub(crate) target: String,
+    /// The server's address, or why what was written is not one (reported
+    /// by the first connection attempt).
+    pub(crate) address: Result<Address, AddressError>,
     pub(crate) server_name: Option<String>,
     pub(crate) tls: Option<ClientTls>,
     pub(crate) identity: Option<Identity>,
@@ -655,12 +658,20 @@ async fn open(
     driver: &Arc<Driver>,
 ) -> Result<(Connection, SendStream, RecvStream), ConnectFailure> {
     let settings = &driver.settings;
-    let addrs = resolve(&settings.target).await?;
+    // Resolved again by every attempt, so a server that moved is found.
+    let address = settings
+        .address
+        .as_ref()
+        .map_err(|e| ConnectFailure::Resolve(e.to_string()))?;
+    let addrs = address
+        .resolve_for_client()
+        .await
+        .map_err(|e| ConnectFailure::Resolve(e.to_string()))?;
     let connector = connector(driver)?;
     let server_name = settings
         .server_name
         .clone()
-        .unwrap_or_else(|| host_of(&settings.target));
+        .unwrap_or_else(|| address.host_name());
     let attempts = addrs
         .iter()
         .map(|&addr| Box::pin(connector.connect(addr, &server_name)));
@@ -702,32 +713,4 @@ fn connect_failure(error: TransportError) -> ConnectFailure {
     } else {
         ConnectFailure::Unreachable(error.to_string())
     }
-}
-
-/// Resolves `host:port` (a name or an address) to its addresses.
-async fn resolve(target: &str) -> Result<Vec<SocketAddr>, ConnectFailure> {
-    let unresolved = |reason: String| {
-        ConnectFailure::Resolve(format!(
-            "cannot resolve {target:?} (expected host:port): {reason}"
-        ))
-    };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| unresolved(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(unresolved("the name has no addresses".to_owned()));
-    }
-    Ok(addrs)
-}
-
-/// The host part of `host:port` or `[v6]:port`, for the TLS server name.
-pub(crate) fn host_of(target: &str) -> String {
-    let host = match target.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host,
-        _ => target,
-    };
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned()
 }

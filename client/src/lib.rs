@@ -55,4 +55,6 @@ pub use error::Error;
 pub use pending::PendingCall;
 pub use teleport_protocol::client::{CallError, CallOptions, ConnectError};
 pub use teleport_protocol::{ErrorKind, RemoteError};
-pub use teleport_quic::{ClientTls, Fingerprint, Identity, TransportConfig};
+pub use teleport_quic::{
+    Address, AddressError, ClientTls, Fingerprint, Host, Identity, ToAddress, TransportConfig,
+};

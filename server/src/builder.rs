@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use teleport_protocol::server::{Capacity, ServerConfig};
 use teleport_protocol::{Limits, Tree};
-use teleport_quic::{ClientAuth, Identity, Listener, ServerTls, TransportConfig};
+use teleport_quic::{
+    ClientAuth, Host, Identity, Listener, ServerTls, ToAddress, TransportConfig, TransportError,
+};
 use tokio::task::JoinHandle;
 
 use crate::function::{
@@ -159,7 +161,7 @@ impl ServerBuilder {
     ///             responder.respond(Ok(tree!({"echo": args})));
     ///         });
     ///     })
-    ///     .listen("127.0.0.1:4433".parse()?)
+    ///     .listen("127.0.0.1:4433")
     ///     .await?;
     /// # let _ = server;
     /// # Ok(()) }
@@ -187,7 +189,7 @@ impl ServerBuilder {
     ///
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let (builder, queue) = Server::builder().bind_queue("infer", 256);
-    /// let server = builder.listen("127.0.0.1:4433".parse()?).await?;
+    /// let server = builder.listen("127.0.0.1:4433").await?;
     /// tokio::spawn(async move {
     ///     // Up to 32 calls at a time, as many as are waiting.
     ///     while let Some(calls) = queue.recv_batch(32).await {
@@ -242,7 +244,7 @@ impl ServerBuilder {
     ///             x.as_slice::<f32>()?.chunks(3).map(|row| row.iter().map(|v| v * v).sum()).collect();
     ///         Ok(tree!((Array::from_vec1(sums))))
     ///     })
-    ///     .listen("127.0.0.1:4433".parse()?)
+    ///     .listen("127.0.0.1:4433")
     ///     .await?;
     /// server.wait().await;
     /// # Ok(()) }
@@ -329,19 +331,32 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds `addr` (port 0 picks a free port) and starts serving. Must be
-    /// called inside a tokio runtime.
-    pub async fn listen(self, addr: SocketAddr) -> Result<Server, ServerError> {
+    /// Binds `addr` and starts serving. `addr` is written as people write
+    /// addresses: a port (`4433`, `":4433"`: every IPv4 interface),
+    /// `"127.0.0.1:4433"`, `"[::]:4433"`, `"localhost:0"` (a name: its
+    /// addresses are tried in turn until one binds), `quic://host:port`, or a
+    /// `SocketAddr`. Port 0 picks a free port. Must be called inside a tokio
+    /// runtime.
+    pub async fn listen(self, addr: impl ToAddress) -> Result<Server, ServerError> {
         if let Some(name) = self.duplicate {
             return Err(ServerError::DuplicateMethod(name));
         }
+        let address = addr.to_address()?;
+        let addrs = address.resolve_for_server().await?;
         let identity = match self.identity {
             Some(identity) => identity,
             None => {
                 let mut names = vec!["localhost".to_owned()];
-                if !addr.ip().is_unspecified() {
-                    names.push(addr.ip().to_string());
+                if let Host::Name(name) = &address.host {
+                    names.push(name.clone());
                 }
+                names.extend(
+                    addrs
+                        .iter()
+                        .filter(|a| !a.ip().is_unspecified())
+                        .map(|a| a.ip().to_string()),
+                );
+                names.dedup();
                 Identity::self_signed(names)?
             }
         };
@@ -354,7 +369,7 @@ impl ServerBuilder {
         let batchers = start_batchers(&shared)?;
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity).with_client_auth(self.client_auth);
-        let listener = match Listener::bind(addr, &tls, &self.transport, self.limits) {
+        let listener = match bind_first(&addrs, &tls, &self.transport, &self.limits) {
             Ok(listener) => listener,
             Err(e) => {
                 batchers.iter().for_each(JoinHandle::abort);
@@ -363,6 +378,27 @@ impl ServerBuilder {
         };
         Ok(Server::start(listener, fingerprint, shared, batchers))
     }
+}
+
+/// Binds the first of `addrs` that can be bound (a name may resolve to an
+/// IPv6 and an IPv4 address, and only one may be available), or fails with
+/// the first address's error.
+fn bind_first(
+    addrs: &[SocketAddr],
+    tls: &ServerTls,
+    transport: &TransportConfig,
+    limits: &Limits,
+) -> Result<Listener, TransportError> {
+    let mut first_error = None;
+    for &addr in addrs {
+        match Listener::bind(addr, tls, transport, limits.clone()) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("an address resolves to at least one socket address"))
 }
 
 /// Starts the task of every batched function, or fails if a policy cannot

@@ -5,7 +5,7 @@ use std::fmt;
 
 use teleport_protocol::batcher::BatchPolicyError;
 use teleport_protocol::{ErrorKind, RemoteError};
-use teleport_quic::TransportError;
+use teleport_quic::{AddressError, TransportError};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +14,9 @@ pub enum ServerError {
     /// The identity or the socket could not be set up.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The address to listen on is not one, or did not resolve.
+    #[error(transparent)]
+    Address(#[from] AddressError),
     /// Two functions were bound under one name.
     #[error("the name {0:?} is bound twice")]
     DuplicateMethod(String),
