@@ -12,7 +12,7 @@
 //!         Ok(tree!((a + b)))
 //!     })
 //!     .bind_blocking("fail", |_| Err(HandlerError::with_type("ValueError", "always fails")))
-//!     .listen("127.0.0.1:4433".parse()?)
+//!     .listen("127.0.0.1:4433")
 //!     .await?;
 //! println!("fingerprint: {}", server.fingerprint());
 //! server.wait().await;

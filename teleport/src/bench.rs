@@ -102,7 +102,7 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
         .identity(identity.clone())
         .transport(transport.clone())
         .max_in_flight(CONCURRENCY * 2)
-        .listen("127.0.0.1:0".parse()?)
+        .listen("127.0.0.1:0")
         .await?;
     let client = Client::builder(server.local_addr())
         .pin(fingerprint)

@@ -23,7 +23,7 @@
 //!         let x: &[f32] = args.get("x")?.as_slice()?;
 //!         Ok::<Tree, HandlerError>(tree!({"sum": (x.iter().sum::<f32>())}))
 //!     })
-//!     .listen("127.0.0.1:0".parse()?)
+//!     .listen("127.0.0.1:0")
 //!     .await?;
 //!
 //! // A client that trusts exactly this server's certificate.
@@ -55,7 +55,8 @@ pub use teleport_protocol::{
     tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError, Tree, TreeError,
 };
 pub use teleport_quic::{
-    ClientAuth, ClientTls, Fingerprint, Identity, ServerTls, TransportConfig, TransportError,
+    Address, AddressError, ClientAuth, ClientTls, Fingerprint, Host, Identity, ServerTls,
+    ToAddress, TransportConfig, TransportError,
 };
 pub use teleport_server::{
     BatchPolicy, HandlerError, HandlerFailure, Server, ServerBuilder, ServerError,

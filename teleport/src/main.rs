@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use teleport::{Client, Fingerprint, Identity, Server};
+use teleport::{Address, Client, Fingerprint, Host, Identity, Server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,9 +40,10 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on (UDP).
+    /// Address to listen on (UDP): `4433` (every IPv4 interface),
+    /// `127.0.0.1:4433`, `[::]:4433`, `localhost:0`, ...
     #[arg(long, default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
+    listen: Address,
     /// Shared token clients must present.
     #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -61,7 +62,8 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// Server address as host:port (names are resolved).
+    /// Server address: `4433` (this machine), `host:4433`, `[::1]:4433`,
+    /// `quic://host:4433` (names are resolved).
     #[arg(long)]
     connect: String,
     /// SHA-256 fingerprint of the server's certificate (what `teleport serve` prints).
@@ -142,8 +144,10 @@ fn error_chain(error: &anyhow::Error) -> String {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut builder = builtins::bind_builtins(Server::builder());
     let mut names = vec!["localhost".to_owned()];
-    if !args.listen.ip().is_unspecified() {
-        names.push(args.listen.ip().to_string());
+    match &args.listen.host {
+        Host::Ip(ip) if !ip.is_unspecified() => names.push(ip.to_string()),
+        Host::Name(name) => names.push(name.clone()),
+        _ => {}
     }
     let ephemeral = match (&args.cert, &args.key, &args.identity_dir) {
         (Some(cert), Some(key), _) => {

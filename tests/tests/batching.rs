@@ -403,7 +403,7 @@ async fn blocking_and_async_batched_functions_can_call_another_server() {
             counter.fetch_add(1, Ordering::SeqCst);
             async move { doubler(Arc::default())(args) }
         })
-        .listen("127.0.0.1:0".parse().unwrap())
+        .listen("127.0.0.1:0")
         .await
         .unwrap();
     let to_inner = within(
@@ -474,7 +474,7 @@ async fn shutdown_runs_queued_calls_without_waiting_for_max_wait() {
 async fn a_policy_of_zero_calls_per_batch_is_refused_at_listen() {
     let err = Server::builder()
         .bind_batched("never", policy(0, Duration::ZERO), Ok)
-        .listen("127.0.0.1:0".parse().unwrap())
+        .listen("127.0.0.1:0")
         .await
         .unwrap_err();
     assert!(matches!(err, ServerError::BatchPolicy { .. }), "{err}");

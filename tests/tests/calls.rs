@@ -437,7 +437,7 @@ async fn ipv6_loopback_works_and_port_zero_gives_a_real_port() {
         teleport_server::Server::builder(),
         std::sync::Arc::default(),
     )
-    .listen("[::1]:0".parse().unwrap())
+    .listen("[::1]:0")
     .await
     .unwrap();
     let port = server.local_addr().port();

@@ -343,7 +343,7 @@ fn a_server_whose_runtime_is_dropped_releases_its_port() {
     let addr = runtime.block_on(async {
         let server = Server::builder()
             .bind("echo", |args: Tree| async move { Ok(args) })
-            .listen("127.0.0.1:0".parse().unwrap())
+            .listen("127.0.0.1:0")
             .await
             .unwrap();
         let client = Client::builder(server.local_addr())

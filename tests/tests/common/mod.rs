@@ -127,7 +127,7 @@ impl Fixture {
         let counters = Arc::new(Counters::default());
         let builder = configure(test_functions(Server::builder(), counters.clone()));
         let server = builder
-            .listen("127.0.0.1:0".parse().unwrap())
+            .listen("127.0.0.1:0")
             .await
             .expect("the server starts on loopback");
         Fixture { server, counters }
