@@ -118,6 +118,13 @@ impl Client {
         }
     }
 
+    /// What this client's calls and connections came to since it was
+    /// built: calls started, succeeded, failed and re-sent, calls in flight
+    /// and queued, connections, bytes in and out.
+    pub fn stats(&self) -> crate::ClientStats {
+        self.driver().stats()
+    }
+
     /// Calls in flight now (sent and not yet answered).
     pub fn in_flight(&self) -> usize {
         self.driver().with_machine(|m| m.in_flight())

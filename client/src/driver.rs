@@ -20,7 +20,7 @@ use teleport_protocol::{Call, Limits, Message, Reply, RequestId, StreamCode, Tim
 use teleport_quic::driver::{read_control, spawn_control_writer, Clock, ControlSender, Timer};
 use teleport_quic::{
     Address, AddressError, ClientTls, Connection, Connector, Identity, RecvStream, SendStream,
-    TransportConfig, TransportError,
+    Traffic, TransportConfig, TransportError,
 };
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -81,6 +81,8 @@ struct State {
     connector: Option<Arc<Connector>>,
     /// Why the last connection closed, for `Client::closed`.
     last_close: Option<String>,
+    /// What the connections that ended moved, for `Client::stats`.
+    ended_traffic: Traffic,
 }
 
 /// A client's shared state and driver. See the [module docs](self).
@@ -119,6 +121,7 @@ impl Driver {
                 last_connect_result: None,
                 connector: None,
                 last_close: None,
+                ended_traffic: Traffic::default(),
             }),
             timer: Timer::new(),
             clock,
@@ -153,6 +156,30 @@ impl Driver {
 
     fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The machine's counts and what the connections moved.
+    pub(crate) fn stats(&self) -> crate::ClientStats {
+        let state = self.lock();
+        let mut traffic = state.ended_traffic;
+        for io in state.conns.values() {
+            if let Some(connection) = &io.connection {
+                traffic += connection.traffic();
+            }
+        }
+        let counts = state.machine.counts();
+        crate::ClientStats {
+            calls_started: counts.started,
+            calls_succeeded: counts.succeeded,
+            calls_failed: counts.failed,
+            calls_resent: counts.resent,
+            in_flight: state.machine.in_flight(),
+            queued: state.machine.queued(),
+            connected: state.machine.is_connected(),
+            connections: counts.connections,
+            bytes_sent: traffic.bytes_sent,
+            bytes_received: traffic.bytes_received,
+        }
     }
 
     pub(crate) fn target(&self) -> &str {
@@ -386,7 +413,9 @@ impl Driver {
             let mut state = driver.lock();
             state.last_close = Some(reason.to_string());
             // Its handles go with it.
-            state.conns.remove(&conn);
+            if let Some(connection) = state.conns.remove(&conn).and_then(|io| io.connection) {
+                state.ended_traffic += connection.traffic();
+            }
             let now = driver.now();
             state.machine.connection_lost(now, conn, reason.to_string());
             driver.pump(&mut state);
@@ -513,6 +542,7 @@ impl Driver {
                         }
                         if let Some(connection) = io.connection {
                             connection.close(code, &reason);
+                            state.ended_traffic += connection.traffic();
                         }
                     }
                 }

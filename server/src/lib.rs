@@ -46,6 +46,7 @@ mod error;
 mod function;
 mod server;
 mod shared;
+mod stats;
 
 pub use builder::ServerBuilder;
 pub use error::{HandlerError, HandlerFailure, ServerError};
@@ -53,5 +54,6 @@ pub use function::{
     stack_calls, CallQueue, FunctionOptions, QueuedCall, Responder, StackedCalls, Workers,
 };
 pub use server::Server;
+pub use stats::ServerStats;
 pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use teleport_protocol::CloseCode;
-use teleport_quic::{Fingerprint, Listener};
+use teleport_quic::{Fingerprint, Listener, Traffic};
 use tokio::task::JoinHandle;
 
 use crate::shared::ServerShared;
-use crate::{connection, HandlerFailure, ServerBuilder};
+use crate::{connection, HandlerFailure, ServerBuilder, ServerStats};
 
 /// A running server.
 ///
@@ -91,6 +91,19 @@ impl Server {
             .capacity
             .as_ref()
             .map_or(0, |c| c.in_use())
+    }
+
+    /// What the server has done since it started: calls received, answered
+    /// (by outcome) and stopped, calls running, connections, bytes in and
+    /// out. `Display` prints it on one line.
+    pub fn stats(&self) -> ServerStats {
+        let mut traffic = Traffic::default();
+        for conn in self.shared.connections() {
+            traffic += conn.traffic();
+        }
+        self.shared
+            .stats
+            .snapshot(self.running(), self.connections(), traffic)
     }
 
     /// Connections currently open (handshakes in progress included).

@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::connection::Conn;
 use crate::function::Function;
+use crate::stats::Counters;
 use crate::HandlerFailure;
 
 /// The server-wide state the connections of one server share. Connections
@@ -32,6 +33,8 @@ pub(crate) struct ServerShared {
     next_connection: AtomicU64,
     /// Connection tasks running; shutdown waits for 0.
     live: watch::Sender<usize>,
+    /// What the server has done, for [`Server::stats`](crate::Server::stats).
+    pub(crate) stats: Counters,
     /// `Some(deadline)` once shutdown began: connections that start later
     /// drain to the same deadline.
     shutdown: watch::Sender<Option<Timestamp>>,
@@ -58,6 +61,7 @@ impl ServerShared {
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
             live: watch::channel(0).0,
+            stats: Counters::default(),
             shutdown: watch::channel(None).0,
         }
     }

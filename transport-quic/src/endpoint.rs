@@ -71,6 +71,22 @@ pub(crate) fn bind_observed(
     Ok((endpoint, released))
 }
 
+/// Bytes a connection moved, as [`Connection::traffic`] reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// UDP payload bytes sent.
+    pub bytes_sent: u64,
+    /// UDP payload bytes received.
+    pub bytes_received: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Traffic) {
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+    }
+}
+
 /// A server's endpoint: accepts connections on one UDP socket.
 #[derive(Clone, Debug)]
 pub struct Listener {
@@ -336,6 +352,16 @@ impl Connection {
     /// The current estimate of the round-trip time.
     pub fn rtt(&self) -> std::time::Duration {
         self.inner.rtt()
+    }
+
+    /// Bytes this connection sent and received so far, as UDP payload (QUIC
+    /// headers, retransmissions and acknowledgements included).
+    pub fn traffic(&self) -> Traffic {
+        let stats = self.inner.stats();
+        Traffic {
+            bytes_sent: stats.udp_tx.bytes,
+            bytes_received: stats.udp_rx.bytes,
+        }
     }
 
     /// Closes the connection at once: streams are abandoned and the peer sees

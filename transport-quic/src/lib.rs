@@ -35,7 +35,7 @@ pub use address::{Address, AddressError, Host, ToAddress};
 pub use config::TransportConfig;
 pub use endpoint::{
     quinn_client_config, quinn_server_config, Connecting, Connection, Connector, Handshake,
-    Incoming, Listener,
+    Incoming, Listener, Traffic,
 };
 pub use error::TransportError;
 pub use stream::{Outgoing, Progress, RecvStream, SendStream};

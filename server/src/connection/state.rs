@@ -139,8 +139,20 @@ impl Conn {
             transport.close(code, &reason);
             return false;
         }
+        self.shared.stats.connection_accepted();
         state.transport = Some(transport);
         !state.ended
+    }
+
+    /// What the connection moved so far (nothing once it ended: its figures
+    /// went to the server's totals then).
+    pub(crate) fn traffic(&self) -> teleport_quic::Traffic {
+        let state = self.lock();
+        state
+            .transport
+            .as_ref()
+            .map(Connection::traffic)
+            .unwrap_or_default()
     }
 
     pub(crate) fn now(&self) -> Timestamp {
@@ -200,6 +212,9 @@ impl Conn {
                     reply,
                     stop_reading,
                 } => {
+                    self.shared
+                        .stats
+                        .reply(reply.result.as_ref().map(|_| ()).map_err(|e| e.kind));
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.push(Action::Write {
                             reply,
@@ -208,6 +223,7 @@ impl Conn {
                     }
                 }
                 ServerOutput::Reset { stream, code } => {
+                    self.shared.stats.call_stopped();
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.push(Action::Reset(code));
                     }
@@ -235,7 +251,9 @@ impl Conn {
     fn end(&self, state: &mut ConnState) {
         state.ended = true;
         state.control = None;
-        state.transport = None;
+        if let Some(transport) = state.transport.take() {
+            self.shared.stats.connection_ended(transport.traffic());
+        }
         for mailbox in state.streams.values_mut() {
             if let Some(waker) = mailbox.waker.take() {
                 waker.wake();
@@ -289,6 +307,7 @@ impl Conn {
         let mut state = self.lock();
         let now = self.now();
         state.streams.insert(stream, Mailbox::default());
+        self.shared.stats.call_received();
         state.machine.call_opened(now, stream);
         self.pump(&mut state);
     }
