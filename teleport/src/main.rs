@@ -58,6 +58,10 @@ struct ServeArgs {
     /// --cert, each start makes a new certificate (and a new fingerprint).
     #[arg(long)]
     identity_dir: Option<PathBuf>,
+    /// Print the server's figures (calls by outcome, connections, bytes)
+    /// every this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    stats: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -187,9 +191,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     println!("try: teleport call --connect {connect} --pin {fingerprint} info");
     println!("stop with Ctrl-C");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut ticker = match args.stats {
+        Some(seconds) if seconds > 0.0 && seconds.is_finite() => {
+            let period = Duration::from_secs_f64(seconds);
+            Some(tokio::time::interval_at(
+                tokio::time::Instant::now() + period,
+                period,
+            ))
+        }
+        Some(seconds) => anyhow::bail!("--stats takes a positive number of seconds, not {seconds}"),
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            done = &mut ctrl_c => {
+                done.context("waiting for Ctrl-C")?;
+                break;
+            }
+            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
+                println!("{}", server.stats());
+            }
+        }
+    }
     println!("shutting down (running calls get up to 5 s to finish)");
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
