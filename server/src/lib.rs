@@ -11,7 +11,7 @@
 //!         let (a, b) = (args.get("a")?.as_int()?, args.get("b")?.as_int()?);
 //!         Ok(tree!((a + b)))
 //!     })
-//!     .bind_blocking("fail", |_| Err(HandlerError::with_type("ValueError", "always fails")))
+//!     .bind("fail", |_: Tree| async { Err(HandlerError::with_type("ValueError", "always fails")) })
 //!     .listen("127.0.0.1:4433".parse()?)
 //!     .await?;
 //! println!("fingerprint: {}", server.fingerprint());
@@ -50,7 +50,8 @@ mod shared;
 pub use builder::ServerBuilder;
 pub use error::{HandlerError, HandlerFailure, ServerError};
 pub use function::{
-    stack_calls, CallQueue, FunctionOptions, QueuedCall, Responder, StackedCalls, Workers,
+    marker, stack_calls, AsyncHandler, Binding, BlockingHandler, CallQueue, Context, Function,
+    FunctionOutput, IntoFunction, QueuedCall, Responder, StackedCalls, Workers,
 };
 pub use server::Server;
 pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};

@@ -58,7 +58,8 @@ pub use teleport_quic::{
     ClientAuth, ClientTls, Fingerprint, Identity, ServerTls, TransportConfig, TransportError,
 };
 pub use teleport_server::{
-    BatchPolicy, HandlerError, HandlerFailure, Server, ServerBuilder, ServerError,
+    BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server, ServerBuilder,
+    ServerError, Workers,
 };
 
 /// Why connecting or calling failed (the client's error type).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{wait_until, within, Fixture, WAIT};
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, Tree};
-use teleport_server::{stack_calls, FunctionOptions, HandlerError, Responder, Workers};
+use teleport_server::{stack_calls, Function, HandlerError, Responder, Workers};
 
 /// A door a blocking function waits at until the test opens it (bounded, so a
 /// bug fails the test instead of hanging it).
@@ -71,16 +71,22 @@ async fn on_a_shared_pool_of_one_a_fast_call_waits_behind_a_slow_one() {
     let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
     let fixture = Fixture::start_with(move |b| {
         b.workers(1)
-            .bind_blocking("slow", move |_| {
-                slow_log.push("slow start");
-                slow_gate.wait();
-                slow_log.push("slow end");
-                Ok(tree!(null))
-            })
-            .bind_blocking_with("fast", FunctionOptions::new(), move |_| {
-                fast_log.push("fast start");
-                Ok(tree!(null))
-            })
+            .bind(
+                "slow",
+                Function::blocking(move |_| {
+                    slow_log.push("slow start");
+                    slow_gate.wait();
+                    slow_log.push("slow end");
+                    Ok(tree!(null))
+                }),
+            )
+            .bind(
+                "fast",
+                Function::blocking(move |_| {
+                    fast_log.push("fast start");
+                    Ok(tree!(null))
+                }),
+            )
     })
     .await;
     let client = fixture.client().await;
@@ -102,19 +108,22 @@ async fn a_function_with_its_own_pool_does_not_wait_behind_slow_calls_of_others(
     let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
     let fixture = Fixture::start_with(move |b| {
         b.workers(1)
-            .bind_blocking("slow", move |_| {
-                slow_log.push("slow start");
-                slow_gate.wait();
-                slow_log.push("slow end");
-                Ok(tree!(null))
-            })
-            .bind_blocking_with(
+            .bind(
+                "slow",
+                Function::blocking(move |_| {
+                    slow_log.push("slow start");
+                    slow_gate.wait();
+                    slow_log.push("slow end");
+                    Ok(tree!(null))
+                }),
+            )
+            .bind(
                 "fast",
-                FunctionOptions::new().workers(Workers::Own(1)),
-                move |_| {
+                Function::blocking(move |_| {
                     fast_log.push("fast start");
                     Ok(tree!("fast"))
-                },
+                })
+                .workers(Workers::Own(1)),
             )
     })
     .await;
@@ -139,12 +148,9 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
     let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (r, m) = (running.clone(), most.clone());
     let fixture = Fixture::start_with(move |b| {
-        b.bind_blocking_with(
+        b.bind(
             "limited",
-            FunctionOptions::new()
-                .workers(Workers::Own(4))
-                .max_concurrent(2),
-            move |args: Tree| {
+            Function::blocking(move |args: Tree| {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
                 // Wait (bounded) for a second call to overlap, so that a slow
@@ -156,7 +162,9 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
                 std::thread::sleep(Duration::from_millis(20));
                 r.fetch_sub(1, Ordering::SeqCst);
                 Ok(args)
-            },
+            })
+            .workers(Workers::Own(4))
+            .max_concurrent(2),
         )
     })
     .await;
@@ -176,26 +184,23 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
 /// logged.
 fn bind_step(
     builder: teleport_server::ServerBuilder,
-    options: FunctionOptions,
+    options: impl FnOnce(Function<i64>) -> Function<i64>,
     log: Arc<Log>,
     hook_gate: Arc<Gate>,
 ) -> teleport_server::ServerBuilder {
     let hook_log = log.clone();
-    builder.bind_blocking_with_hook(
-        "step",
-        options,
-        move |args: Tree| {
-            let id = args.get("id")?.as_int()?;
-            log.push(format!("start {id}"));
-            std::thread::sleep(Duration::from_secs_f64(args.get("sleep")?.as_float()?));
-            log.push(format!("end {id}"));
-            Ok((tree!(id), id))
-        },
-        move |id: i64| {
-            hook_gate.wait();
-            hook_log.push(format!("hook {id}"));
-        },
-    )
+    let step = Function::blocking(move |args: Tree| {
+        let id = args.get("id")?.as_int()?;
+        log.push(format!("start {id}"));
+        std::thread::sleep(Duration::from_secs_f64(args.get("sleep")?.as_float()?));
+        log.push(format!("end {id}"));
+        Ok((tree!(id), id))
+    })
+    .hook(move |id: i64| {
+        hook_gate.wait();
+        hook_log.push(format!("hook {id}"));
+    });
+    builder.bind("step", options(step))
 }
 
 fn hooks(log: &Log) -> Vec<String> {
@@ -211,10 +216,8 @@ async fn the_hook_sees_by_products_in_request_order_when_later_calls_finish_firs
     let hook_gate = Arc::new(Gate::default());
     hook_gate.open();
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| {
-        bind_step(b, FunctionOptions::new().workers(Workers::Own(3)), l, g)
-    })
-    .await;
+    let fixture =
+        Fixture::start_with(move |b| bind_step(b, |f| f.workers(Workers::Own(3)), l, g)).await;
     let client = fixture.client().await;
     let mut calls = Vec::new();
     for (id, sleep) in [(0, 1.0), (1, 0.0), (2, 0.3)] {
@@ -241,7 +244,7 @@ async fn results_are_not_delayed_by_a_slow_hook() {
     let log = Arc::new(Log::default());
     let hook_gate = Arc::new(Gate::default());
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| bind_step(b, FunctionOptions::new(), l, g)).await;
+    let fixture = Fixture::start_with(move |b| bind_step(b, |f| f, l, g)).await;
     let client = fixture.client().await;
     // The hook is stuck at its gate, yet both results arrive.
     for id in 0..2 {
@@ -264,9 +267,7 @@ async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
     let log = Arc::new(Log::default());
     let hook_gate = Arc::new(Gate::default());
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture =
-        Fixture::start_with(move |b| bind_step(b, FunctionOptions::new().max_concurrent(1), l, g))
-            .await;
+    let fixture = Fixture::start_with(move |b| bind_step(b, |f| f.max_concurrent(1), l, g)).await;
     let client = fixture.client().await;
     let first = within(
         "the first result, before its hook",
@@ -298,23 +299,32 @@ async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
 #[tokio::test]
 async fn a_deferred_function_answers_later_from_another_thread_or_task() {
     let fixture = Fixture::start_with(|b| {
-        b.bind_deferred("thread", |args: Tree, responder: Responder| {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                responder.respond(Ok(tree!({"from": "thread", "args": args})));
-            });
-        })
-        .bind_deferred("task", |args: Tree, responder: Responder| {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                responder.respond(Ok(tree!({"from": "task", "args": args})));
-            });
-        })
-        .bind_deferred("refuse", |_, responder: Responder| {
-            std::thread::spawn(move || {
-                responder.respond(Err(HandlerError::with_type("ValueError", "not today")))
-            });
-        })
+        b.bind(
+            "thread",
+            Function::deferred(|args: Tree, responder: Responder| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    responder.respond(Ok(tree!({"from": "thread", "args": args})));
+                });
+            }),
+        )
+        .bind(
+            "task",
+            Function::deferred(|args: Tree, responder: Responder| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    responder.respond(Ok(tree!({"from": "task", "args": args})));
+                });
+            }),
+        )
+        .bind(
+            "refuse",
+            Function::deferred(|_, responder: Responder| {
+                std::thread::spawn(move || {
+                    responder.respond(Err(HandlerError::with_type("ValueError", "not today")))
+                });
+            }),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -337,8 +347,10 @@ async fn a_deferred_function_answers_later_from_another_thread_or_task() {
 
 #[tokio::test]
 async fn a_dropped_responder_fails_the_call_clearly() {
-    let fixture =
-        Fixture::start_with(|b| b.bind_deferred("forget", |_, responder| drop(responder))).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind("forget", Function::deferred(|_, responder| drop(responder)))
+    })
+    .await;
     let client = fixture.client().await;
     let err = within("forget", client.call("forget", tree!(null)))
         .await
@@ -363,9 +375,10 @@ async fn answering_an_expired_deferred_call_is_harmless() {
     let kept: Arc<Mutex<Vec<Responder>>> = Arc::default();
     let k = kept.clone();
     let fixture = Fixture::start_with(move |b| {
-        b.bind_deferred("keep", move |_, responder| {
-            k.lock().unwrap().push(responder)
-        })
+        b.bind(
+            "keep",
+            Function::deferred(move |_, responder| k.lock().unwrap().push(responder)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -562,10 +575,8 @@ async fn a_call_dropped_before_it_runs_does_not_hold_up_later_hooks() {
     let hook_gate = Arc::new(Gate::default());
     hook_gate.open();
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| {
-        bind_step(b, FunctionOptions::new().workers(Workers::Own(1)), l, g)
-    })
-    .await;
+    let fixture =
+        Fixture::start_with(move |b| bind_step(b, |f| f.workers(Workers::Own(1)), l, g)).await;
     let client = fixture.client().await;
     let first = client.call("step", tree!({"id": 0, "sleep": 1.0}));
     wait_until("the first call starts", || {
