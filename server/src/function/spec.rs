@@ -452,7 +452,10 @@ pub(crate) struct Env {
 
 /// A function ready to be bound, type-erased; made into the server's
 /// function at [`listen`](crate::ServerBuilder::listen).
-pub struct Binding(Box<dyn FnOnce(&str, &Env) -> Result<BoundFunction, String> + Send>);
+pub struct Binding(Box<Resolve>);
+
+/// Makes the server's function for the name it is bound as, or says why not.
+type Resolve = dyn FnOnce(&str, &Env) -> Result<BoundFunction, String> + Send;
 
 impl fmt::Debug for Binding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
