@@ -892,6 +892,13 @@ async fn options_that_cannot_work_together_fail_listen_clearly() {
             ),
         ),
         (
+            "options",
+            Server::builder().bind(
+                "f",
+                Function::deferred(|_, responder| drop(responder)).batch(policy),
+            ),
+        ),
+        (
             "by-product",
             Server::builder().bind("f", Function::blocking(|args: Tree| Ok((args, 1)))),
         ),
@@ -905,4 +912,35 @@ async fn options_that_cannot_work_together_fail_listen_clearly() {
             other => panic!("{what}: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn an_async_function_gets_an_ordered_hook_too() {
+    let log = Arc::new(Log::default());
+    let hook_log = log.clone();
+    let fixture = Fixture::start_with(move |b| {
+        b.bind(
+            "step_async",
+            Function::new(|args: Tree| async move {
+                let id = args.get("id")?.as_int()?;
+                let sleep = args.get("sleep")?.as_float()?;
+                tokio::time::sleep(Duration::from_secs_f64(sleep)).await;
+                Ok((tree!(id), id))
+            })
+            .workers(Workers::Own(3))
+            .hook(move |id: i64| hook_log.push(format!("hook {id}"))),
+        )
+    })
+    .await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = [(0, 0.3), (1, 0.0), (2, 0.1)]
+        .into_iter()
+        .map(|(id, sleep)| client.call("step_async", tree!({"id": id, "sleep": sleep})))
+        .collect();
+    let results = within("3 async steps", all(calls)).await;
+    for (id, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((id as i64)));
+    }
+    wait_until("three hooks", || hooks(&log).len() == 3).await;
+    assert_eq!(hooks(&log), ["hook 0", "hook 1", "hook 2"]);
 }

@@ -78,8 +78,9 @@ impl Context {
         self.inner.peer
     }
 
-    /// The agent string the client sent in its `Hello` (the client builder's
-    /// `agent` option; `teleport-client/<version>` by default).
+    /// The agent string the client sent in its `Hello` (the client's
+    /// `ClientConfig::agent`; `teleport_protocol::client::DEFAULT_AGENT` for
+    /// this crate's client).
     pub fn agent(&self) -> &str {
         &self.inner.agent
     }

@@ -516,6 +516,11 @@ impl<B: Send + 'static> Function<B> {
         if self.hook.is_none() && TypeId::of::<B>() != TypeId::of::<()>() {
             return Err("the function returns a by-product but has no hook to take it".into());
         }
+        if matches!(self.kind, Kind::Deferred(_) | Kind::Queue(_)) && has_options {
+            return Err(format!(
+                "a {kind} function takes no options (workers, max_concurrent, hook, batch)"
+            ));
+        }
         if let Some(policy) = self.batch {
             if self.hook.is_some() || self.max_concurrent.is_some() || !self.bounded_backlog {
                 return Err("a batched function takes no hook and no max_concurrent".into());
@@ -553,15 +558,8 @@ impl<B: Send + 'static> Function<B> {
             )));
         }
         let body = match self.kind {
-            Kind::Deferred(function) if !has_options => {
-                return Ok(BoundFunction::Deferred(function))
-            }
-            Kind::Queue(sender) if !has_options => return Ok(BoundFunction::Queue(sender)),
-            Kind::Deferred(_) | Kind::Queue(_) => {
-                return Err(format!(
-                    "a {kind} function takes no options (workers, max_concurrent, hook, batch)"
-                ))
-            }
+            Kind::Deferred(function) => return Ok(BoundFunction::Deferred(function)),
+            Kind::Queue(sender) => return Ok(BoundFunction::Queue(sender)),
             Kind::Async(body) if !has_options => return Ok(plain_async(body)),
             Kind::Async(body) => Body::Async(body),
             Kind::Blocking(body) => Body::Blocking(body),
