@@ -20,6 +20,15 @@ pub enum ServerError {
     /// Two functions were bound under one name.
     #[error("the name {0:?} is bound twice")]
     DuplicateMethod(String),
+    /// A function's options cannot work together (see
+    /// [`Function`](crate::Function)).
+    #[error("the function {method:?} cannot be bound: {reason}")]
+    InvalidFunction {
+        /// The name the function is bound as.
+        method: String,
+        /// Which options clash.
+        reason: String,
+    },
     /// A batched function's policy cannot work (`max_batch` 0).
     #[error("the batched function {method:?} cannot be served: {error}")]
     BatchPolicy {

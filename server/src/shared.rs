@@ -10,7 +10,7 @@ use teleport_quic::driver::Clock;
 use tokio::sync::{watch, Semaphore};
 
 use crate::connection::Conn;
-use crate::function::Function;
+use crate::function::BoundFunction;
 use crate::stats::Counters;
 use crate::HandlerFailure;
 
@@ -20,7 +20,7 @@ use crate::HandlerFailure;
 #[derive(Debug)]
 pub(crate) struct ServerShared {
     /// The bound functions by name; the name is shared, not copied, per call.
-    pub(crate) functions: HashMap<String, (Arc<str>, Function)>,
+    pub(crate) functions: HashMap<String, (Arc<str>, BoundFunction)>,
     /// The state machine settings every connection starts from (token,
     /// limits, the shared capacity, the method names, timeouts).
     pub(crate) protocol: ServerConfig,
@@ -42,7 +42,7 @@ pub(crate) struct ServerShared {
 
 impl ServerShared {
     pub(crate) fn new(
-        functions: HashMap<String, Function>,
+        functions: HashMap<String, BoundFunction>,
         protocol: ServerConfig,
         workers: usize,
     ) -> ServerShared {

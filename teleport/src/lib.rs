@@ -59,7 +59,8 @@ pub use teleport_quic::{
     ToAddress, TransportConfig, TransportError,
 };
 pub use teleport_server::{
-    BatchPolicy, HandlerError, HandlerFailure, Server, ServerBuilder, ServerError,
+    BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server, ServerBuilder,
+    ServerError, Workers,
 };
 
 /// Why connecting or calling failed (the client's error type).

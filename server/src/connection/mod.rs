@@ -29,7 +29,7 @@ pub(crate) fn spawn(incoming: Incoming, shared: Arc<ServerShared>) {
     let span = tracing::info_span!("connection", id, %peer);
     tokio::spawn(
         async move {
-            let conn = Arc::new(Conn::new(id, shared.clone()));
+            let conn = Arc::new(Conn::new(id, peer, shared.clone()));
             let _live = shared.register(&conn);
             // A connection made while the server drains drains too.
             if let Some(deadline) = shared.shutdown_deadline() {
