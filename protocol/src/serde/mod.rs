@@ -125,3 +125,6 @@ pub fn from_tree<T: DeserializeOwned>(tree: Tree) -> Result<T, SerdeError> {
 pub fn from_tree_ref<T: DeserializeOwned>(tree: &Tree) -> Result<T, SerdeError> {
     from_tree(tree.clone())
 }
+
+#[cfg(test)]
+mod tests;
