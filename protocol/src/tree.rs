@@ -680,6 +680,35 @@ mod tests {
     }
 
     #[test]
+    fn macro_takes_expressions_and_from_is_unambiguous() {
+        let x = 2;
+        let name = String::from("n");
+        let t = tree!({
+            "a": x + 1,
+            "b": vec![1.0f32, 2.0],
+            "c": [x * 2, "s", vec![1i64, 2].len(), null],
+            "d": {"e": Some(3u32), "f": None::<i32>, "g": &name},
+            "h": &[1.5f64, 2.5][..],
+            "i": vec![7u8, 8],
+            "j": 'c',
+        });
+        assert_eq!(t.get("a").unwrap(), &Tree::Int(3));
+        assert_eq!(t.get("b").unwrap().as_slice::<f32>().unwrap(), &[1.0, 2.0]);
+        assert_eq!(t.get("c").unwrap(), &tree!([4, "s", 2, null]));
+        assert_eq!(t.get("d").unwrap(), &tree!({"e": 3, "f": null, "g": "n"}));
+        assert_eq!(t.get("h").unwrap().as_slice::<f64>().unwrap(), &[1.5, 2.5]);
+        assert_eq!(t.get("i").unwrap().as_bytes().unwrap().as_ref(), &[7, 8]);
+        assert_eq!(t.get("j").unwrap().as_str().unwrap(), "c");
+        assert_eq!(tree!([x, x + 1,]), tree!([2, 3]));
+        assert_eq!(Tree::from(5usize), Tree::Int(5));
+        assert_eq!(Tree::from(5), Tree::Int(5));
+        assert_eq!(
+            Tree::from(vec![true, false]).as_array().unwrap().dtype(),
+            DType::Bool
+        );
+    }
+
+    #[test]
     fn accessors_give_clear_errors() {
         let t = tree!({"x": 1});
         assert_eq!(t.get("y").unwrap_err().to_string(), "missing key \"y\"");
