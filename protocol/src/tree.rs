@@ -541,11 +541,9 @@ macro_rules! tree {
         $crate::__tree_map!(map $($body)+);
         $crate::Tree::Map(map)
     }};
-    ([ $($body:tt)+ ]) => {{
-        let mut list = $crate::__alloc_vec::Vec::<$crate::Tree>::new();
-        $crate::__tree_list!(list () $($body)+);
-        $crate::Tree::List(list)
-    }};
+    ([ $($body:tt)+ ]) => {
+        $crate::__tree_list!(() () $($body)+)
+    };
     // A parenthesised expression: unwrap it here, so `tree!((a + b))` does not
     // trip the unused-parentheses lint at the call site.
     (( $value:expr )) => { $crate::Tree::from($value) };
@@ -576,16 +574,18 @@ macro_rules! __tree_map {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __tree_list {
-    ($list:ident ()) => {};
-    ($list:ident ($($value:tt)+) , $($rest:tt)*) => {
-        $list.push($crate::tree!($($value)+));
-        $crate::__tree_list!($list () $($rest)*);
+    // (elements done) (the element being read) tokens left
+    (($($done:expr),*) ()) => {
+        $crate::Tree::List($crate::__alloc_vec![$($done),*])
     };
-    ($list:ident ($($value:tt)+)) => {
-        $list.push($crate::tree!($($value)+));
+    (($($done:expr),*) ($($value:tt)+) , $($rest:tt)*) => {
+        $crate::__tree_list!(($($done,)* $crate::tree!($($value)+)) () $($rest)*)
     };
-    ($list:ident ($($value:tt)*) $next:tt $($rest:tt)*) => {
-        $crate::__tree_list!($list ($($value)* $next) $($rest)*)
+    (($($done:expr),*) ($($value:tt)+)) => {
+        $crate::__tree_list!(($($done,)* $crate::tree!($($value)+)) ())
+    };
+    (($($done:expr),*) ($($value:tt)*) $next:tt $($rest:tt)*) => {
+        $crate::__tree_list!(($($done),*) ($($value)* $next) $($rest)*)
     };
 }
 

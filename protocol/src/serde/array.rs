@@ -137,7 +137,7 @@ impl Serialize for RawBytes<'_> {
     }
 }
 
-/// Serializes as the newtype struct [`ARRAY_TOKEN`]: zero-copy inside
+/// Serializes as a newtype struct of a reserved name: zero-copy inside
 /// [`to_tree`](crate::serde::to_tree), the portable form `{dtype, shape,
 /// data}` elsewhere (see [`crate::serde`]).
 impl Serialize for Array {
@@ -270,10 +270,7 @@ impl<'de> Deserialize<'de> for ByteBuf {
 /// A copy of `data` in memory aligned for `dtype`'s elements, so typed views
 /// of the array work.
 fn aligned_copy(dtype: DType, data: &[u8]) -> Bytes {
-    fn typed<T: bytemuck::Pod + Send + Sync + 'static>(data: &[u8]) -> Option<Bytes>
-    where
-        T: crate::Element,
-    {
+    fn typed<T: crate::Element>(data: &[u8]) -> Option<Bytes> {
         if data.len() % core::mem::size_of::<T>() != 0 {
             return None;
         }

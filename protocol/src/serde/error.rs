@@ -8,7 +8,7 @@ use crate::{TreeError, TreePath};
 
 /// Why a value did not convert to or from a [`Tree`](crate::Tree), and where.
 ///
-/// It displays as `at `weights[3]`: invalid type: string "x", expected f32`:
+/// It displays as ``at `weights[3]`: invalid type: string "x", expected f32``:
 /// the [`path`](SerdeError::path) of the node inside the tree (map keys and
 /// list indices; struct fields are map keys), then [what](SerdeError::kind)
 /// went wrong.

@@ -80,7 +80,7 @@
 //!
 //! # `ndarray` fields
 //!
-//! With the `ndarray` feature, [`ndarray`](self::ndarray) is a module for
+//! With the `ndarray` feature, [`ndarray`] is a module for
 //! `#[serde(with = "teleport_protocol::serde::ndarray")]` on an
 //! `ndarray::Array<T, D>` field, which then goes into the tree as an array
 //! leaf (copied once, as serde only lends the field; see the module).
@@ -98,6 +98,8 @@ use ::serde::Serialize;
 
 pub use error::{SerdeError, SerdeErrorKind};
 
+#[cfg(doc)]
+use crate::Array;
 use crate::Tree;
 
 /// The tree of `value`: see the [module](self) for the mapping.
