@@ -8,7 +8,9 @@
 //! This crate gathers the API of the workspace under one roof:
 //!
 //! - [`Server`], [`Client`], [`BlockingClient`] and the values they carry
-//!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level;
+//!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level, and
+//!   [`to_tree`] and [`from_tree`] to turn your own serde types into trees
+//!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
 //! - the whole of each crate as a module: [`server`], [`client`],
 //!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
 //!
@@ -52,7 +54,8 @@ pub use teleport_client::{
     BlockingClient, CallError, CallOptions, Client, ClientBuilder, PendingCall,
 };
 pub use teleport_protocol::{
-    tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError, Tree, TreeError,
+    from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
+    SerdeError, Tree, TreeError,
 };
 pub use teleport_quic::{
     Address, AddressError, ClientAuth, ClientTls, Fingerprint, Host, Identity, ServerTls,
