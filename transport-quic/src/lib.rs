@@ -28,7 +28,7 @@ mod socket;
 mod stream;
 mod tls;
 
-pub use config::TransportConfig;
+pub use config::{CongestionControl, TransportConfig};
 pub use endpoint::{
     quinn_client_config, quinn_server_config, Connecting, Connection, Connector, Handshake,
     Incoming, Listener,
