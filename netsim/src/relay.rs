@@ -13,21 +13,24 @@
 //! one relay compete for one bottleneck and one queue, which is how the
 //! benchmarks measure what one congestion controller costs another.
 //!
-//! Tasks: one reads the client-facing socket, one per flow reads from the
-//! upstream, and one per direction delivers datagrams when their time comes
-//! (a timer heap; tokio's timer has millisecond resolution, so datagrams
-//! leave in bursts of up to a millisecond's worth).
+//! Tasks: one reads the client-facing socket and one per flow reads from the
+//! upstream (tokio tasks); one thread per direction delivers datagrams when
+//! their time comes, from a timer heap. The delivery threads sleep with the
+//! operating system's high-resolution timers rather than tokio's
+//! millisecond wheel: a bottleneck that released datagrams in 1 ms bursts
+//! would compress acknowledgements and fool rate-measuring congestion
+//! controllers (BBR) into sending faster than the link.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio::time::Instant;
 
 use crate::link::{Link, LinkConfig, LinkStats, Verdict};
 
@@ -64,6 +67,8 @@ struct Shared {
     up: Mutex<Link>,
     down: Mutex<Link>,
     flows: Mutex<Vec<AbortHandle>>,
+    /// Tells the delivery threads to end.
+    stop: AtomicBool,
 }
 
 impl Shared {
@@ -94,27 +99,34 @@ impl Relay {
         down: LinkConfig,
         seed: u64,
     ) -> io::Result<Relay> {
-        let client_socket = Arc::new(bind_loopback(upstream)?);
+        let (client_socket, client_send) = bind_loopback(upstream)?;
         let addr = client_socket.local_addr()?;
         let shared = Arc::new(Shared {
             up: Mutex::new(Link::new(up, seed)),
             // Another stream of numbers for the other direction.
             down: Mutex::new(Link::new(down, seed ^ 0x9e37_79b9_7f4a_7c15)),
             flows: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
         });
-        let (up_tx, up_rx) = mpsc::unbounded_channel();
-        let (down_tx, down_rx) = mpsc::unbounded_channel();
-        let tasks = vec![
-            tokio::spawn(deliver(up_rx, shared.clone(), Direction::Up)),
-            tokio::spawn(deliver(down_rx, shared.clone(), Direction::Down)),
-            tokio::spawn(from_clients(
-                client_socket,
-                upstream,
-                shared.clone(),
-                up_tx,
-                down_tx,
-            )),
-        ];
+        let (up_tx, up_rx) = mpsc::channel();
+        let (down_tx, down_rx) = mpsc::channel();
+        for (name, queue, direction) in [
+            ("netsim-up", up_rx, Direction::Up),
+            ("netsim-down", down_rx, Direction::Down),
+        ] {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || deliver(queue, &shared, direction))?;
+        }
+        let tasks = vec![tokio::spawn(from_clients(
+            Arc::new(client_socket),
+            Arc::new(client_send),
+            upstream,
+            shared.clone(),
+            up_tx,
+            down_tx,
+        ))];
         Ok(Relay {
             addr,
             shared,
@@ -162,6 +174,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        self.shared.stop.store(true, AtomicOrdering::Relaxed);
         for task in &self.tasks {
             task.abort();
         }
@@ -172,8 +185,9 @@ impl Drop for Relay {
     }
 }
 
-/// Binds a UDP socket on the loopback address of `like`'s family.
-fn bind_loopback(like: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds a UDP socket on the loopback address of `like`'s family; returns it
+/// for receiving in tokio and a clone for sending from a delivery thread.
+fn bind_loopback(like: SocketAddr) -> io::Result<(UdpSocket, StdUdpSocket)> {
     let local: SocketAddr = if like.is_ipv4() {
         (Ipv4Addr::LOCALHOST, 0).into()
     } else {
@@ -185,7 +199,8 @@ fn bind_loopback(like: SocketAddr) -> io::Result<UdpSocket> {
     let _ = raw.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = raw.set_send_buffer_size(SOCKET_BUFFER);
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    let send = socket.try_clone()?;
+    Ok((UdpSocket::from_std(socket)?, send))
 }
 
 /// A datagram waiting for its delivery time.
@@ -194,7 +209,7 @@ struct Pending {
     at: Instant,
     /// Arrival order, so that datagrams due at the same instant keep it.
     seq: u64,
-    socket: Arc<UdpSocket>,
+    socket: Arc<StdUdpSocket>,
     to: SocketAddr,
     data: Arc<[u8]>,
 }
@@ -224,14 +239,13 @@ impl Ord for Pending {
 fn admit(
     shared: &Shared,
     direction: Direction,
-    queue: &mpsc::UnboundedSender<Pending>,
+    queue: &mpsc::Sender<Pending>,
     seq: &mut u64,
-    socket: &Arc<UdpSocket>,
+    socket: &Arc<StdUdpSocket>,
     to: SocketAddr,
     data: &[u8],
 ) {
-    let now = Instant::now();
-    let verdict = shared.link(direction).decide(now.into_std(), data.len());
+    let verdict = shared.link(direction).decide(Instant::now(), data.len());
     let Verdict::Deliver { at, duplicate } = verdict else {
         return;
     };
@@ -239,7 +253,7 @@ fn admit(
     for at in std::iter::once(at).chain(duplicate) {
         *seq += 1;
         let _ = queue.send(Pending {
-            at: Instant::from_std(at),
+            at,
             seq: *seq,
             socket: socket.clone(),
             to,
@@ -251,12 +265,13 @@ fn admit(
 /// Reads datagrams from clients, making a flow for each new client.
 async fn from_clients(
     socket: Arc<UdpSocket>,
+    socket_send: Arc<StdUdpSocket>,
     upstream: SocketAddr,
     shared: Arc<Shared>,
-    up: mpsc::UnboundedSender<Pending>,
-    down: mpsc::UnboundedSender<Pending>,
+    up: mpsc::Sender<Pending>,
+    down: mpsc::Sender<Pending>,
 ) {
-    let mut flows: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut flows: HashMap<SocketAddr, Arc<StdUdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut seq = 0u64;
     loop {
@@ -269,14 +284,14 @@ async fn from_clients(
         let flow = match flows.get(&client) {
             Some(flow) => flow.clone(),
             None => {
-                let Ok(flow) = bind_loopback(upstream) else {
+                let Ok((flow, flow_send)) = bind_loopback(upstream) else {
                     continue;
                 };
-                let flow = Arc::new(flow);
+                let flow_send = Arc::new(flow_send);
                 let task = tokio::spawn(from_upstream(
-                    flow.clone(),
+                    flow,
                     upstream,
-                    socket.clone(),
+                    socket_send.clone(),
                     client,
                     shared.clone(),
                     down.clone(),
@@ -286,8 +301,8 @@ async fn from_clients(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(task.abort_handle());
-                flows.insert(client, flow.clone());
-                flow
+                flows.insert(client, flow_send.clone());
+                flow_send
             }
         };
         admit(
@@ -304,12 +319,12 @@ async fn from_clients(
 
 /// Reads the upstream's datagrams for one client.
 async fn from_upstream(
-    flow: Arc<UdpSocket>,
+    flow: UdpSocket,
     upstream: SocketAddr,
-    client_socket: Arc<UdpSocket>,
+    client_socket: Arc<StdUdpSocket>,
     client: SocketAddr,
     shared: Arc<Shared>,
-    down: mpsc::UnboundedSender<Pending>,
+    down: mpsc::Sender<Pending>,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Sequence numbers only order datagrams due at the same instant; per
@@ -335,36 +350,53 @@ async fn from_upstream(
     }
 }
 
-/// Sends datagrams of one direction when they are due.
-async fn deliver(
-    mut queue: mpsc::UnboundedReceiver<Pending>,
-    shared: Arc<Shared>,
-    direction: Direction,
-) {
+/// The longest a delivery thread sleeps before looking at the stop flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Sends datagrams of one direction when they are due, until the relay is
+/// dropped.
+fn deliver(queue: mpsc::Receiver<Pending>, shared: &Shared, direction: Direction) {
     let mut heap: BinaryHeap<Pending> = BinaryHeap::new();
-    loop {
-        let next = heap.peek().map(|p| p.at);
-        tokio::select! {
-            pending = queue.recv() => match pending {
-                Some(pending) => heap.push(pending),
-                None => return,
-            },
-            _ = sleep_until(next), if next.is_some() => {
-                let now = Instant::now();
-                while heap.peek().is_some_and(|p| p.at <= now) {
-                    let Some(p) = heap.pop() else { break };
-                    if p.socket.send_to(&p.data, p.to).await.is_err() {
-                        shared.link(direction).count_send_error();
-                    }
-                }
+    let mut open = true;
+    while !shared.stop.load(AtomicOrdering::Relaxed) {
+        let now = Instant::now();
+        while heap.peek().is_some_and(|p| p.at <= now) {
+            let Some(p) = heap.pop() else { break };
+            if send(&p).is_err() {
+                shared.link(direction).count_send_error();
             }
+        }
+        let wait = heap
+            .peek()
+            .map_or(POLL, |p| p.at.saturating_duration_since(now))
+            .min(POLL);
+        if !open {
+            std::thread::sleep(wait);
+            continue;
+        }
+        match queue.recv_timeout(wait) {
+            Ok(p) => {
+                heap.push(p);
+                heap.extend(queue.try_iter());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Sends one datagram on a non-blocking socket, waiting briefly while the
+/// socket's send buffer is full.
+fn send(p: &Pending) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match p.socket.send_to(&p.data, p.to) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
