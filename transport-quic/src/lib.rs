@@ -34,6 +34,7 @@ pub use endpoint::{
     Incoming, Listener,
 };
 pub use error::TransportError;
+pub use socket::{SocketBuffers, SOCKET_BUFFER};
 pub use stream::{Outgoing, Progress, RecvStream, SendStream};
 pub use teleport_protocol::{CloseCode, StreamCode};
 pub use tls::{
