@@ -252,7 +252,7 @@ async fn compete(
     let total = args.rate * secs * 2;
     let (ea, ca, wa) = sender(
         relay.addr(),
-        server.fingerprint.clone(),
+        server.fingerprint,
         &transport(args, a),
         0,
         total,
