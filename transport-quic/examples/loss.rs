@@ -242,9 +242,10 @@ async fn compete(
     loss: f64,
     a: CongestionControl,
     b: CongestionControl,
-) -> anyhow::Result<(f64, f64, u64, u64)> {
-    // The server's own controller only paces its acknowledgements.
-    let server = start_server(&TransportConfig::default())?;
+) -> anyhow::Result<(f64, f64, u64, u64, String)> {
+    // The receiver's windows are what `--stream-window` sets; its own
+    // controller only paces acknowledgements.
+    let server = start_server(&transport(args, CongestionControl::Cubic))?;
     let link = link(args, rtt_ms, loss);
     let relay = Relay::start(server.endpoint.local_addr()?, link.clone(), link, args.seed)?;
     let secs = args.compete_secs;
@@ -275,13 +276,17 @@ async fn compete(
     let now = [0, 1].map(|i| server.received.flows[i].load(Ordering::Relaxed));
     let rate = |i: usize| (now[i] - base[i]) as f64 / measured.as_secs_f64();
     let lost = (ca.stats().path.lost_packets, cb.stats().path.lost_packets);
+    let errors: Vec<String> = [("A", &ca), ("B", &cb)]
+        .into_iter()
+        .filter_map(|(name, c)| c.close_reason().map(|e| format!(" {name} error: {e}")))
+        .collect();
     for (e, c, w) in [(ea, ca, wa), (eb, cb, wb)] {
         w.abort();
         c.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_millis(200), e.wait_idle()).await;
     }
     server.endpoint.close(0u32.into(), b"done");
-    Ok((rate(0), rate(1), lost.0, lost.1))
+    Ok((rate(0), rate(1), lost.0, lost.1, errors.concat()))
 }
 
 #[tokio::main]
@@ -311,9 +316,9 @@ async fn main() -> anyhow::Result<()> {
                         a.parse().map_err(anyhow::Error::msg)?,
                         b.parse().map_err(anyhow::Error::msg)?,
                     );
-                    let (ra, rb, la, lb) = compete(&args, rtt, loss, a, b).await?;
+                    let (ra, rb, la, lb, errors) = compete(&args, rtt, loss, a, b).await?;
                     println!(
-                        "| {rtt} ms | {loss}% | {a} | {:.2} | {b} | {:.2} | {:.0}% | {la} | {lb} |",
+                        "| {rtt} ms | {loss}% | {a} | {:.2} | {b} | {:.2} | {:.0}% | {la} | {lb} |{errors}",
                         mbps(ra),
                         mbps(rb),
                         100.0 * (ra + rb) / args.rate as f64,
