@@ -182,6 +182,7 @@ async fn listener_reports_its_socket_buffers() {
         Identity::self_signed(["localhost"]).unwrap(),
     ));
     let buffers = listener.socket_buffers();
+    println!("{buffers:?}");
     assert_eq!(buffers.requested, teleport_quic::SOCKET_BUFFER);
     // Whatever the kernel granted, it is at least its usual default and it
     // is reported; the capped flags agree with the figures.
