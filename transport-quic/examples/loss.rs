@@ -12,6 +12,10 @@
 //! one relay (one bottleneck, one queue) for `--compete-secs` and prints what
 //! each got: what controller A costs a flow of controller B.
 //!
+//! `--cc bbr-paced` is an experiment kept for its finding: quinn's BBR with
+//! the window its pacer sees bounded so that the pacer follows BBR's own
+//! pacing rate ([`PacedBbr`]); it prints that rate at the end of each run.
+//!
 //! ```text
 //! cargo run --release -p teleport-quic --example loss -- --mib 64
 //! cargo run --release -p teleport-quic --example loss -- --compete cubic:cubic,bbr:cubic
@@ -42,9 +46,10 @@ struct Args {
     /// Random loss in percent, applied to each direction (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
     loss: Vec<f64>,
-    /// Congestion controllers of the sender (comma separated).
+    /// Congestion controllers of the sender (comma separated): cubic,
+    /// newreno, bbr, or bbr-paced (an experiment of this example, see [`PacedBbr`]).
     #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
-    cc: Vec<CongestionControl>,
+    cc: Vec<Cc>,
     /// Link rate in bytes of UDP payload per second, each direction.
     #[arg(long, default_value_t = 10_000_000)]
     rate: u64,
@@ -129,6 +134,7 @@ async fn sender(
     relay: SocketAddr,
     fingerprint: teleport_quic::Fingerprint,
     transport: &TransportConfig,
+    cc: Cc,
     flow: u8,
     total: u64,
 ) -> anyhow::Result<(
@@ -137,10 +143,14 @@ async fn sender(
     tokio::task::JoinHandle<()>,
 )> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn_client_config(
-        &ClientTls::pinned(fingerprint),
-        transport,
-    )?);
+    let mut config = quinn_client_config(&ClientTls::pinned(fingerprint), transport)?;
+    if cc == Cc::PacedBbr {
+        config.transport_config(Arc::new(quinn_transport(
+            transport,
+            Arc::new(PacedBbrConfig),
+        )));
+    }
+    endpoint.set_default_client_config(config);
     let connection = endpoint.connect(relay, "localhost")?.await?;
     // Bidirectional: TransportConfig allows no unidirectional streams.
     let (mut send, _recv) = connection.open_bi().await?;
@@ -170,9 +180,13 @@ fn link(args: &Args, rtt_ms: u64, loss_percent: f64) -> LinkConfig {
         .with_loss(loss_percent / 100.0)
 }
 
-fn transport(args: &Args, cc: CongestionControl) -> TransportConfig {
+fn transport(args: &Args, cc: Cc) -> TransportConfig {
     let mut transport = TransportConfig::default();
-    transport.congestion = cc;
+    transport.congestion = match cc {
+        Cc::Quinn(cc) => cc,
+        // Set on the client's quinn config by `sender`.
+        Cc::PacedBbr => CongestionControl::Cubic,
+    };
     if let Some(window) = args.stream_window {
         transport.stream_receive_window = window;
     }
@@ -188,12 +202,7 @@ struct Outcome {
     error: Option<String>,
 }
 
-async fn single(
-    args: &Args,
-    rtt_ms: u64,
-    loss: f64,
-    cc: CongestionControl,
-) -> anyhow::Result<Outcome> {
+async fn single(args: &Args, rtt_ms: u64, loss: f64, cc: Cc) -> anyhow::Result<Outcome> {
     let transport = transport(args, cc);
     let server = start_server(&transport)?;
     let link = link(args, rtt_ms, loss);
@@ -201,7 +210,7 @@ async fn single(
     let total = args.mib << 20;
     let (endpoint, connection, write) = match tokio::time::timeout(
         Duration::from_secs(3),
-        sender(relay.addr(), server.fingerprint, &transport, 0, total),
+        sender(relay.addr(), server.fingerprint, &transport, cc, 0, total),
     )
     .await
     {
@@ -222,6 +231,15 @@ async fn single(
     let elapsed = start.elapsed();
     let received = counter.load(Ordering::Relaxed);
     let stats = connection.stats();
+    if cc == Cc::PacedBbr {
+        eprintln!(
+            "bbr-paced at the end: pacing rate {:.2} MB/s, BBR window {} B, srtt {:?}, cwnd {}",
+            LAST_PACING_RATE.load(Ordering::Relaxed) as f64 / 1e6,
+            LAST_WINDOW.load(Ordering::Relaxed),
+            stats.path.rtt,
+            stats.path.cwnd,
+        );
+    }
     write.abort();
     connection.close(0u32.into(), b"done");
     server.endpoint.close(0u32.into(), b"done");
@@ -240,12 +258,12 @@ async fn compete(
     args: &Args,
     rtt_ms: u64,
     loss: f64,
-    a: CongestionControl,
-    b: CongestionControl,
+    a: Cc,
+    b: Cc,
 ) -> anyhow::Result<(f64, f64, u64, u64, String)> {
     // The receiver's windows are what `--stream-window` sets; its own
     // controller only paces acknowledgements.
-    let server = start_server(&transport(args, CongestionControl::Cubic))?;
+    let server = start_server(&transport(args, Cc::Quinn(CongestionControl::Cubic)))?;
     let link = link(args, rtt_ms, loss);
     let relay = Relay::start(server.endpoint.local_addr()?, link.clone(), link, args.seed)?;
     let secs = args.compete_secs;
@@ -255,6 +273,7 @@ async fn compete(
         relay.addr(),
         server.fingerprint,
         &transport(args, a),
+        a,
         0,
         total,
     )
@@ -263,6 +282,7 @@ async fn compete(
         relay.addr(),
         server.fingerprint,
         &transport(args, b),
+        b,
         1,
         total,
     )
@@ -298,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
         mbps(args.rate as f64),
         args.queue >> 10,
         args.seed,
-        transport(&args, CongestionControl::Cubic).stream_receive_window,
+        transport(&args, Cc::Quinn(CongestionControl::Cubic)).stream_receive_window,
     );
     if !args.compete.is_empty() {
         println!();
@@ -312,7 +332,7 @@ async fn main() -> anyhow::Result<()> {
                     let (a, b) = pair
                         .split_once(':')
                         .ok_or_else(|| anyhow::anyhow!("--compete wants a:b, got {pair:?}"))?;
-                    let (a, b): (CongestionControl, CongestionControl) = (
+                    let (a, b): (Cc, Cc) = (
                         a.parse().map_err(anyhow::Error::msg)?,
                         b.parse().map_err(anyhow::Error::msg)?,
                     );
@@ -354,4 +374,160 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A controller choice: one of the library's, or this example's experiment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cc {
+    Quinn(CongestionControl),
+    PacedBbr,
+}
+
+impl std::str::FromStr for Cc {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("bbr-paced") {
+            return Ok(Cc::PacedBbr);
+        }
+        s.parse().map(Cc::Quinn)
+    }
+}
+
+impl std::fmt::Display for Cc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cc::Quinn(cc) => cc.fmt(f),
+            Cc::PacedBbr => f.write_str("bbr-paced"),
+        }
+    }
+}
+
+/// quinn's transport settings as `TransportConfig::to_quinn` makes them, with
+/// another controller.
+fn quinn_transport(
+    t: &TransportConfig,
+    controller: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
+) -> quinn::TransportConfig {
+    let varint = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+    let mut q = quinn::TransportConfig::default();
+    q.stream_receive_window(varint(t.stream_receive_window))
+        .receive_window(varint(t.receive_window))
+        .send_window(t.send_window)
+        .max_concurrent_bidi_streams(t.max_concurrent_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(t.keep_alive)
+        .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle_timeout).ok())
+        .congestion_controller_factory(controller);
+    q
+}
+
+/// An experiment: quinn's BBR, with the window it shows quinn bounded so
+/// that quinn's pacer (which spreads 1.25 x the window over the smoothed
+/// round trip and ignores the controller's pacing rate) sends at BBR's own
+/// pacing rate: window = min(BBR's window, pacing rate x srtt / 1.25).
+/// What the last paced-BBR controller reported, for the table's last column.
+static LAST_PACING_RATE: AtomicU64 = AtomicU64::new(0);
+static LAST_WINDOW: AtomicU64 = AtomicU64::new(0);
+
+struct PacedBbr {
+    inner: Box<dyn quinn::congestion::Controller>,
+    srtt: Duration,
+    mtu: u16,
+}
+
+#[derive(Debug)]
+struct PacedBbrConfig;
+
+impl quinn::congestion::ControllerFactory for PacedBbrConfig {
+    fn build(
+        self: Arc<Self>,
+        now: Instant,
+        current_mtu: u16,
+    ) -> Box<dyn quinn::congestion::Controller> {
+        let inner = Arc::new(quinn::congestion::BbrConfig::default()).build(now, current_mtu);
+        Box::new(PacedBbr {
+            inner,
+            srtt: Duration::ZERO,
+            mtu: current_mtu,
+        })
+    }
+}
+
+impl quinn::congestion::Controller for PacedBbr {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.inner.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.srtt = rtt.get();
+        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        self.inner
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.inner
+            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.mtu = new_mtu;
+        self.inner.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        let window = self.inner.window();
+        // Bits per second; 0 until BBR's first rate sample.
+        let rate = self.inner.metrics().pacing_rate.unwrap_or(0) / 8;
+        LAST_PACING_RATE.store(rate, Ordering::Relaxed);
+        LAST_WINDOW.store(window, Ordering::Relaxed);
+        if rate == 0 || self.srtt.is_zero() {
+            return window;
+        }
+        let paced = (rate as f64 * self.srtt.as_secs_f64() / 1.25) as u64;
+        window.min(paced.max(4 * u64::from(self.mtu)))
+    }
+
+    fn metrics(&self) -> quinn::congestion::ControllerMetrics {
+        self.inner.metrics()
+    }
+
+    fn clone_box(&self) -> Box<dyn quinn::congestion::Controller> {
+        Box::new(PacedBbr {
+            inner: self.inner.clone_box(),
+            srtt: self.srtt,
+            mtu: self.mtu,
+        })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.inner.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
 }
