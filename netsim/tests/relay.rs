@@ -131,13 +131,21 @@ async fn rate_limit_paces_and_queue_drops_the_tail() {
     for i in 0..100u8 {
         socket.send(&[i; 1000]).await.unwrap();
     }
+    let burst = start.elapsed();
     let got = drain(&socket, Duration::from_millis(300)).await;
     let stats = relay.stats();
     assert_eq!(stats.up.forwarded as usize, got.len());
     assert_eq!(stats.up.forwarded + stats.up.dropped_queue, 100);
-    // At most the queue's worth of a burst gets through (a little more if
-    // the burst took time to arrive), and it took the rate's time.
-    assert!(got.len() >= 20 && got.len() < 60, "{}", got.len());
+    // The queue's worth of the burst gets through, plus one datagram per
+    // millisecond the burst took to arrive (on a busy machine it may take a
+    // while), and delivering them took the rate's time.
+    let drained_meanwhile = burst.as_millis() as usize + 2;
+    assert!(got.len() >= 20, "{}", got.len());
+    assert!(
+        got.len() <= 20 + drained_meanwhile,
+        "{} in {burst:?}",
+        got.len()
+    );
     assert!(start.elapsed() >= Duration::from_millis(19));
     // Drop-tail: what arrives is the head of the burst, in order.
     let firsts: Vec<u8> = got.iter().map(|d| d[0]).collect();
