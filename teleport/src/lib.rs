@@ -51,7 +51,7 @@ pub use teleport_quic as quic;
 pub use teleport_server as server;
 
 pub use teleport_client::{
-    BlockingClient, CallError, CallOptions, Client, ClientBuilder, PendingCall,
+    BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
 pub use teleport_protocol::{
     from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
@@ -62,8 +62,8 @@ pub use teleport_quic::{
     ToAddress, TransportConfig, TransportError,
 };
 pub use teleport_server::{
-    BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server, ServerBuilder,
-    ServerError, Workers,
+    typed, typed_blocking, BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server,
+    ServerBuilder, ServerError, ServerStats, Workers,
 };
 
 /// Why connecting or calling failed (the client's error type).
