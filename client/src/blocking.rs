@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use teleport_protocol::Tree;
 
 use crate::{CallOptions, Client, ClientBuilder, Error};
@@ -41,6 +43,18 @@ impl BlockingClient {
             self.client.call(method, args)
         };
         self.runtime.block_on(pending)
+    }
+
+    /// Calls `method` with `request` converted to a tree and converts the
+    /// reply to `Resp`, and waits: see [`Client::call_as`].
+    pub fn call_as<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, Error>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let args = crate::client::to_request(method, request)?;
+        let reply = self.call(method, args)?;
+        crate::client::from_reply(method, reply)
     }
 
     /// Like [`call`](Self::call), with a timeout.

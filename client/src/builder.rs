@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use teleport_protocol::client::ClientConfig;
 use teleport_protocol::{Backoff, Limits};
-use teleport_quic::{ClientTls, Fingerprint, Identity, TransportConfig};
+use teleport_quic::{AddressError, ClientTls, Fingerprint, Identity, ToAddress, TransportConfig};
 
 use crate::driver::{Driver, Settings};
 use crate::{Client, Error};
@@ -17,10 +17,16 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    pub(crate) fn new(target: String) -> ClientBuilder {
+    pub(crate) fn new(target: impl ToAddress) -> ClientBuilder {
+        let address = target.to_address();
         ClientBuilder {
             settings: Settings {
-                target,
+                target: match &address {
+                    Ok(address) => address.to_string(),
+                    Err(AddressError::Invalid { input, .. }) => input.clone(),
+                    Err(e) => e.to_string(),
+                },
+                address,
                 server_name: None,
                 tls: None,
                 identity: None,
@@ -59,7 +65,8 @@ impl ClientBuilder {
 
     /// The name the server's certificate must carry when trusting CA roots.
     /// Default: the host of the target (`"example.com"` for
-    /// `"example.com:4433"`, the IP address for an address).
+    /// `"example.com:4433"`, the IP address for an address, `localhost` for a
+    /// bare port).
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.settings.server_name = Some(name.into());
         self
@@ -85,6 +92,13 @@ impl ClientBuilder {
     pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.config.max_in_flight = max_in_flight.max(1);
         self
+    }
+
+    /// No bound on the calls in flight (the same as `max_in_flight(usize::MAX)`):
+    /// every call is sent at once. The server's own limit still applies: calls
+    /// beyond the streams it allows wait for one, in order.
+    pub fn unbounded_in_flight(self) -> Self {
+        self.max_in_flight(usize::MAX)
     }
 
     /// The timeout of calls made without one. Default none.

@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use teleport_protocol::client::{CallError, CallOptions, StartCallError};
 use teleport_protocol::Tree;
+use teleport_quic::ToAddress;
 
 use crate::driver::Driver;
 use crate::{ClientBuilder, Error, PendingCall};
@@ -32,12 +35,17 @@ impl Drop for Handle {
 }
 
 impl Client {
-    /// A builder for a client of the server at `target`: `"host:port"` (names
-    /// are resolved), `"[::1]:4433"`, or a `SocketAddr`. Choose how to trust the
-    /// server ([`pin`](ClientBuilder::pin) or [`tls`](ClientBuilder::tls))
-    /// before connecting.
-    pub fn builder(target: impl std::fmt::Display) -> ClientBuilder {
-        ClientBuilder::new(target.to_string())
+    /// A builder for a client of the server at `target`, written as people
+    /// write addresses: a port (`4433`, `"4433"`, `":4433"`: this machine),
+    /// `"host:4433"` (a name, resolved on each connection attempt; every
+    /// address it resolves to, IPv4 and IPv6, is tried), `"127.0.0.1:4433"`,
+    /// `"[::1]:4433"`, `"quic://host:4433"`, or a `SocketAddr`. A target that
+    /// is not an address, or a name that does not resolve, fails the first
+    /// connection attempt at once with a message saying why. Choose how to
+    /// trust the server ([`pin`](ClientBuilder::pin) or
+    /// [`tls`](ClientBuilder::tls)) before connecting.
+    pub fn builder(target: impl ToAddress) -> ClientBuilder {
+        ClientBuilder::new(target)
     }
 
     pub(crate) fn from_driver(driver: Arc<Driver>) -> Client {
@@ -72,6 +80,33 @@ impl Client {
     /// [`Error::Unobserved`].
     pub fn call(&self, method: impl Into<String>, args: Tree) -> PendingCall {
         self.call_with_options(method, args, CallOptions::new())
+    }
+
+    /// Calls `method` with `request` converted to a tree by
+    /// [`to_tree`](teleport_protocol::to_tree), and converts the reply to
+    /// `Resp` by [`from_tree`](teleport_protocol::from_tree): [`Array`
+    /// ](teleport_protocol::Array) fields travel without copies.
+    ///
+    /// The request is converted (and the call started) when the future is
+    /// first polled. Fails with [`Error::Request`] (the call is not sent) or
+    /// [`Error::Response`] when a conversion fails, naming the method and
+    /// where in the value; otherwise as [`call`](Self::call).
+    ///
+    /// ```no_run
+    /// # async fn run(client: teleport_client::Client) -> Result<(), teleport_client::Error> {
+    /// #[derive(serde::Serialize)]
+    /// struct Add { a: i64, b: i64 }
+    /// let sum: i64 = client.call_as("add", &Add { a: 2, b: 40 }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call_as<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, Error>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let args = to_request(method, request)?;
+        let reply = self.call(method, args).await?;
+        from_reply(method, reply)
     }
 
     /// Like [`call`](Self::call), failing with
@@ -110,6 +145,13 @@ impl Client {
                 }),
             ),
         }
+    }
+
+    /// What this client's calls and connections came to since it was
+    /// built: calls started, succeeded, failed and re-sent, calls in flight
+    /// and queued, connections, bytes in and out.
+    pub fn stats(&self) -> crate::ClientStats {
+        self.driver().stats()
     }
 
     /// Calls in flight now (sent and not yet answered).
@@ -155,4 +197,23 @@ impl Client {
     pub async fn closed(&self) -> String {
         self.driver().closed().await
     }
+}
+
+/// A typed call's request as a tree.
+pub(crate) fn to_request<Req: Serialize + ?Sized>(
+    method: &str,
+    request: &Req,
+) -> Result<Tree, Error> {
+    teleport_protocol::to_tree(request).map_err(|error| Error::Request {
+        method: method.to_owned(),
+        error,
+    })
+}
+
+/// A typed call's reply as the type asked for.
+pub(crate) fn from_reply<Resp: DeserializeOwned>(method: &str, reply: Tree) -> Result<Resp, Error> {
+    teleport_protocol::from_tree(reply).map_err(|error| Error::Response {
+        method: method.to_owned(),
+        error,
+    })
 }

@@ -8,7 +8,6 @@
 //! followed by [`pump`](Driver::pump), which carries out the outputs.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -20,8 +19,8 @@ use teleport_protocol::client::{
 use teleport_protocol::{Call, Limits, Message, Reply, RequestId, StreamCode, Timestamp, Tree};
 use teleport_quic::driver::{read_control, spawn_control_writer, Clock, ControlSender, Timer};
 use teleport_quic::{
-    ClientTls, Connection, Connector, Identity, RecvStream, SendStream, TransportConfig,
-    TransportError,
+    Address, AddressError, ClientTls, Connection, Connector, Identity, RecvStream, SendStream,
+    Traffic, TransportConfig, TransportError,
 };
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -31,7 +30,11 @@ use crate::call_io::{self, CallIo, Sent};
 /// What opening a connection needs.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
+    /// The server's address as written, for messages.
     pub(crate) target: String,
+    /// The server's address, or why what was written is not one (reported
+    /// by the first connection attempt).
+    pub(crate) address: Result<Address, AddressError>,
     pub(crate) server_name: Option<String>,
     pub(crate) tls: Option<ClientTls>,
     pub(crate) identity: Option<Identity>,
@@ -78,6 +81,8 @@ struct State {
     connector: Option<Arc<Connector>>,
     /// Why the last connection closed, for `Client::closed`.
     last_close: Option<String>,
+    /// What the connections that ended moved, for `Client::stats`.
+    ended_traffic: Traffic,
 }
 
 /// A client's shared state and driver. See the [module docs](self).
@@ -116,6 +121,7 @@ impl Driver {
                 last_connect_result: None,
                 connector: None,
                 last_close: None,
+                ended_traffic: Traffic::default(),
             }),
             timer: Timer::new(),
             clock,
@@ -150,6 +156,30 @@ impl Driver {
 
     fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The machine's counts and what the connections moved.
+    pub(crate) fn stats(&self) -> crate::ClientStats {
+        let state = self.lock();
+        let mut traffic = state.ended_traffic;
+        for io in state.conns.values() {
+            if let Some(connection) = &io.connection {
+                traffic += connection.traffic();
+            }
+        }
+        let counts = state.machine.counts();
+        crate::ClientStats {
+            calls_started: counts.started,
+            calls_succeeded: counts.succeeded,
+            calls_failed: counts.failed,
+            calls_resent: counts.resent,
+            in_flight: state.machine.in_flight(),
+            queued: state.machine.queued(),
+            connected: state.machine.is_connected(),
+            connections: counts.connections,
+            bytes_sent: traffic.bytes_sent,
+            bytes_received: traffic.bytes_received,
+        }
     }
 
     pub(crate) fn target(&self) -> &str {
@@ -383,7 +413,9 @@ impl Driver {
             let mut state = driver.lock();
             state.last_close = Some(reason.to_string());
             // Its handles go with it.
-            state.conns.remove(&conn);
+            if let Some(connection) = state.conns.remove(&conn).and_then(|io| io.connection) {
+                state.ended_traffic += connection.traffic();
+            }
             let now = driver.now();
             state.machine.connection_lost(now, conn, reason.to_string());
             driver.pump(&mut state);
@@ -510,6 +542,7 @@ impl Driver {
                         }
                         if let Some(connection) = io.connection {
                             connection.close(code, &reason);
+                            state.ended_traffic += connection.traffic();
                         }
                     }
                 }
@@ -655,12 +688,20 @@ async fn open(
     driver: &Arc<Driver>,
 ) -> Result<(Connection, SendStream, RecvStream), ConnectFailure> {
     let settings = &driver.settings;
-    let addrs = resolve(&settings.target).await?;
+    // Resolved again by every attempt, so a server that moved is found.
+    let address = settings
+        .address
+        .as_ref()
+        .map_err(|e| ConnectFailure::Resolve(e.to_string()))?;
+    let addrs = address
+        .resolve_for_client()
+        .await
+        .map_err(|e| ConnectFailure::Resolve(e.to_string()))?;
     let connector = connector(driver)?;
     let server_name = settings
         .server_name
         .clone()
-        .unwrap_or_else(|| host_of(&settings.target));
+        .unwrap_or_else(|| address.host_name());
     let attempts = addrs
         .iter()
         .map(|&addr| Box::pin(connector.connect(addr, &server_name)));
@@ -702,32 +743,4 @@ fn connect_failure(error: TransportError) -> ConnectFailure {
     } else {
         ConnectFailure::Unreachable(error.to_string())
     }
-}
-
-/// Resolves `host:port` (a name or an address) to its addresses.
-async fn resolve(target: &str) -> Result<Vec<SocketAddr>, ConnectFailure> {
-    let unresolved = |reason: String| {
-        ConnectFailure::Resolve(format!(
-            "cannot resolve {target:?} (expected host:port): {reason}"
-        ))
-    };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| unresolved(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(unresolved("the name has no addresses".to_owned()));
-    }
-    Ok(addrs)
-}
-
-/// The host part of `host:port` or `[v6]:port`, for the TLS server name.
-pub(crate) fn host_of(target: &str) -> String {
-    let host = match target.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host,
-        _ => target,
-    };
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned()
 }

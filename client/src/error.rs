@@ -1,7 +1,7 @@
 //! The client's error type.
 
 use teleport_protocol::client::{CallError, ConnectError};
-use teleport_protocol::RemoteError;
+use teleport_protocol::{RemoteError, SerdeError};
 
 /// Why connecting or calling failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,24 @@ pub enum Error {
     /// The blocking client's runtime could not be started.
     #[error("cannot start the client's runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    /// A typed call's request ([`Client::call_as`](crate::Client::call_as))
+    /// did not convert to a tree; the call was not sent.
+    #[error("the request of {method:?} did not convert to a tree: {error}")]
+    Request {
+        /// The method called.
+        method: String,
+        /// Where in the request, and what went wrong.
+        error: SerdeError,
+    },
+    /// A typed call's reply did not convert to the type asked for (the call
+    /// itself succeeded).
+    #[error("the reply of {method:?} did not convert to the type asked for: {error}")]
+    Response {
+        /// The method called.
+        method: String,
+        /// Where in the reply, and what went wrong.
+        error: SerdeError,
+    },
     /// The call failed: the function's own error ([`CallError::Remote`]), a
     /// deadline, a cancel, no connection, or the connection.
     #[error(transparent)]

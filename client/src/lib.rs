@@ -47,12 +47,16 @@ mod client;
 mod driver;
 mod error;
 mod pending;
+mod stats;
 
 pub use blocking::BlockingClient;
 pub use builder::ClientBuilder;
 pub use client::Client;
 pub use error::Error;
 pub use pending::PendingCall;
+pub use stats::ClientStats;
 pub use teleport_protocol::client::{CallError, CallOptions, ConnectError};
 pub use teleport_protocol::{ErrorKind, RemoteError};
-pub use teleport_quic::{ClientTls, Fingerprint, Identity, TransportConfig};
+pub use teleport_quic::{
+    Address, AddressError, ClientTls, Fingerprint, Host, Identity, ToAddress, TransportConfig,
+};

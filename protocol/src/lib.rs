@@ -13,6 +13,8 @@
 //!   Encoding produces a gather list that references array buffers without
 //!   copying them; decoding is incremental and copies array data exactly once,
 //!   into 64-byte-aligned memory.
+//! - [`serde`]: any `Serialize` type to a [`Tree`] and back ([`to_tree`],
+//!   [`from_tree`]), with [`Array`] fields kept zero-copy.
 //! - [`batch`]: stacking trees along a new axis 0 and splitting them back.
 //! - [`client`] and [`server`]: the state machines of each side, and
 //!   [`batcher`]: the batching policy. Each follows the same run-loop
@@ -51,6 +53,7 @@ mod message;
 #[cfg(feature = "ndarray")]
 mod ndarray_conv;
 mod path;
+pub mod serde;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -68,6 +71,7 @@ pub use message::{
     Call, ErrorKind, Goodbye, GoodbyeReason, Hello, Kind, Message, RemoteError, Reply, RequestId,
 };
 pub use path::{PathSegment, TreePath};
+pub use serde::{from_tree, to_tree, SerdeError};
 pub use time::Timestamp;
 pub use tree::{Layout, LayoutNode, Map, Tree, TreeError};
 pub use wire::{decode_message, encode, DecodeError, Decoder, EncodeError, Encoded};

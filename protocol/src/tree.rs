@@ -400,6 +400,31 @@ impl From<()> for Tree {
     }
 }
 
+/// A length or an index. Panics above `i64::MAX`, which no length reaches.
+impl From<usize> for Tree {
+    fn from(v: usize) -> Tree {
+        Tree::Int(i64::try_from(v).expect("a usize above i64::MAX does not fit a tree's int"))
+    }
+}
+
+impl From<isize> for Tree {
+    fn from(v: isize) -> Tree {
+        Tree::Int(v as i64)
+    }
+}
+
+impl From<char> for Tree {
+    fn from(v: char) -> Tree {
+        Tree::Str(v.into())
+    }
+}
+
+impl From<&String> for Tree {
+    fn from(v: &String) -> Tree {
+        Tree::Str(v.clone())
+    }
+}
+
 impl<T: Into<Tree>> From<Option<T>> for Tree {
     fn from(v: Option<T>) -> Tree {
         v.map_or(Tree::None, Into::into)
@@ -412,28 +437,95 @@ impl From<Vec<Tree>> for Tree {
     }
 }
 
+/// Bytes, as `to_tree` makes of a `Vec<u8>` (for a `uint8` array, use
+/// [`Array::from_vec1`]).
+impl From<Vec<u8>> for Tree {
+    fn from(v: Vec<u8>) -> Tree {
+        Tree::Bytes(Bytes::from(v))
+    }
+}
+
+/// Bytes (copied).
+impl From<&[u8]> for Tree {
+    fn from(v: &[u8]) -> Tree {
+        Tree::Bytes(Bytes::copy_from_slice(v))
+    }
+}
+
+/// A 1-d bool array (copied: one byte per element).
+impl From<&[bool]> for Tree {
+    fn from(v: &[bool]) -> Tree {
+        Tree::Array(Array::from_bools([v.len()], v).expect("a 1-d shape matches its length"))
+    }
+}
+
+/// A 1-d bool array.
+impl From<Vec<bool>> for Tree {
+    fn from(v: Vec<bool>) -> Tree {
+        Tree::from(v.as_slice())
+    }
+}
+
+macro_rules! from_elements {
+    ($($t:ty),* $(,)?) => {
+        $(
+            /// A 1-d array that takes over the vector (no copy).
+            impl From<Vec<$t>> for Tree {
+                fn from(v: Vec<$t>) -> Tree {
+                    Tree::Array(Array::from_vec1(v))
+                }
+            }
+
+            /// A 1-d array holding a copy of the slice.
+            impl From<&[$t]> for Tree {
+                fn from(v: &[$t]) -> Tree {
+                    Tree::Array(
+                        Array::from_slice([v.len()], v).expect("a 1-d shape matches its length"),
+                    )
+                }
+            }
+        )*
+    };
+}
+
+// Every element type but `u8`, whose vectors and slices are bytes.
+from_elements! {
+    i8, i16, i32, i64, u16, u32, u64, f32, f64,
+    half::f16, half::bf16, num_complex::Complex<f32>, num_complex::Complex<f64>,
+}
+
 /// Builds a [`Tree`] with JSON-like syntax.
 ///
-/// Keys are string literals; values are literals, nested `{..}` maps, `[..]` lists,
-/// or any expression that converts [`Into<Tree>`](Tree), wrapped in parentheses when
-/// it is more than one token.
+/// Keys are string literals; values are `null`, nested `{..}` maps, `[..]`
+/// lists, or any expression that converts [`Into<Tree>`](Tree) (see the
+/// `From` impls of [`Tree`]: numbers, strings, options, [`Array`]s, and
+/// vectors or slices of array elements, which become 1-d arrays). An
+/// expression ends at the next top-level comma; it needs parentheses only
+/// when it starts with `{` or `[` and goes on (`([1, 2].len())`).
 ///
 /// ```
 /// use teleport_protocol::{tree, Array, Tree};
 /// let obs = Array::from_vec1(vec![1.0f32, 2.0, 3.0]);
+/// let step = 2;
 /// let t = tree!({
-///     "step": 3,
-///     "obs": (obs.clone()),
+///     "step": step + 1,
+///     "obs": obs.clone(),
 ///     "done": [false, true],
 ///     "info": { "name": "cartpole", "seed": null },
+///     "weights": vec![0.5f32, 0.25],
 /// });
 /// assert_eq!(t.get("step").unwrap().as_int().unwrap(), 3);
 /// assert_eq!(t.get("obs").unwrap().as_slice::<f32>().unwrap(), &[1.0, 2.0, 3.0]);
 /// assert!(t.get("info").unwrap().get("seed").unwrap().is_none());
+/// assert_eq!(t.get("weights").unwrap().as_slice::<f32>().unwrap(), &[0.5, 0.25]);
 /// ```
+///
+/// A value of many tokens is read one token at a time, so very large literal
+/// trees of long expressions may need a higher `#![recursion_limit]`.
 #[macro_export]
 macro_rules! tree {
     (null) => { $crate::Tree::None };
+    // Fast paths: every value is a single token tree.
     ({ $($key:literal : $value:tt),* $(,)? }) => {{
         #[allow(unused_mut)]
         let mut map = $crate::Map::new();
@@ -443,10 +535,58 @@ macro_rules! tree {
     ([ $($value:tt),* $(,)? ]) => {
         $crate::Tree::List($crate::__alloc_vec![$($crate::tree!($value)),*])
     };
+    // Values of several tokens: munch each until its comma.
+    ({ $($body:tt)+ }) => {{
+        let mut map = $crate::Map::new();
+        $crate::__tree_map!(map $($body)+);
+        $crate::Tree::Map(map)
+    }};
+    ([ $($body:tt)+ ]) => {
+        $crate::__tree_list!(() () $($body)+)
+    };
     // A parenthesised expression: unwrap it here, so `tree!((a + b))` does not
     // trip the unused-parentheses lint at the call site.
     (( $value:expr )) => { $crate::Tree::from($value) };
     ($value:expr) => { $crate::Tree::from($value) };
+}
+
+/// The entries of a map in [`tree!`]; not part of the API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tree_map {
+    ($map:ident) => {};
+    ($map:ident $key:literal : $($rest:tt)+) => {
+        $crate::__tree_map!(@value $map $key () $($rest)+)
+    };
+    (@value $map:ident $key:literal ($($value:tt)+) , $($rest:tt)*) => {
+        $map.insert($key, $crate::tree!($($value)+));
+        $crate::__tree_map!($map $($rest)*);
+    };
+    (@value $map:ident $key:literal ($($value:tt)+)) => {
+        $map.insert($key, $crate::tree!($($value)+));
+    };
+    (@value $map:ident $key:literal ($($value:tt)*) $next:tt $($rest:tt)*) => {
+        $crate::__tree_map!(@value $map $key ($($value)* $next) $($rest)*)
+    };
+}
+
+/// The elements of a list in [`tree!`]; not part of the API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tree_list {
+    // (elements done) (the element being read) tokens left
+    (($($done:expr),*) ()) => {
+        $crate::Tree::List($crate::__alloc_vec![$($done),*])
+    };
+    (($($done:expr),*) ($($value:tt)+) , $($rest:tt)*) => {
+        $crate::__tree_list!(($($done,)* $crate::tree!($($value)+)) () $($rest)*)
+    };
+    (($($done:expr),*) ($($value:tt)+)) => {
+        $crate::__tree_list!(($($done,)* $crate::tree!($($value)+)) ())
+    };
+    (($($done:expr),*) ($($value:tt)*) $next:tt $($rest:tt)*) => {
+        $crate::__tree_list!(($($done),*) ($($value)* $next) $($rest)*)
+    };
 }
 
 /// The structure of a tree without its data: keys, kinds, dtypes and shapes.
@@ -537,6 +677,35 @@ mod tests {
         assert!(t.get("b").unwrap().at(2).unwrap().is_none());
         assert_eq!(t.get("e").unwrap().as_array().unwrap(), &a);
         assert_eq!(t.get("c").unwrap().as_map().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn macro_takes_expressions_and_from_is_unambiguous() {
+        let x = 2;
+        let name = String::from("n");
+        let t = tree!({
+            "a": x + 1,
+            "b": vec![1.0f32, 2.0],
+            "c": [x * 2, "s", vec![1i64, 2].len(), null],
+            "d": {"e": Some(3u32), "f": None::<i32>, "g": &name},
+            "h": &[1.5f64, 2.5][..],
+            "i": vec![7u8, 8],
+            "j": 'c',
+        });
+        assert_eq!(t.get("a").unwrap(), &Tree::Int(3));
+        assert_eq!(t.get("b").unwrap().as_slice::<f32>().unwrap(), &[1.0, 2.0]);
+        assert_eq!(t.get("c").unwrap(), &tree!([4, "s", 2, null]));
+        assert_eq!(t.get("d").unwrap(), &tree!({"e": 3, "f": null, "g": "n"}));
+        assert_eq!(t.get("h").unwrap().as_slice::<f64>().unwrap(), &[1.5, 2.5]);
+        assert_eq!(t.get("i").unwrap().as_bytes().unwrap().as_ref(), &[7, 8]);
+        assert_eq!(t.get("j").unwrap().as_str().unwrap(), "c");
+        assert_eq!(tree!([x, x + 1,]), tree!([2, 3]));
+        assert_eq!(Tree::from(5usize), Tree::Int(5));
+        assert_eq!(Tree::from(5), Tree::Int(5));
+        assert_eq!(
+            Tree::from(vec![true, false]).as_array().unwrap().dtype(),
+            DType::Bool
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 
 use teleport_protocol::batcher::BatchPolicyError;
 use teleport_protocol::{ErrorKind, RemoteError};
-use teleport_quic::TransportError;
+use teleport_quic::{AddressError, TransportError};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +14,21 @@ pub enum ServerError {
     /// The identity or the socket could not be set up.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The address to listen on is not one, or did not resolve.
+    #[error(transparent)]
+    Address(#[from] AddressError),
     /// Two functions were bound under one name.
     #[error("the name {0:?} is bound twice")]
     DuplicateMethod(String),
+    /// A function's options cannot work together (see
+    /// [`Function`](crate::Function)).
+    #[error("the function {method:?} cannot be bound: {reason}")]
+    InvalidFunction {
+        /// The name the function is bound as.
+        method: String,
+        /// Which options clash.
+        reason: String,
+    },
     /// A batched function's policy cannot work (`max_batch` 0).
     #[error("the batched function {method:?} cannot be served: {error}")]
     BatchPolicy {

@@ -5,14 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use teleport_protocol::CloseCode;
-use teleport_quic::{Fingerprint, Listener};
+use teleport_quic::{Fingerprint, Listener, Traffic};
 use tokio::task::JoinHandle;
 
 use crate::shared::ServerShared;
-use crate::{connection, HandlerFailure, ServerBuilder};
+use crate::{connection, HandlerFailure, ServerBuilder, ServerStats};
 
-/// A running server. Dropping it does not stop it; call
-/// [`shutdown`](Server::shutdown).
+/// A running server.
+///
+/// Dropping it stops it at once, like a shutdown with no grace period: running
+/// calls are stopped, clients are told the server is shutting down (close code
+/// 3; their pending calls fail with a connection error) and the port is
+/// released once the socket's tasks end. To let running calls finish, call
+/// [`shutdown`](Server::shutdown) first; to serve until the process ends,
+/// keep the handle (for example, await [`wait`](Server::wait)).
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
@@ -87,6 +93,19 @@ impl Server {
             .map_or(0, |c| c.in_use())
     }
 
+    /// What the server has done since it started: calls received, answered
+    /// (by outcome) and stopped, calls running, connections, bytes in and
+    /// out. `Display` prints it on one line.
+    pub fn stats(&self) -> ServerStats {
+        let mut traffic = Traffic::default();
+        for conn in self.shared.connections() {
+            traffic += conn.traffic();
+        }
+        self.shared
+            .stats
+            .snapshot(self.running(), self.connections(), traffic)
+    }
+
     /// Connections currently open (handshakes in progress included).
     pub fn connections(&self) -> usize {
         self.shared.live_connections()
@@ -136,6 +155,42 @@ impl Server {
             // right after `shutdown` returns can bind it.
             listener.release().await;
         }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // `None`: shut down already.
+        let Some(listener) = listener else { return };
+        let now = self.shared.clock.now();
+        self.shared.begin_shutdown(now);
+        if let Some(accept) = self
+            .accept
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            accept.abort();
+        }
+        // Each machine stops its calls and says goodbye; the close below
+        // then ends every connection without waiting for the clients.
+        for conn in self.shared.connections() {
+            conn.begin_shutdown(now);
+        }
+        for batcher in self
+            .batchers
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            batcher.abort();
+        }
+        listener.close(CloseCode::ShuttingDown, "the server was dropped");
     }
 }
 

@@ -10,7 +10,8 @@ use teleport_quic::driver::Clock;
 use tokio::sync::{watch, Semaphore};
 
 use crate::connection::Conn;
-use crate::function::Function;
+use crate::function::BoundFunction;
+use crate::stats::Counters;
 use crate::HandlerFailure;
 
 /// The server-wide state the connections of one server share. Connections
@@ -19,7 +20,7 @@ use crate::HandlerFailure;
 #[derive(Debug)]
 pub(crate) struct ServerShared {
     /// The bound functions by name; the name is shared, not copied, per call.
-    pub(crate) functions: HashMap<String, (Arc<str>, Function)>,
+    pub(crate) functions: HashMap<String, (Arc<str>, BoundFunction)>,
     /// The state machine settings every connection starts from (token,
     /// limits, the shared capacity, the method names, timeouts).
     pub(crate) protocol: ServerConfig,
@@ -32,6 +33,8 @@ pub(crate) struct ServerShared {
     next_connection: AtomicU64,
     /// Connection tasks running; shutdown waits for 0.
     live: watch::Sender<usize>,
+    /// What the server has done, for [`Server::stats`](crate::Server::stats).
+    pub(crate) stats: Counters,
     /// `Some(deadline)` once shutdown began: connections that start later
     /// drain to the same deadline.
     shutdown: watch::Sender<Option<Timestamp>>,
@@ -39,7 +42,7 @@ pub(crate) struct ServerShared {
 
 impl ServerShared {
     pub(crate) fn new(
-        functions: HashMap<String, Function>,
+        functions: HashMap<String, BoundFunction>,
         protocol: ServerConfig,
         workers: usize,
     ) -> ServerShared {
@@ -58,6 +61,7 @@ impl ServerShared {
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
             live: watch::channel(0).0,
+            stats: Counters::default(),
             shutdown: watch::channel(None).0,
         }
     }

@@ -27,7 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(tree!({"y": (Array::from_vec(x.shape().to_vec(), doubled)?)}))
         })
         // Port 0 picks a free port; a self-signed certificate is made for it.
-        .listen("127.0.0.1:0".parse()?)
+        .listen("127.0.0.1:0")
         .await?;
 
     // The client trusts exactly the server's certificate.

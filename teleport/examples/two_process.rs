@@ -48,7 +48,7 @@ async fn serve() -> Result<()> {
             let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len().max(1) as f64;
             Ok::<Tree, HandlerError>(tree!({"mean": mean, "pid": (std::process::id())}))
         })
-        .listen("127.0.0.1:0".parse()?)
+        .listen("127.0.0.1:0")
         .await?;
     println!("addr {}", server.local_addr());
     println!("fingerprint {}", server.fingerprint());

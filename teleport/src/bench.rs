@@ -11,8 +11,8 @@ use anyhow::{ensure, Context};
 use bytes::Bytes;
 use teleport::quic::reference::{ReferenceClient, ReferenceMode, ReferenceServer};
 use teleport::{
-    tree, Array, BatchPolicy, Client, ClientTls, HandlerError, Identity, Server, ServerTls,
-    TransportConfig, Tree,
+    tree, Array, BatchPolicy, Client, ClientTls, Function, HandlerError, Identity, Server,
+    ServerTls, TransportConfig, Tree,
 };
 
 use crate::builtins::bind_builtins;
@@ -90,19 +90,18 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
         .bind("sink", |args: Tree| async move {
             Ok(tree!({"bytes": (args.data_len() as i64)}))
         })
-        .bind_blocking("model", |x: Tree| model(&x))
-        .bind_batched(
+        .bind("model", Function::blocking(|x: Tree| model(&x)))
+        .bind(
             "model_batched",
-            BatchPolicy {
+            Function::blocking(|x: Tree| model(&x)).batch(BatchPolicy {
                 max_batch: CONCURRENCY,
                 max_wait: Duration::from_millis(1),
-            },
-            |x: Tree| model(&x),
+            }),
         )
         .identity(identity.clone())
         .transport(transport.clone())
         .max_in_flight(CONCURRENCY * 2)
-        .listen("127.0.0.1:0".parse()?)
+        .listen("127.0.0.1:0")
         .await?;
     let client = Client::builder(server.local_addr())
         .pin(fingerprint)

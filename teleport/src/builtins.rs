@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use teleport::{tree, Array, DType, HandlerError, Map, ServerBuilder, Tree};
+use teleport::{tree, Array, DType, Function, HandlerError, Map, ServerBuilder, Tree};
 
 /// The names bound by [`bind_builtins`], for `info` and the help text.
 pub(crate) const METHODS: [&str; 5] = ["echo", "info", "sleep", "sum", "zeros"];
@@ -38,7 +38,7 @@ pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
         })
         // Blocking: summing hundreds of MiB is CPU work that must not stall
         // the connections' tasks.
-        .bind_blocking("sum", |args: Tree| sum(&args))
+        .bind("sum", Function::blocking(|args: Tree| sum(&args)))
 }
 
 /// `zeros({"dtype": "float32", "shape": [2, 3]})`: an array of zeros.

@@ -39,7 +39,7 @@ impl Checks {
 pub(crate) async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let server = bind_builtins(Server::builder())
-        .listen("127.0.0.1:0".parse()?)
+        .listen("127.0.0.1:0")
         .await
         .context("starting the server")?;
     println!(

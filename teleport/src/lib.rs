@@ -8,7 +8,9 @@
 //! This crate gathers the API of the workspace under one roof:
 //!
 //! - [`Server`], [`Client`], [`BlockingClient`] and the values they carry
-//!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level;
+//!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level, and
+//!   [`to_tree`] and [`from_tree`] to turn your own serde types into trees
+//!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
 //! - the whole of each crate as a module: [`server`], [`client`],
 //!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
 //!
@@ -23,7 +25,7 @@
 //!         let x: &[f32] = args.get("x")?.as_slice()?;
 //!         Ok::<Tree, HandlerError>(tree!({"sum": (x.iter().sum::<f32>())}))
 //!     })
-//!     .listen("127.0.0.1:0".parse()?)
+//!     .listen("127.0.0.1:0")
 //!     .await?;
 //!
 //! // A client that trusts exactly this server's certificate.
@@ -49,16 +51,19 @@ pub use teleport_quic as quic;
 pub use teleport_server as server;
 
 pub use teleport_client::{
-    BlockingClient, CallError, CallOptions, Client, ClientBuilder, PendingCall,
+    BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
 pub use teleport_protocol::{
-    tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError, Tree, TreeError,
+    from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
+    SerdeError, Tree, TreeError,
 };
 pub use teleport_quic::{
-    ClientAuth, ClientTls, Fingerprint, Identity, ServerTls, TransportConfig, TransportError,
+    Address, AddressError, ClientAuth, ClientTls, Fingerprint, Host, Identity, ServerTls,
+    ToAddress, TransportConfig, TransportError,
 };
 pub use teleport_server::{
-    BatchPolicy, HandlerError, HandlerFailure, Server, ServerBuilder, ServerError,
+    typed, typed_blocking, BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server,
+    ServerBuilder, ServerError, ServerStats, Workers,
 };
 
 /// Why connecting or calling failed (the client's error type).

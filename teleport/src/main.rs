@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use teleport::{Client, Fingerprint, Identity, Server};
+use teleport::{Address, Client, Fingerprint, Host, Identity, Server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,9 +40,10 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on (UDP).
+    /// Address to listen on (UDP): `4433` (every IPv4 interface),
+    /// `127.0.0.1:4433`, `[::]:4433`, `localhost:0`, ...
     #[arg(long, default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
+    listen: Address,
     /// Shared token clients must present.
     #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -57,11 +58,16 @@ struct ServeArgs {
     /// --cert, each start makes a new certificate (and a new fingerprint).
     #[arg(long)]
     identity_dir: Option<PathBuf>,
+    /// Print the server's figures (calls by outcome, connections, bytes)
+    /// every this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    stats: Option<f64>,
 }
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// Server address as host:port (names are resolved).
+    /// Server address: `4433` (this machine), `host:4433`, `[::1]:4433`,
+    /// `quic://host:4433` (names are resolved).
     #[arg(long)]
     connect: String,
     /// SHA-256 fingerprint of the server's certificate (what `teleport serve` prints).
@@ -142,8 +148,10 @@ fn error_chain(error: &anyhow::Error) -> String {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut builder = builtins::bind_builtins(Server::builder());
     let mut names = vec!["localhost".to_owned()];
-    if !args.listen.ip().is_unspecified() {
-        names.push(args.listen.ip().to_string());
+    match &args.listen.host {
+        Host::Ip(ip) if !ip.is_unspecified() => names.push(ip.to_string()),
+        Host::Name(name) => names.push(name.clone()),
+        _ => {}
     }
     let ephemeral = match (&args.cert, &args.key, &args.identity_dir) {
         (Some(cert), Some(key), _) => {
@@ -183,9 +191,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     println!("try: teleport call --connect {connect} --pin {fingerprint} info");
     println!("stop with Ctrl-C");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut ticker = match args.stats {
+        Some(seconds) if seconds > 0.0 && seconds.is_finite() => {
+            let period = Duration::from_secs_f64(seconds);
+            Some(tokio::time::interval_at(
+                tokio::time::Instant::now() + period,
+                period,
+            ))
+        }
+        Some(seconds) => anyhow::bail!("--stats takes a positive number of seconds, not {seconds}"),
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            done = &mut ctrl_c => {
+                done.context("waiting for Ctrl-C")?;
+                break;
+            }
+            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
+                println!("{}", server.stats());
+            }
+        }
+    }
     println!("shutting down (running calls get up to 5 s to finish)");
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())

@@ -12,7 +12,7 @@ use common::{wait_until, within, Fixture};
 use futures_util::future::join_all;
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, DType, Map, Tree};
-use teleport_server::{BatchPolicy, HandlerError, Server, ServerError};
+use teleport_server::{BatchPolicy, Function, HandlerError, Server, ServerError};
 
 /// Long enough that a batch is released only when full: a test that needs all
 /// its calls in one batch fills it exactly. Still well under `common::WAIT`.
@@ -69,7 +69,10 @@ async fn concurrent_calls_from_one_client_are_batched_and_each_gets_its_row() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("double", policy(8, Duration::from_millis(20)), function)
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(8, Duration::from_millis(20))),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -100,8 +103,13 @@ async fn concurrent_calls_from_one_client_are_batched_and_each_gets_its_row() {
 async fn calls_from_many_clients_share_batches() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
-    let fixture =
-        Fixture::start_with(|b| b.bind_batched("double", policy(4, FILL_ONLY), function)).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(4, FILL_ONLY)),
+        )
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(fixture.client().await);
@@ -139,7 +147,10 @@ async fn a_lone_call_is_flushed_after_max_wait() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("double", policy(64, Duration::from_millis(50)), function)
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(64, Duration::from_millis(50))),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -181,10 +192,14 @@ async fn trees_of_every_shape_come_back_as_the_unbatched_function_gives_them() {
     let seen = Arc::new(Seen::default());
     let recorder = seen.clone();
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("echo_batched", policy(3, FILL_ONLY), move |batch| {
-            recorder.record(3);
-            Ok(batch)
-        })
+        b.bind(
+            "echo_batched",
+            Function::blocking(move |batch| {
+                recorder.record(3);
+                Ok(batch)
+            })
+            .batch(policy(3, FILL_ONLY)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -220,8 +235,13 @@ async fn trees_of_every_shape_come_back_as_the_unbatched_function_gives_them() {
 async fn a_call_that_does_not_stack_gets_its_own_error_and_the_others_are_served() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
-    let fixture =
-        Fixture::start_with(|b| b.bind_batched("double", policy(4, FILL_ONLY), function)).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(4, FILL_ONLY)),
+        )
+    })
+    .await;
     let client = fixture.client().await;
     let odd = call_args(&[1.0, 2.0, 3.0, 4.0, 5.0]);
     let calls = vec![
@@ -255,10 +275,14 @@ async fn a_call_that_does_not_stack_gets_its_own_error_and_the_others_are_served
 #[tokio::test]
 async fn a_result_without_the_batch_dimension_fails_every_call_clearly() {
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("sum_all", policy(3, FILL_ONLY), |batch: Tree| {
-            let total: f32 = batch.get("x")?.as_slice::<f32>()?.iter().sum();
-            Ok(tree!({"total": (Array::from_vec1(vec![total]))}))
-        })
+        b.bind(
+            "sum_all",
+            Function::blocking(|batch: Tree| {
+                let total: f32 = batch.get("x")?.as_slice::<f32>()?.iter().sum();
+                Ok(tree!({"total": (Array::from_vec1(vec![total]))}))
+            })
+            .batch(policy(3, FILL_ONLY)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -295,10 +319,14 @@ async fn an_error_or_panic_of_the_function_fails_every_call_of_its_batch_only() 
         Ok(batch)
     }
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("picky", policy(2, FILL_ONLY), picky)
-            .bind_batched_async("picky_async", policy(2, FILL_ONLY), |batch| async {
-                picky(batch)
-            })
+        b.bind(
+            "picky",
+            Function::blocking(picky).batch(policy(2, FILL_ONLY)),
+        )
+        .bind(
+            "picky_async",
+            Function::new(|batch| async { picky(batch) }).batch(policy(2, FILL_ONLY)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -336,8 +364,13 @@ async fn an_error_or_panic_of_the_function_fails_every_call_of_its_batch_only() 
 async fn cancelled_calls_and_closed_clients_do_not_break_the_batch() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
-    let fixture =
-        Fixture::start_with(|b| b.bind_batched("double", policy(4, FILL_ONLY), function)).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(4, FILL_ONLY)),
+        )
+    })
+    .await;
     let client = fixture.client().await;
     let leaving = fixture.client().await;
     let first = client.call("double", call_args(&row(0)));
@@ -371,8 +404,13 @@ async fn cancelled_calls_and_closed_clients_do_not_break_the_batch() {
 async fn a_call_that_expires_while_queued_takes_no_row() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
-    let fixture =
-        Fixture::start_with(|b| b.bind_batched("double", policy(3, FILL_ONLY), function)).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(3, FILL_ONLY)),
+        )
+    })
+    .await;
     let client = fixture.client().await;
     let waiting = client.call("double", call_args(&row(0)));
     let expiring =
@@ -403,7 +441,7 @@ async fn blocking_and_async_batched_functions_can_call_another_server() {
             counter.fetch_add(1, Ordering::SeqCst);
             async move { doubler(Arc::default())(args) }
         })
-        .listen("127.0.0.1:0".parse().unwrap())
+        .listen("127.0.0.1:0")
         .await
         .unwrap();
     let to_inner = within(
@@ -419,13 +457,21 @@ async fn blocking_and_async_batched_functions_can_call_another_server() {
     let runtime = tokio::runtime::Handle::current();
     let (blocking_client, async_client) = (to_inner.clone(), to_inner);
     let fixture = Fixture::start_with(|b| {
-        b.bind_batched("proxy", policy(4, FILL_ONLY), move |batch: Tree| {
-            Ok(runtime.block_on(blocking_client.call("double", batch))?)
-        })
-        .bind_batched_async("proxy_async", policy(4, FILL_ONLY), move |batch: Tree| {
-            let client = async_client.clone();
-            async move { Ok(client.call("double", batch).await?) }
-        })
+        b.bind(
+            "proxy",
+            Function::blocking(move |batch: Tree| {
+                Ok(runtime.block_on(blocking_client.call("double", batch))?)
+            })
+            .batch(policy(4, FILL_ONLY)),
+        )
+        .bind(
+            "proxy_async",
+            Function::new(move |batch: Tree| {
+                let client = async_client.clone();
+                async move { Ok(client.call("double", batch).await?) }
+            })
+            .batch(policy(4, FILL_ONLY)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -453,8 +499,13 @@ async fn blocking_and_async_batched_functions_can_call_another_server() {
 async fn shutdown_runs_queued_calls_without_waiting_for_max_wait() {
     let seen = Arc::new(Seen::default());
     let function = doubler(seen.clone());
-    let fixture =
-        Fixture::start_with(|b| b.bind_batched("double", policy(64, FILL_ONLY), function)).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind(
+            "double",
+            Function::blocking(function).batch(policy(64, FILL_ONLY)),
+        )
+    })
+    .await;
     let client = fixture.client().await;
     let queued = client.call("double", call_args(&row(1)));
     wait_until("the call is queued", || fixture.server.running() >= 1).await;
@@ -473,8 +524,11 @@ async fn shutdown_runs_queued_calls_without_waiting_for_max_wait() {
 #[tokio::test]
 async fn a_policy_of_zero_calls_per_batch_is_refused_at_listen() {
     let err = Server::builder()
-        .bind_batched("never", policy(0, Duration::ZERO), Ok)
-        .listen("127.0.0.1:0".parse().unwrap())
+        .bind(
+            "never",
+            Function::blocking(Ok).batch(policy(0, Duration::ZERO)),
+        )
+        .listen("127.0.0.1:0")
         .await
         .unwrap_err();
     assert!(matches!(err, ServerError::BatchPolicy { .. }), "{err}");
@@ -488,8 +542,10 @@ async fn a_server_that_drops_out_mid_batch_is_replaced_on_the_same_port() {
     let first = {
         let (identity, function) = (identity.clone(), doubler(Arc::default()));
         Fixture::start_with(move |b| {
-            b.identity(identity)
-                .bind_batched("double", policy(64, FILL_ONLY), function)
+            b.identity(identity).bind(
+                "double",
+                Function::blocking(function).batch(policy(64, FILL_ONLY)),
+            )
         })
         .await
     };
@@ -528,10 +584,9 @@ async fn a_server_that_drops_out_mid_batch_is_replaced_on_the_same_port() {
     let seen = Arc::new(Seen::default());
     let second = Server::builder()
         .identity(identity)
-        .bind_batched(
+        .bind(
             "double",
-            policy(4, Duration::from_millis(20)),
-            doubler(seen.clone()),
+            Function::blocking(doubler(seen.clone())).batch(policy(4, Duration::from_millis(20))),
         )
         .listen(addr)
         .await

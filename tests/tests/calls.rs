@@ -437,7 +437,7 @@ async fn ipv6_loopback_works_and_port_zero_gives_a_real_port() {
         teleport_server::Server::builder(),
         std::sync::Arc::default(),
     )
-    .listen("[::1]:0".parse().unwrap())
+    .listen("[::1]:0")
     .await
     .unwrap();
     let port = server.local_addr().port();
@@ -636,4 +636,64 @@ fn the_blocking_client_calls_from_plain_threads() {
     });
     drop(client);
     runtime.block_on(fixture.server.shutdown(Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn stats_count_calls_by_outcome_connections_and_bytes() {
+    let fixture = Fixture::start().await;
+    let client = fixture.client().await;
+    for i in 0..3 {
+        within("echo", client.call("echo", tree!(i))).await.unwrap();
+    }
+    within("fail", client.call("fail", tree!(null)))
+        .await
+        .unwrap_err();
+    within("unknown", client.call("no_such_function", tree!(null)))
+        .await
+        .unwrap_err();
+    let cancelled = client.call("sleep", tree!(10.0));
+    common::wait_until("the sleep runs", || fixture.server.running() == 1).await;
+    cancelled.cancel();
+    common::wait_until("the sleep is stopped", || {
+        fixture.server.stats().calls_stopped == 1
+    })
+    .await;
+
+    let server = fixture.server.stats();
+    assert_eq!(server.calls_received, 6, "{server}");
+    assert_eq!(server.calls_succeeded, 3, "{server}");
+    assert_eq!(server.failed(teleport_protocol::ErrorKind::Handler), 1);
+    assert_eq!(
+        server.failed(teleport_protocol::ErrorKind::UnknownMethod),
+        1
+    );
+    assert_eq!(server.failed_total(), 2);
+    assert_eq!(server.calls_stopped, 1);
+    assert_eq!(server.in_flight, 0);
+    assert_eq!(
+        (server.connections_open, server.connections_accepted),
+        (1, 1)
+    );
+    assert!(
+        server.bytes_received > 0 && server.bytes_sent > 0,
+        "{server}"
+    );
+
+    let stats = client.stats();
+    assert_eq!(stats.calls_started, 6, "{stats}");
+    assert_eq!(stats.calls_succeeded, 3, "{stats}");
+    assert_eq!(stats.calls_failed, 3, "{stats}");
+    assert_eq!((stats.in_flight, stats.queued), (0, 0));
+    assert!(stats.connected && stats.connections == 1, "{stats}");
+    assert!(stats.bytes_sent > 0 && stats.bytes_received > 0, "{stats}");
+    // The bytes of a connection that ended stay counted.
+    client.close();
+    within("closed", client.closed()).await;
+    common::wait_until("the server sees the close", || {
+        fixture.server.connections() == 0
+    })
+    .await;
+    let after = fixture.server.stats();
+    assert!(after.bytes_received >= server.bytes_received, "{after}");
+    assert!(client.stats().bytes_sent >= stats.bytes_sent);
 }

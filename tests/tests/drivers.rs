@@ -14,7 +14,7 @@ use common::{raw_session, within, Fixture, WAIT};
 use teleport_client::{CallError, Client, Error};
 use teleport_protocol::{encode, tree, Array, Call, ErrorKind, Message, StreamCode, Tree};
 use teleport_quic::TransportError;
-use teleport_server::{BatchPolicy, FunctionOptions, Server};
+use teleport_server::{BatchPolicy, Function, Server};
 
 /// Ten calls made one after another from one client.
 async fn ten_calls(client: &Client, method: &str) -> Vec<Result<Tree, Error>> {
@@ -33,11 +33,10 @@ async fn hooks_run_in_the_order_the_calls_were_made_with_four_workers() {
         let order = Arc::new(Mutex::new(Vec::new()));
         let seen = order.clone();
         let fixture = Fixture::start_with(move |b| {
-            b.workers(4).bind_blocking_with_hook(
+            b.workers(4).bind(
                 "work",
-                FunctionOptions::new(),
-                |args: Tree| Ok((tree!(null), args.as_int()?)),
-                move |i| seen.lock().unwrap().push(i),
+                Function::blocking(|args: Tree| Ok((tree!(null), args.as_int()?)))
+                    .hook(move |i| seen.lock().unwrap().push(i)),
             )
         })
         .await;
@@ -57,12 +56,15 @@ async fn a_shared_pool_of_one_worker_runs_calls_in_the_order_made() {
     let started = Arc::new(Mutex::new(Vec::new()));
     let log = started.clone();
     let fixture = Fixture::start_with(move |b| {
-        b.workers(1).bind_blocking("log", move |args: Tree| {
-            let (i, ms) = (args.get("i")?.as_int()?, args.get("ms")?.as_int()?);
-            log.lock().unwrap().push(i);
-            std::thread::sleep(Duration::from_millis(ms as u64));
-            Ok(tree!(i))
-        })
+        b.workers(1).bind(
+            "log",
+            Function::blocking(move |args: Tree| {
+                let (i, ms) = (args.get("i")?.as_int()?, args.get("ms")?.as_int()?);
+                log.lock().unwrap().push(i);
+                std::thread::sleep(Duration::from_millis(ms as u64));
+                Ok(tree!(i))
+            }),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -84,8 +86,13 @@ async fn a_batch_takes_its_calls_in_the_order_made() {
         max_batch: 2,
         max_wait: Duration::from_millis(50),
     };
-    let fixture =
-        Fixture::start_with(move |b| b.bind_batched("same", policy, |batch: Tree| Ok(batch))).await;
+    let fixture = Fixture::start_with(move |b| {
+        b.bind(
+            "same",
+            Function::blocking(|batch: Tree| Ok(batch)).batch(policy),
+        )
+    })
+    .await;
     let client = fixture.client().await;
     for _ in 0..10 {
         let first = client.call("same", tree!({"a": 12}));
@@ -343,7 +350,7 @@ fn a_server_whose_runtime_is_dropped_releases_its_port() {
     let addr = runtime.block_on(async {
         let server = Server::builder()
             .bind("echo", |args: Tree| async move { Ok(args) })
-            .listen("127.0.0.1:0".parse().unwrap())
+            .listen("127.0.0.1:0")
             .await
             .unwrap();
         let client = Client::builder(server.local_addr())

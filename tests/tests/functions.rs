@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{wait_until, within, Fixture, WAIT};
 use teleport_client::{CallError, Error, ErrorKind};
 use teleport_protocol::{tree, Array, Tree};
-use teleport_server::{stack_calls, FunctionOptions, HandlerError, Responder, Workers};
+use teleport_server::{stack_calls, Context, Function, HandlerError, Responder, Workers};
 
 /// A door a blocking function waits at until the test opens it (bounded, so a
 /// bug fails the test instead of hanging it).
@@ -71,16 +71,22 @@ async fn on_a_shared_pool_of_one_a_fast_call_waits_behind_a_slow_one() {
     let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
     let fixture = Fixture::start_with(move |b| {
         b.workers(1)
-            .bind_blocking("slow", move |_| {
-                slow_log.push("slow start");
-                slow_gate.wait();
-                slow_log.push("slow end");
-                Ok(tree!(null))
-            })
-            .bind_blocking_with("fast", FunctionOptions::new(), move |_| {
-                fast_log.push("fast start");
-                Ok(tree!(null))
-            })
+            .bind(
+                "slow",
+                Function::blocking(move |_| {
+                    slow_log.push("slow start");
+                    slow_gate.wait();
+                    slow_log.push("slow end");
+                    Ok(tree!(null))
+                }),
+            )
+            .bind(
+                "fast",
+                Function::blocking(move |_| {
+                    fast_log.push("fast start");
+                    Ok(tree!(null))
+                }),
+            )
     })
     .await;
     let client = fixture.client().await;
@@ -102,19 +108,22 @@ async fn a_function_with_its_own_pool_does_not_wait_behind_slow_calls_of_others(
     let (slow_gate, slow_log, fast_log) = (gate.clone(), log.clone(), log.clone());
     let fixture = Fixture::start_with(move |b| {
         b.workers(1)
-            .bind_blocking("slow", move |_| {
-                slow_log.push("slow start");
-                slow_gate.wait();
-                slow_log.push("slow end");
-                Ok(tree!(null))
-            })
-            .bind_blocking_with(
+            .bind(
+                "slow",
+                Function::blocking(move |_| {
+                    slow_log.push("slow start");
+                    slow_gate.wait();
+                    slow_log.push("slow end");
+                    Ok(tree!(null))
+                }),
+            )
+            .bind(
                 "fast",
-                FunctionOptions::new().workers(Workers::Own(1)),
-                move |_| {
+                Function::blocking(move |_| {
                     fast_log.push("fast start");
                     Ok(tree!("fast"))
-                },
+                })
+                .workers(Workers::Own(1)),
             )
     })
     .await;
@@ -139,12 +148,9 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
     let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (r, m) = (running.clone(), most.clone());
     let fixture = Fixture::start_with(move |b| {
-        b.bind_blocking_with(
+        b.bind(
             "limited",
-            FunctionOptions::new()
-                .workers(Workers::Own(4))
-                .max_concurrent(2),
-            move |args: Tree| {
+            Function::blocking(move |args: Tree| {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
                 // Wait (bounded) for a second call to overlap, so that a slow
@@ -156,7 +162,9 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
                 std::thread::sleep(Duration::from_millis(20));
                 r.fetch_sub(1, Ordering::SeqCst);
                 Ok(args)
-            },
+            })
+            .workers(Workers::Own(4))
+            .max_concurrent(2),
         )
     })
     .await;
@@ -176,26 +184,23 @@ async fn max_concurrent_bounds_the_calls_running_at_once() {
 /// logged.
 fn bind_step(
     builder: teleport_server::ServerBuilder,
-    options: FunctionOptions,
+    options: impl FnOnce(Function<i64>) -> Function<i64>,
     log: Arc<Log>,
     hook_gate: Arc<Gate>,
 ) -> teleport_server::ServerBuilder {
     let hook_log = log.clone();
-    builder.bind_blocking_with_hook(
-        "step",
-        options,
-        move |args: Tree| {
-            let id = args.get("id")?.as_int()?;
-            log.push(format!("start {id}"));
-            std::thread::sleep(Duration::from_secs_f64(args.get("sleep")?.as_float()?));
-            log.push(format!("end {id}"));
-            Ok((tree!(id), id))
-        },
-        move |id: i64| {
-            hook_gate.wait();
-            hook_log.push(format!("hook {id}"));
-        },
-    )
+    let step = Function::blocking(move |args: Tree| {
+        let id = args.get("id")?.as_int()?;
+        log.push(format!("start {id}"));
+        std::thread::sleep(Duration::from_secs_f64(args.get("sleep")?.as_float()?));
+        log.push(format!("end {id}"));
+        Ok((tree!(id), id))
+    })
+    .hook(move |id: i64| {
+        hook_gate.wait();
+        hook_log.push(format!("hook {id}"));
+    });
+    builder.bind("step", options(step))
 }
 
 fn hooks(log: &Log) -> Vec<String> {
@@ -211,10 +216,8 @@ async fn the_hook_sees_by_products_in_request_order_when_later_calls_finish_firs
     let hook_gate = Arc::new(Gate::default());
     hook_gate.open();
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| {
-        bind_step(b, FunctionOptions::new().workers(Workers::Own(3)), l, g)
-    })
-    .await;
+    let fixture =
+        Fixture::start_with(move |b| bind_step(b, |f| f.workers(Workers::Own(3)), l, g)).await;
     let client = fixture.client().await;
     let mut calls = Vec::new();
     for (id, sleep) in [(0, 1.0), (1, 0.0), (2, 0.3)] {
@@ -241,7 +244,7 @@ async fn results_are_not_delayed_by_a_slow_hook() {
     let log = Arc::new(Log::default());
     let hook_gate = Arc::new(Gate::default());
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| bind_step(b, FunctionOptions::new(), l, g)).await;
+    let fixture = Fixture::start_with(move |b| bind_step(b, |f| f, l, g)).await;
     let client = fixture.client().await;
     // The hook is stuck at its gate, yet both results arrive.
     for id in 0..2 {
@@ -264,9 +267,7 @@ async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
     let log = Arc::new(Log::default());
     let hook_gate = Arc::new(Gate::default());
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture =
-        Fixture::start_with(move |b| bind_step(b, FunctionOptions::new().max_concurrent(1), l, g))
-            .await;
+    let fixture = Fixture::start_with(move |b| bind_step(b, |f| f.max_concurrent(1), l, g)).await;
     let client = fixture.client().await;
     let first = within(
         "the first result, before its hook",
@@ -298,23 +299,32 @@ async fn with_max_concurrent_one_the_next_call_waits_for_the_previous_hook() {
 #[tokio::test]
 async fn a_deferred_function_answers_later_from_another_thread_or_task() {
     let fixture = Fixture::start_with(|b| {
-        b.bind_deferred("thread", |args: Tree, responder: Responder| {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                responder.respond(Ok(tree!({"from": "thread", "args": args})));
-            });
-        })
-        .bind_deferred("task", |args: Tree, responder: Responder| {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                responder.respond(Ok(tree!({"from": "task", "args": args})));
-            });
-        })
-        .bind_deferred("refuse", |_, responder: Responder| {
-            std::thread::spawn(move || {
-                responder.respond(Err(HandlerError::with_type("ValueError", "not today")))
-            });
-        })
+        b.bind(
+            "thread",
+            Function::deferred(|args: Tree, responder: Responder| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    responder.respond(Ok(tree!({"from": "thread", "args": args})));
+                });
+            }),
+        )
+        .bind(
+            "task",
+            Function::deferred(|args: Tree, responder: Responder| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    responder.respond(Ok(tree!({"from": "task", "args": args})));
+                });
+            }),
+        )
+        .bind(
+            "refuse",
+            Function::deferred(|_, responder: Responder| {
+                std::thread::spawn(move || {
+                    responder.respond(Err(HandlerError::with_type("ValueError", "not today")))
+                });
+            }),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -337,8 +347,10 @@ async fn a_deferred_function_answers_later_from_another_thread_or_task() {
 
 #[tokio::test]
 async fn a_dropped_responder_fails_the_call_clearly() {
-    let fixture =
-        Fixture::start_with(|b| b.bind_deferred("forget", |_, responder| drop(responder))).await;
+    let fixture = Fixture::start_with(|b| {
+        b.bind("forget", Function::deferred(|_, responder| drop(responder)))
+    })
+    .await;
     let client = fixture.client().await;
     let err = within("forget", client.call("forget", tree!(null)))
         .await
@@ -363,9 +375,10 @@ async fn answering_an_expired_deferred_call_is_harmless() {
     let kept: Arc<Mutex<Vec<Responder>>> = Arc::default();
     let k = kept.clone();
     let fixture = Fixture::start_with(move |b| {
-        b.bind_deferred("keep", move |_, responder| {
-            k.lock().unwrap().push(responder)
-        })
+        b.bind(
+            "keep",
+            Function::deferred(move |_, responder| k.lock().unwrap().push(responder)),
+        )
     })
     .await;
     let client = fixture.client().await;
@@ -562,10 +575,8 @@ async fn a_call_dropped_before_it_runs_does_not_hold_up_later_hooks() {
     let hook_gate = Arc::new(Gate::default());
     hook_gate.open();
     let (l, g) = (log.clone(), hook_gate.clone());
-    let fixture = Fixture::start_with(move |b| {
-        bind_step(b, FunctionOptions::new().workers(Workers::Own(1)), l, g)
-    })
-    .await;
+    let fixture =
+        Fixture::start_with(move |b| bind_step(b, |f| f.workers(Workers::Own(1)), l, g)).await;
     let client = fixture.client().await;
     let first = client.call("step", tree!({"id": 0, "sleep": 1.0}));
     wait_until("the first call starts", || {
@@ -601,4 +612,335 @@ async fn a_call_dropped_before_it_runs_does_not_hold_up_later_hooks() {
         "{:?}",
         log.events()
     );
+}
+
+/// What a function saw of its call's context, as a tree.
+fn describe(ctx: &Context) -> Tree {
+    tree!({
+        "ip": (ctx.peer_addr().ip().to_string()),
+        "port": (i64::from(ctx.peer_addr().port())),
+        "agent": (ctx.agent()),
+        "deadline": (ctx.deadline().is_some()),
+        "remaining": (ctx.remaining().map_or(-1.0, |d| d.as_secs_f64())),
+        "cancelled": (ctx.is_cancelled()),
+    })
+}
+
+#[tokio::test]
+async fn async_and_blocking_functions_see_the_callers_address_agent_and_deadline() {
+    let fixture = Fixture::start_with(|b| {
+        b.bind("ctx_async", |_: Tree, ctx: Context| async move {
+            Ok(describe(&ctx))
+        })
+        .bind(
+            "ctx_blocking",
+            Function::blocking(|_: Tree, ctx: Context| Ok(describe(&ctx))),
+        )
+        .bind(
+            "ctx_own_pool",
+            Function::new(|_: Tree, ctx: Context| async move { Ok(describe(&ctx)) })
+                .workers(Workers::Own(2))
+                .max_concurrent(1),
+        )
+        .bind(
+            "ctx_deferred",
+            Function::deferred(|_, responder: Responder| {
+                let seen = describe(responder.context());
+                responder.respond(Ok(seen));
+            }),
+        )
+    })
+    .await;
+    let client = fixture.client().await;
+    let mut ports = Vec::new();
+    for method in ["ctx_async", "ctx_blocking", "ctx_own_pool", "ctx_deferred"] {
+        let plain = within(method, client.call(method, tree!(null)))
+            .await
+            .unwrap();
+        assert_eq!(plain.get("ip").unwrap().as_str().unwrap(), "127.0.0.1");
+        assert_eq!(
+            plain.get("agent").unwrap().as_str().unwrap(),
+            teleport_protocol::client::DEFAULT_AGENT
+        );
+        assert!(
+            !plain.get("deadline").unwrap().as_bool().unwrap(),
+            "{plain}"
+        );
+        assert!(!plain.get("cancelled").unwrap().as_bool().unwrap());
+        ports.push(plain.get("port").unwrap().as_int().unwrap());
+
+        let timed = within(
+            method,
+            client.call_with_timeout(method, tree!(null), Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+        assert!(timed.get("deadline").unwrap().as_bool().unwrap(), "{timed}");
+        let remaining = timed.get("remaining").unwrap().as_float().unwrap();
+        assert!(remaining > 5.0 && remaining <= 10.0, "{timed}");
+    }
+    // One connection: one address, seen by every kind of function.
+    assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+}
+
+#[tokio::test]
+async fn the_context_turns_cancelled_when_the_client_cancels_or_the_call_expires() {
+    let log = Arc::new(Log::default());
+    let (async_log, blocking_log) = (log.clone(), log.clone());
+    let fixture = Fixture::start_with(move |b| {
+        b.bind("wait_async", move |args: Tree, ctx: Context| {
+            let log = async_log.clone();
+            async move {
+                let id = args.as_int()?;
+                log.push(format!("start {id}"));
+                // The future is dropped when the call stops; a task that
+                // holds the context sees the stop.
+                let watcher = ctx.clone();
+                tokio::spawn(async move {
+                    watcher.cancelled().await;
+                    log.push(format!("cancelled {id}"));
+                });
+                tokio::time::sleep(WAIT).await;
+                Ok(tree!(null))
+            }
+        })
+        .bind(
+            "wait_blocking",
+            Function::blocking(move |args: Tree, ctx: Context| {
+                let id = args.as_int()?;
+                blocking_log.push(format!("start {id}"));
+                let began = std::time::Instant::now();
+                while !ctx.is_cancelled() && began.elapsed() < WAIT {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                blocking_log.push(format!("cancelled {id}"));
+                Ok(tree!(null))
+            }),
+        )
+    })
+    .await;
+    let client = fixture.client().await;
+    for (method, base) in [("wait_async", 0), ("wait_blocking", 10)] {
+        // Cancelled by the client.
+        let call = client.call(method, tree!(base));
+        let started = format!("start {base}");
+        wait_until(&started, || log.events().contains(&started)).await;
+        call.cancel();
+        let cancelled = format!("cancelled {base}");
+        wait_until(&cancelled, || log.events().contains(&cancelled)).await;
+        // Expired.
+        let id = base + 1;
+        let err = within(
+            "a call that expires",
+            client.call_with_timeout(method, tree!(id), Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::Call(CallError::DeadlineExceeded { .. })),
+            "{err}"
+        );
+        let cancelled = format!("cancelled {id}");
+        wait_until(&cancelled, || log.events().contains(&cancelled)).await;
+    }
+    wait_until("the calls are gone", || fixture.server.running() == 0).await;
+}
+
+/// An async function that counts the calls running at once and logs its
+/// starts.
+fn counting_async(running: Arc<AtomicUsize>, most: Arc<AtomicUsize>, log: Arc<Log>) -> Function {
+    Function::new(move |args: Tree| {
+        let (running, most, log) = (running.clone(), most.clone(), log.clone());
+        async move {
+            let id = args.as_int()?;
+            log.push(format!("start {id}"));
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(tree!(id))
+        }
+    })
+}
+
+#[tokio::test]
+async fn an_async_function_with_max_concurrent_runs_that_many_calls_at_once_in_order() {
+    let (running, most, log) = Default::default();
+    let (r, m, l): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Log>) = (running, most, log);
+    let (most, log) = (m.clone(), l.clone());
+    let fixture =
+        Fixture::start_with(move |b| b.bind("counted", counting_async(r, m, l).max_concurrent(2)))
+            .await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..8).map(|i| client.call("counted", tree!(i))).collect();
+    let results = within("8 calls", all(calls)).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((i as i64)));
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    let starts: Vec<String> = (0..8).map(|i| format!("start {i}")).collect();
+    assert_eq!(log.events(), starts);
+}
+
+#[tokio::test]
+async fn an_async_function_with_its_own_pool_runs_its_calls_on_it_alone() {
+    let (r, m, l): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Log>) = Default::default();
+    let (most, log) = (m.clone(), l.clone());
+    let fixture = Fixture::start_with(move |b| {
+        b.bind("pooled", counting_async(r, m, l).workers(Workers::Own(1)))
+    })
+    .await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..5).map(|i| client.call("pooled", tree!(i))).collect();
+    // Other async functions do not wait for its pool.
+    let other = within("hold, beside the pool", client.call("hold", tree!(0.0))).await;
+    assert_eq!(other.unwrap(), tree!(null));
+    let results = within("5 calls", all(calls)).await;
+    assert!(results.into_iter().all(|r| r.is_ok()));
+    assert_eq!(most.load(Ordering::SeqCst), 1);
+    let starts: Vec<String> = (0..5).map(|i| format!("start {i}")).collect();
+    assert_eq!(log.events(), starts);
+}
+
+/// Binds "tally" on one worker of its own: counts starts; its hook, slow,
+/// counts finished hooks. Records the most starts ahead of finished hooks.
+fn bind_tally(
+    builder: teleport_server::ServerBuilder,
+    bounded: bool,
+    ahead: Arc<AtomicUsize>,
+    hooks_done: Arc<AtomicUsize>,
+) -> teleport_server::ServerBuilder {
+    let started = Arc::new(AtomicUsize::new(0));
+    let done = hooks_done.clone();
+    let tally = Function::blocking(move |args: Tree| {
+        let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+        ahead.fetch_max(n - done.load(Ordering::SeqCst), Ordering::SeqCst);
+        Ok((args, ()))
+    })
+    .workers(Workers::Own(1))
+    .hook(move |()| {
+        std::thread::sleep(Duration::from_millis(20));
+        hooks_done.fetch_add(1, Ordering::SeqCst);
+    });
+    let tally = if bounded {
+        tally
+    } else {
+        tally.unbounded_hook_backlog()
+    };
+    builder.bind("tally", tally)
+}
+
+#[tokio::test]
+async fn calls_run_at_most_workers_plus_one_ahead_of_their_hooks() {
+    let (ahead, hooks_done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, h) = (ahead.clone(), hooks_done.clone());
+    let fixture = Fixture::start_with(move |b| bind_tally(b, true, a, h)).await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..12).map(|i| client.call("tally", tree!(i))).collect();
+    let results = within("12 calls", all(calls)).await;
+    assert!(results.into_iter().all(|r| r.is_ok()));
+    wait_until("12 hooks", || hooks_done.load(Ordering::SeqCst) == 12).await;
+    // One worker: started <= finished hooks + 1 + 1.
+    let most = ahead.load(Ordering::SeqCst);
+    assert!(most <= 2, "calls ran {most} ahead of their hooks");
+}
+
+#[tokio::test]
+async fn an_unbounded_hook_backlog_lets_calls_run_ahead() {
+    let (ahead, hooks_done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, h) = (ahead.clone(), hooks_done.clone());
+    let fixture = Fixture::start_with(move |b| bind_tally(b, false, a, h)).await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = (0..12).map(|i| client.call("tally", tree!(i))).collect();
+    let results = within("12 calls", all(calls)).await;
+    assert!(results.into_iter().all(|r| r.is_ok()));
+    // Each hook takes 20 ms and the calls almost nothing: they ran ahead.
+    let most = ahead.load(Ordering::SeqCst);
+    assert!(most > 2, "calls ran only {most} ahead of their hooks");
+    wait_until("12 hooks", || hooks_done.load(Ordering::SeqCst) == 12).await;
+}
+
+#[tokio::test]
+async fn options_that_cannot_work_together_fail_listen_clearly() {
+    use teleport_server::{BatchPolicy, Server, ServerError};
+    let policy = BatchPolicy {
+        max_batch: 4,
+        max_wait: Duration::from_millis(1),
+    };
+    let cases: Vec<(&str, teleport_server::ServerBuilder)> = vec![
+        (
+            "Context",
+            Server::builder().bind(
+                "f",
+                Function::blocking(|args: Tree, _: Context| Ok(args)).batch(policy),
+            ),
+        ),
+        (
+            "hook",
+            Server::builder().bind(
+                "f",
+                Function::blocking(|args: Tree| Ok(args))
+                    .hook(|()| {})
+                    .batch(policy),
+            ),
+        ),
+        (
+            "options",
+            Server::builder().bind(
+                "f",
+                Function::deferred(|_, responder| drop(responder)).max_concurrent(2),
+            ),
+        ),
+        (
+            "options",
+            Server::builder().bind(
+                "f",
+                Function::deferred(|_, responder| drop(responder)).batch(policy),
+            ),
+        ),
+        (
+            "by-product",
+            Server::builder().bind("f", Function::blocking(|args: Tree| Ok((args, 1)))),
+        ),
+    ];
+    for (what, builder) in cases {
+        match builder.listen("127.0.0.1:0").await {
+            Err(ServerError::InvalidFunction { method, reason }) => {
+                assert_eq!(method, "f");
+                assert!(reason.contains(what), "{what}: {reason}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_async_function_gets_an_ordered_hook_too() {
+    let log = Arc::new(Log::default());
+    let hook_log = log.clone();
+    let fixture = Fixture::start_with(move |b| {
+        b.bind(
+            "step_async",
+            Function::new(|args: Tree| async move {
+                let id = args.get("id")?.as_int()?;
+                let sleep = args.get("sleep")?.as_float()?;
+                tokio::time::sleep(Duration::from_secs_f64(sleep)).await;
+                Ok((tree!(id), id))
+            })
+            .workers(Workers::Own(3))
+            .hook(move |id: i64| hook_log.push(format!("hook {id}"))),
+        )
+    })
+    .await;
+    let client = fixture.client().await;
+    let calls: Vec<_> = [(0, 0.3), (1, 0.0), (2, 0.1)]
+        .into_iter()
+        .map(|(id, sleep)| client.call("step_async", tree!({"id": id, "sleep": sleep})))
+        .collect();
+    let results = within("3 async steps", all(calls)).await;
+    for (id, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), tree!((id as i64)));
+    }
+    wait_until("three hooks", || hooks(&log).len() == 3).await;
+    assert_eq!(hooks(&log), ["hook 0", "hook 1", "hook 2"]);
 }

@@ -300,7 +300,7 @@ async fn a_lazy_client_with_a_wrong_token_says_so_when_its_call_gives_up() {
     let server = common::test_functions(Server::builder(), Arc::new(Counters::default()))
         .identity(identity.clone())
         .token("correct horse")
-        .listen("127.0.0.1:0".parse().unwrap())
+        .listen("127.0.0.1:0")
         .await
         .unwrap();
     let client = client_builder(server.local_addr(), &identity)

@@ -12,7 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
-use crate::socket::{ObservedSocket, Released};
+use crate::socket::{enlarge_buffers, ObservedSocket, Released, SocketBuffers, SOCKET_BUFFER};
 use crate::{
     ClientTls, Fingerprint, RecvStream, SendStream, ServerTls, TransportConfig, TransportError,
 };
@@ -45,16 +45,17 @@ pub(crate) fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    bind_observed(addr, server).map(|(endpoint, _)| endpoint)
+    bind_observed(addr, server).map(|(endpoint, _, _)| endpoint)
 }
 
-/// [`bind`], with the signal of the socket's release.
+/// [`bind`], with the signal of the socket's release and the socket's buffers.
 pub(crate) fn bind_observed(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
-) -> Result<(quinn::Endpoint, Released), TransportError> {
+) -> Result<(quinn::Endpoint, Released, SocketBuffers), TransportError> {
     let bind_error = |error| TransportError::Bind { addr, error };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+    let buffers = enlarge_buffers(&socket, SOCKET_BUFFER);
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
         addr,
         error: std::io::Error::other("no async runtime: call this inside a tokio runtime"),
@@ -68,7 +69,23 @@ pub(crate) fn bind_observed(
         runtime,
     )
     .map_err(bind_error)?;
-    Ok((endpoint, released))
+    Ok((endpoint, released, buffers))
+}
+
+/// Bytes a connection moved, as [`Connection::traffic`] reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// UDP payload bytes sent.
+    pub bytes_sent: u64,
+    /// UDP payload bytes received.
+    pub bytes_received: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Traffic) {
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+    }
 }
 
 /// A server's endpoint: accepts connections on one UDP socket.
@@ -77,6 +94,7 @@ pub struct Listener {
     endpoint: quinn::Endpoint,
     limits: Limits,
     released: Arc<Mutex<Option<Released>>>,
+    buffers: SocketBuffers,
 }
 
 impl Listener {
@@ -89,11 +107,12 @@ impl Listener {
         limits: Limits,
     ) -> Result<Listener, TransportError> {
         let config = quinn_server_config(tls, transport)?;
-        let (endpoint, released) = bind_observed(addr, Some(config))?;
+        let (endpoint, released, buffers) = bind_observed(addr, Some(config))?;
         Ok(Listener {
             endpoint,
             limits,
             released: Arc::new(Mutex::new(Some(released))),
+            buffers,
         })
     }
 
@@ -102,6 +121,12 @@ impl Listener {
         self.endpoint
             .local_addr()
             .expect("a bound UDP socket has an address")
+    }
+
+    /// The kernel buffers of the listening socket, as granted at bind time
+    /// (see [`SocketBuffers`]; a warning is logged when the kernel capped them).
+    pub fn socket_buffers(&self) -> SocketBuffers {
+        self.buffers
     }
 
     /// Waits for the next connection attempt (its first packet). `None` once
@@ -336,6 +361,16 @@ impl Connection {
     /// The current estimate of the round-trip time.
     pub fn rtt(&self) -> std::time::Duration {
         self.inner.rtt()
+    }
+
+    /// Bytes this connection sent and received so far, as UDP payload (QUIC
+    /// headers, retransmissions and acknowledgements included).
+    pub fn traffic(&self) -> Traffic {
+        let stats = self.inner.stats();
+        Traffic {
+            bytes_sent: stats.udp_tx.bytes,
+            bytes_received: stats.udp_rx.bytes,
+        }
     }
 
     /// Closes the connection at once: streams are abandoned and the peer sees

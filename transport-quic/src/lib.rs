@@ -11,13 +11,16 @@
 //!   them into 64-byte-aligned memory;
 //! - [`Identity`], [`Fingerprint`], [`ClientTls`], [`ServerTls`] and
 //!   [`ClientAuth`] say who each side is and whom it trusts;
-//! - [`TransportConfig`] holds the windows and timers.
+//! - [`TransportConfig`] holds the windows and timers;
+//! - [`Address`] parses addresses as people write them (`4433`,
+//!   `"host:4433"`, `"quic://[::1]:4433"`) and resolves them.
 //!
 //! [`reference`](mod@reference) is bare quinn with the same settings, for benchmarks only.
 //!
 //! One stream per call is what keeps a large reply from delaying a small one:
 //! QUIC streams are flow controlled and delivered independently.
 
+pub mod address;
 mod config;
 pub mod driver;
 mod endpoint;
@@ -28,12 +31,14 @@ mod socket;
 mod stream;
 mod tls;
 
-pub use config::TransportConfig;
+pub use address::{Address, AddressError, Host, ToAddress};
+pub use config::{CongestionControl, TransportConfig};
 pub use endpoint::{
     quinn_client_config, quinn_server_config, Connecting, Connection, Connector, Handshake,
-    Incoming, Listener,
+    Incoming, Listener, Traffic,
 };
 pub use error::TransportError;
+pub use socket::{SocketBuffers, SOCKET_BUFFER};
 pub use stream::{Outgoing, Progress, RecvStream, SendStream};
 pub use teleport_protocol::{CloseCode, StreamCode};
 pub use tls::{

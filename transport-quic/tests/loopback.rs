@@ -175,3 +175,22 @@ async fn an_untrusted_client_certificate_fails_the_handshake_and_the_listener_ca
     send.finish();
     assert_eq!(within(server).await.unwrap(), Message::Ping { nonce: 4 });
 }
+
+#[tokio::test]
+async fn listener_reports_its_socket_buffers() {
+    let listener = listener(&ServerTls::new(
+        Identity::self_signed(["localhost"]).unwrap(),
+    ));
+    let buffers = listener.socket_buffers();
+    println!("{buffers:?}");
+    assert_eq!(buffers.requested, teleport_quic::SOCKET_BUFFER);
+    // Whatever the kernel granted, it is at least its usual default and it
+    // is reported; the capped flags agree with the figures.
+    assert!(buffers.recv > 0 && buffers.send > 0, "{buffers:?}");
+    if !buffers.recv_capped() {
+        assert!(buffers.recv >= buffers.requested, "{buffers:?}");
+    }
+    if !buffers.send_capped() {
+        assert!(buffers.send >= buffers.requested, "{buffers:?}");
+    }
+}

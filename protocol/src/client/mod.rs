@@ -311,7 +311,27 @@ pub struct ClientProtocol {
     /// The first failure of a call nobody awaited, for the next call.
     unobserved: Option<(String, CallError)>,
     peer_agent: Option<String>,
+    stats: CallCounts,
     out: VecDeque<ClientOutput>,
+}
+
+/// What a client's calls and connections came to, counted by the machine;
+/// see [`ClientProtocol::counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallCounts {
+    /// Calls started.
+    pub started: u64,
+    /// Calls completed with a result.
+    pub succeeded: u64,
+    /// Calls completed with an error (their own, the server's, or the
+    /// connection's; cancelled and timed-out calls included).
+    pub failed: u64,
+    /// Sends of a call after its first (idempotent calls re-sent on a new
+    /// connection).
+    pub resent: u64,
+    /// Connections that completed their Hello exchange.
+    pub connections: u64,
 }
 
 impl ClientProtocol {
@@ -336,8 +356,14 @@ impl ClientProtocol {
             connect_waiting: false,
             unobserved: None,
             peer_agent: None,
+            stats: CallCounts::default(),
             out: VecDeque::new(),
         }
+    }
+
+    /// What this client's calls and connections came to so far.
+    pub fn counts(&self) -> CallCounts {
+        self.stats
     }
 
     /// The configuration in use (`max_in_flight` at least 1).
@@ -487,6 +513,7 @@ impl ClientProtocol {
             _ => {}
         }
         let id = self.allocate_id();
+        self.stats.started += 1;
         let timeout = options.timeout.or(self.config.default_timeout);
         let deadline = timeout.map(|t| now + t);
         if let Some(d) = deadline {
@@ -721,6 +748,7 @@ impl ClientProtocol {
                 self.timers.remove(Timer::Attempt);
                 self.attempts = 0;
                 self.link = Link::Up { conn, since: now };
+                self.stats.connections += 1;
                 self.liveness = Liveness::new(now, self.config.ping_interval, self.config.max_age);
                 // Waiting calls now wait for their turn only.
                 self.timers.retain(|t| !matches!(t, Timer::ConnectWait(_)));
@@ -782,6 +810,7 @@ impl ClientProtocol {
         let entry = self.calls.get_mut(&id).expect("checked above");
         entry.at = Where::Queued { since: now };
         self.in_flight -= 1;
+        self.stats.resent += 1;
         self.queue.push_front(id);
         if self.in_flight == 0 {
             self.liveness.set_busy(now, false);
@@ -1170,6 +1199,10 @@ impl ClientProtocol {
                 self.report_unobserved(now, entry.method.clone(), error.clone());
             }
         }
+        match &result {
+            Ok(_) => self.stats.succeeded += 1,
+            Err(_) => self.stats.failed += 1,
+        }
         self.out.push_back(ClientOutput::Completed {
             id,
             method: entry.method,
@@ -1237,6 +1270,7 @@ impl ClientProtocol {
             if reconnect.is_some() && entry.idempotent && entry.args.is_some() {
                 entry.at = Where::Queued { since: now };
                 self.in_flight -= 1;
+                self.stats.resent += 1;
                 resend.push(id);
             } else {
                 self.complete(now, id, Err(cause.clone()));

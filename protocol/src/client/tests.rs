@@ -1046,3 +1046,43 @@ fn an_idempotent_call_refused_as_shutting_down_is_sent_to_the_next_connection() 
     let (_, out) = establish(&mut c, wait);
     assert_eq!(sent(&out), vec![id]);
 }
+
+#[test]
+fn counts_follow_calls_connections_and_resends() {
+    let (mut c, conn) = client(ClientConfig::default());
+    assert_eq!(c.counts().connections, 1);
+    let ok = c
+        .start_call(at(0), "f", tree!(1), CallOptions::default())
+        .unwrap();
+    let again = c
+        .start_call(
+            at(0),
+            "f",
+            tree!(2),
+            CallOptions::default().idempotent(true),
+        )
+        .unwrap();
+    let bad = c
+        .start_call(at(0), "f", tree!(3), CallOptions::default())
+        .unwrap();
+    drain(&mut c);
+    c.reply_received(at(1), conn, ok, reply(ok, Ok(tree!(1))));
+    let refusal = RemoteError::new(ErrorKind::ShuttingDown, "teleport", "shutting down");
+    c.reply_received(at(1), conn, again, reply(again, Err(refusal)));
+    c.cancel(at(1), bad);
+    drain(&mut c);
+    let counts = c.counts();
+    assert_eq!(
+        (
+            counts.started,
+            counts.succeeded,
+            counts.failed,
+            counts.resent
+        ),
+        (3, 1, 1, 1)
+    );
+    let wait = c.poll_timeout().unwrap();
+    c.handle_timeout(wait);
+    establish(&mut c, wait);
+    assert_eq!(c.counts().connections, 2);
+}

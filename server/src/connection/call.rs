@@ -17,6 +17,14 @@ pub(crate) async fn serve_call(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
+    let started = std::time::Instant::now();
+    let ended = |outcome: &str| {
+        tracing::debug!(
+            outcome,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "call ended"
+        );
+    };
     // While the call arrives, the machine may already act on its stream: a
     // refusal at the header, a stalled upload, the connection's end.
     let mut next = tokio::select! {
@@ -30,6 +38,9 @@ pub(crate) async fn serve_call(
         };
         match action {
             Action::Run { id, method, job } => {
+                let span = tracing::Span::current();
+                span.record("id", id);
+                span.record("method", &*method);
                 tokio::select! {
                     outcome = job => next = conn.reply(stream, id, &method, outcome),
                     // A stop (cancel, expiry, shutdown) drops the job: an
@@ -46,6 +57,7 @@ pub(crate) async fn serve_call(
                 if let Some(code) = stop_reading {
                     recv.stop(code);
                 }
+                let outcome = reply.result.as_ref().map(|_| ()).map_err(|e| e.kind);
                 let sent = match send.send(&Message::Reply(reply)).await {
                     Ok(()) => {
                         // quinn delivers (and retransmits) a finished stream
@@ -61,16 +73,23 @@ pub(crate) async fn serve_call(
                     }
                 };
                 conn.stream_done(stream, sent);
+                match (sent, outcome) {
+                    (false, _) => ended("reply not delivered"),
+                    (true, Ok(())) => ended("ok"),
+                    (true, Err(kind)) => ended(&format!("error ({kind})")),
+                }
                 return;
             }
             Action::Reset(code) => {
                 send.reset(code);
                 recv.stop(code);
                 conn.stream_done(stream, false);
+                ended(&format!("stream reset ({code})"));
                 return;
             }
             Action::Ended => {
                 conn.stream_done(stream, false);
+                ended("connection ended");
                 return;
             }
         }

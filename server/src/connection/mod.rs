@@ -29,7 +29,7 @@ pub(crate) fn spawn(incoming: Incoming, shared: Arc<ServerShared>) {
     let span = tracing::info_span!("connection", id, %peer);
     tokio::spawn(
         async move {
-            let conn = Arc::new(Conn::new(id, shared.clone()));
+            let conn = Arc::new(Conn::new(id, peer, shared.clone()));
             let _live = shared.register(&conn);
             // A connection made while the server drains drains too.
             if let Some(deadline) = shared.shutdown_deadline() {
@@ -126,7 +126,15 @@ async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
                 // Reported here, in accept (= stream id) order: the order the
                 // machine admits calls in.
                 conn.call_opened(next_stream);
-                tokio::spawn(call::serve_call(conn.clone(), next_stream, send, recv));
+                let span = tracing::debug_span!(
+                    "call",
+                    stream = next_stream,
+                    id = tracing::field::Empty,
+                    method = tracing::field::Empty,
+                );
+                tokio::spawn(
+                    call::serve_call(conn.clone(), next_stream, send, recv).instrument(span),
+                );
                 next_stream += 1;
             }
             Err(e) => {

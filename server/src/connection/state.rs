@@ -9,6 +9,7 @@
 //! common path of a small call crosses no task boundary.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -22,7 +23,7 @@ use teleport_quic::driver::{ControlSender, Timer};
 use teleport_quic::{Connection, TransportError};
 use tokio::sync::Notify;
 
-use crate::function::{Function, JobFuture};
+use crate::function::{BoundFunction, Context as CallContext, JobFuture};
 use crate::shared::ServerShared;
 
 /// What a stream's task is asked to do next.
@@ -65,7 +66,11 @@ struct Mailbox {
     actions: VecDeque<Action>,
     waker: Option<Waker>,
     /// The function of the stream's admitted call, until its arguments come.
-    function: Option<(Arc<str>, Function)>,
+    function: Option<(Arc<str>, BoundFunction)>,
+    /// The admitted call's deadline, until its arguments come.
+    deadline: Option<Timestamp>,
+    /// The running call's context, to mark it stopped.
+    context: Option<CallContext>,
 }
 
 impl Mailbox {
@@ -89,12 +94,16 @@ pub(crate) struct ConnState {
     pub(crate) ended: bool,
     /// A close the machine asked for before the handshake was done.
     pending_close: Option<(CloseCode, String)>,
+    /// The client's agent string, once its `Hello` was accepted.
+    agent: Option<Arc<str>>,
 }
 
 /// One connection of a server. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) id: u64,
+    /// The client's address.
+    peer: SocketAddr,
     state: Mutex<ConnState>,
     pub(crate) timer: Timer,
     /// Signalled when the connection ends, for the handshake and the accept
@@ -104,7 +113,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, shared: Arc<ServerShared>) -> Conn {
+    pub(crate) fn new(id: u64, peer: SocketAddr, shared: Arc<ServerShared>) -> Conn {
         let now = shared.clock.now();
         let machine = ServerProtocol::new(now, shared.protocol.clone());
         Conn {
@@ -116,7 +125,9 @@ impl Conn {
                 streams: HashMap::new(),
                 ended: false,
                 pending_close: None,
+                agent: None,
             }),
+            peer,
             timer: Timer::new(),
             ended: Notify::new(),
             shared,
@@ -139,8 +150,20 @@ impl Conn {
             transport.close(code, &reason);
             return false;
         }
+        self.shared.stats.connection_accepted();
         state.transport = Some(transport);
         !state.ended
+    }
+
+    /// What the connection moved so far (nothing once it ended: its figures
+    /// went to the server's totals then).
+    pub(crate) fn traffic(&self) -> teleport_quic::Traffic {
+        let state = self.lock();
+        state
+            .transport
+            .as_ref()
+            .map(Connection::traffic)
+            .unwrap_or_default()
     }
 
     pub(crate) fn now(&self) -> Timestamp {
@@ -172,26 +195,42 @@ impl Conn {
                     }
                     None => tracing::debug!(?message, "no control stream to send on"),
                 },
-                ServerOutput::Admitted { stream, method, .. } => {
+                ServerOutput::Admitted {
+                    stream,
+                    method,
+                    deadline,
+                    ..
+                } => {
                     // The machine admits only bound names.
                     let function = self.shared.functions.get(&method).cloned();
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.function = function;
+                        mailbox.deadline = deadline;
                     }
                 }
                 ServerOutput::Arguments { stream, id, args } => {
+                    let agent = self.agent(state);
                     let Some(mailbox) = state.streams.get_mut(&stream) else {
                         continue;
                     };
                     let Some((method, function)) = mailbox.function.take() else {
                         continue;
                     };
-                    let job = function.start(&method, args, &self.shared.workers);
+                    let deadline = mailbox
+                        .deadline
+                        .take()
+                        .map(|d| self.shared.clock.instant(d).into_std());
+                    let context = CallContext::new(self.peer, agent, deadline);
+                    mailbox.context = Some(context.clone());
+                    let job = function.start(&method, args, context, &self.shared.workers);
                     mailbox.push(Action::Run { id, method, job });
                 }
                 ServerOutput::Stop { stream, .. } => {
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.function = None;
+                        if let Some(context) = mailbox.context.take() {
+                            context.cancel();
+                        }
                         mailbox.push(Action::Stop);
                     }
                 }
@@ -200,6 +239,9 @@ impl Conn {
                     reply,
                     stop_reading,
                 } => {
+                    self.shared
+                        .stats
+                        .reply(reply.result.as_ref().map(|_| ()).map_err(|e| e.kind));
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.push(Action::Write {
                             reply,
@@ -208,6 +250,7 @@ impl Conn {
                     }
                 }
                 ServerOutput::Reset { stream, code } => {
+                    self.shared.stats.call_stopped();
                     if let Some(mailbox) = state.streams.get_mut(&stream) {
                         mailbox.push(Action::Reset(code));
                     }
@@ -229,14 +272,32 @@ impl Conn {
         self.timer.rearm(state.machine.poll_timeout());
     }
 
+    /// The client's agent string, kept once so that each call's context
+    /// shares it.
+    fn agent(&self, state: &mut ConnState) -> Arc<str> {
+        if let Some(agent) = &state.agent {
+            return agent.clone();
+        }
+        let agent: Arc<str> = Arc::from(state.machine.peer_agent().unwrap_or(""));
+        if state.machine.peer_agent().is_some() {
+            state.agent = Some(agent.clone());
+        }
+        agent
+    }
+
     /// Marks the connection over and wakes everything waiting on it. The
     /// handles to the transport go, so nothing keeps the connection (and the
     /// server's socket) alive after it ended.
     fn end(&self, state: &mut ConnState) {
         state.ended = true;
         state.control = None;
-        state.transport = None;
+        if let Some(transport) = state.transport.take() {
+            self.shared.stats.connection_ended(transport.traffic());
+        }
         for mailbox in state.streams.values_mut() {
+            if let Some(context) = mailbox.context.take() {
+                context.cancel();
+            }
             if let Some(waker) = mailbox.waker.take() {
                 waker.wake();
             }
@@ -289,6 +350,7 @@ impl Conn {
         let mut state = self.lock();
         let now = self.now();
         state.streams.insert(stream, Mailbox::default());
+        self.shared.stats.call_received();
         state.machine.call_opened(now, stream);
         self.pump(&mut state);
     }

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::panic::panic_error;
-use super::{AsyncFn, BlockingFn, JobFuture};
+use super::{BatchAsyncFn, BlockingFn, JobFuture};
 use crate::HandlerError;
 
 /// The type name of the error every member of a batch gets when the function's
@@ -45,7 +45,7 @@ struct BatchRequest {
     reply: oneshot::Sender<Result<Tree, RemoteError>>,
 }
 
-/// A function bound with [`ServerBuilder::bind_batched`](crate::ServerBuilder::bind_batched).
+/// A function bound with [`Function::batch`](crate::Function::batch).
 #[derive(Clone)]
 pub(crate) struct BatchedFunction {
     inner: Arc<Inner>,
@@ -57,12 +57,14 @@ pub(crate) enum BatchFn {
     /// Runs on the worker pool.
     Blocking(Arc<BlockingFn>),
     /// Runs on the async runtime.
-    Async(Arc<AsyncFn>),
+    Async(Arc<BatchAsyncFn>),
 }
 
 struct Inner {
     policy: BatchPolicy,
     function: BatchFn,
+    /// A pool of its own for a blocking function; `None`: the server's.
+    own_workers: Option<Arc<Semaphore>>,
     requests: mpsc::UnboundedSender<BatchRequest>,
     /// The receiving end until [`BatchedFunction::start`] hands it to the
     /// batch task: the builder runs outside any runtime, so the task can only
@@ -79,12 +81,17 @@ impl fmt::Debug for BatchedFunction {
 }
 
 impl BatchedFunction {
-    pub(crate) fn new(policy: BatchPolicy, function: BatchFn) -> BatchedFunction {
+    pub(crate) fn new(
+        policy: BatchPolicy,
+        function: BatchFn,
+        own_workers: Option<usize>,
+    ) -> BatchedFunction {
         let (requests, unstarted) = mpsc::unbounded_channel();
         BatchedFunction {
             inner: Arc::new(Inner {
                 policy,
                 function,
+                own_workers: own_workers.map(|n| Arc::new(Semaphore::new(n))),
                 requests,
                 unstarted: Mutex::new(Some(unstarted)),
             }),
@@ -116,7 +123,7 @@ impl BatchedFunction {
         let job = BatchJob {
             method: Arc::from(method),
             function: self.inner.function.clone(),
-            workers,
+            workers: self.inner.own_workers.clone().unwrap_or(workers),
         };
         Ok(Some(tokio::spawn(run_batcher(
             batcher, requests, job, shutdown,

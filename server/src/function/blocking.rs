@@ -1,6 +1,6 @@
-//! Blocking functions: run on worker threads, on the server's shared pool or
-//! a pool of their own, optionally with a bound on their concurrent calls and
-//! an ordered completion hook.
+//! Functions with options: run on worker threads (blocking) or the runtime
+//! (async), on the server's shared pool or a pool of their own, optionally
+//! with a bound on their concurrent calls and an ordered completion hook.
 //!
 //! Every place a call waits for (an admission slot, a worker) is asked for when
 //! the connection hands the call over, in admission order (see
@@ -17,102 +17,56 @@ use tokio::sync::Semaphore;
 
 use super::fifo::{enqueue, Queued};
 use super::hook::{Hook, HookQueue, HookTicket};
-use super::panic::panic_error;
-use super::JobFuture;
+use super::panic::{self, panic_error};
+use super::spec::{AsyncBody, BlockingBody};
+use super::{Context, JobFuture};
 use crate::HandlerError;
 
-/// Which worker threads run a blocking function's calls.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Workers {
-    /// The server's pool, shared with every other blocking function (its size
-    /// is [`ServerBuilder::workers`](crate::ServerBuilder::workers)).
-    #[default]
-    Shared,
-    /// A pool of this many workers for this function alone, so that slow calls
-    /// of other functions never hold up its calls (nor its calls theirs). Like
-    /// the shared pool, it bounds how many threads of the runtime's blocking
-    /// pool the function occupies at once; no thread is kept idle for it.
-    Own(usize),
+/// What runs a call.
+pub(crate) enum Body<B> {
+    /// On a worker thread.
+    Blocking(Arc<BlockingBody<B>>),
+    /// On the runtime, in the call's task.
+    Async(Arc<AsyncBody<B>>),
 }
 
-/// How a blocking function bound with
-/// [`bind_blocking_with`](crate::ServerBuilder::bind_blocking_with) runs.
-///
-/// ```
-/// use teleport_server::{FunctionOptions, Workers};
-///
-/// // Two threads of its own; at most two calls admitted, the others queue in
-/// // arrival order.
-/// let options = FunctionOptions::new().workers(Workers::Own(2)).max_concurrent(2);
-/// # let _ = options;
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FunctionOptions {
-    workers: Workers,
-    max_concurrent: Option<usize>,
-}
-
-impl FunctionOptions {
-    /// The shared worker pool and no bound of its own on concurrent calls:
-    /// what [`bind_blocking`](crate::ServerBuilder::bind_blocking) does.
-    pub fn new() -> FunctionOptions {
-        FunctionOptions::default()
-    }
-
-    /// The pool the calls run on. `Workers::Own(0)` counts as one thread.
-    pub fn workers(mut self, workers: Workers) -> FunctionOptions {
-        self.workers = match workers {
-            Workers::Own(n) => Workers::Own(n.max(1)),
-            Workers::Shared => Workers::Shared,
-        };
-        self
-    }
-
-    /// Calls of this function admitted at once (at least 1); later calls wait
-    /// for a slot in arrival order. With a completion hook, a call keeps its
-    /// slot until its hook has run, so a slow hook slows the function down
-    /// instead of piling up by-products.
-    pub fn max_concurrent(mut self, max_concurrent: usize) -> FunctionOptions {
-        self.max_concurrent = Some(max_concurrent.max(1));
-        self
-    }
-}
-
-pub(crate) type BlockingWithByProduct<B> =
-    dyn Fn(Tree) -> Result<(Tree, B), HandlerError> + Send + Sync;
-
-/// A blocking function, its by-product type erased.
-pub(crate) trait BlockingFunction: Send + Sync {
+/// A function with options, its by-product type erased.
+pub(crate) trait RunFunction: Send + Sync {
     /// Hands a call over: takes its places in the queues now, and returns
     /// the future that runs it and yields its result.
-    fn start(&self, method: Arc<str>, args: Tree, shared_workers: &Arc<Semaphore>) -> JobFuture;
+    fn start(
+        &self,
+        method: Arc<str>,
+        args: Tree,
+        ctx: Context,
+        shared_workers: &Arc<Semaphore>,
+    ) -> JobFuture;
 }
 
-/// A blocking function returning a result and a by-product `B` for its hook
-/// (`()` and no hook without one).
-pub(crate) struct Blocking<B> {
-    function: Arc<BlockingWithByProduct<B>>,
-    /// `None`: the server's shared pool.
+/// A function returning a result and a by-product `B` for its hook (`()` and
+/// no hook without one).
+pub(crate) struct Runner<B> {
+    body: Body<B>,
+    /// `None`: the server's shared pool for a blocking function, no bound for
+    /// an async one.
     own_workers: Option<Arc<Semaphore>>,
     /// Fair, so waiting calls are admitted in arrival order.
     admission: Option<Arc<Semaphore>>,
     hook: Option<Arc<HookQueue<B>>>,
 }
 
-impl<B: Send + 'static> Blocking<B> {
+impl<B: Send + 'static> Runner<B> {
     pub(crate) fn new(
         method: &str,
-        options: FunctionOptions,
-        function: Arc<BlockingWithByProduct<B>>,
+        body: Body<B>,
+        own_workers: Option<usize>,
+        admission: Option<usize>,
         hook: Option<Box<Hook<B>>>,
-    ) -> Blocking<B> {
-        Blocking {
-            function,
-            own_workers: match options.workers {
-                Workers::Shared => None,
-                Workers::Own(n) => Some(Arc::new(Semaphore::new(n))),
-            },
-            admission: options.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
+    ) -> Runner<B> {
+        Runner {
+            body,
+            own_workers: own_workers.map(|n| Arc::new(Semaphore::new(n))),
+            admission: admission.map(|n| Arc::new(Semaphore::new(n))),
             hook: hook.map(|hook| Arc::new(HookQueue::new(method, hook))),
         }
     }
@@ -126,82 +80,140 @@ fn pool_closed() -> RemoteError {
     )
 }
 
-/// Where a call waits before its thread starts.
+/// Where a call waits before it starts.
 enum Waits<B: Send + 'static> {
-    /// Bounded admission: a slot first, then (taking its hook turn) a worker.
-    Admission(Queued),
+    /// Bounded admission: a slot first (kept with the hook turn), then a
+    /// worker.
+    Admission(Option<HookTicket<B>>, Queued),
     /// No bound: the hook turn and the worker's queue place are taken now.
-    Worker(Option<HookTicket<B>>, Queued),
+    Worker(Option<HookTicket<B>>, Option<Queued>),
 }
 
-impl<B: Send + 'static> BlockingFunction for Blocking<B> {
-    fn start(&self, method: Arc<str>, args: Tree, shared_workers: &Arc<Semaphore>) -> JobFuture {
-        let pool = self.own_workers.as_ref().unwrap_or(shared_workers).clone();
-        let waits = match &self.admission {
-            Some(slots) => Waits::Admission(enqueue(slots)),
-            None => Waits::Worker(
-                self.hook.as_ref().map(|hook| HookQueue::ticket(hook, None)),
-                enqueue(&pool),
-            ),
+impl<B: Send + 'static> RunFunction for Runner<B> {
+    fn start(
+        &self,
+        method: Arc<str>,
+        args: Tree,
+        ctx: Context,
+        shared_workers: &Arc<Semaphore>,
+    ) -> JobFuture {
+        // An async function on the shared "pool" runs at once, as any async
+        // function does.
+        let pool = match (&self.own_workers, &self.body) {
+            (Some(own), _) => Some(own.clone()),
+            (None, Body::Blocking(_)) => Some(shared_workers.clone()),
+            (None, Body::Async(_)) => None,
         };
-        let (function, hook) = (self.function.clone(), self.hook.clone());
+        // The hook turn is taken now, in admission order, like the places in
+        // the queues for a slot and a worker.
+        let ticket = self.hook.as_ref().map(HookQueue::ticket);
+        let waits = match &self.admission {
+            Some(slots) => Waits::Admission(ticket, enqueue(slots)),
+            None => Waits::Worker(ticket, pool.as_ref().map(enqueue)),
+        };
+        let body = match &self.body {
+            Body::Blocking(f) => Body::Blocking(f.clone()),
+            Body::Async(f) => Body::Async(f.clone()),
+        };
         Box::pin(async move {
             let (mut ticket, admission, worker) = match waits {
-                Waits::Admission(slot) => {
+                Waits::Admission(mut ticket, slot) => {
                     let slot = slot.await.map_err(|_| pool_closed())?;
-                    // The hook turn is taken once a slot is held, so every
-                    // earlier turn belongs to a call holding a slot: a hook
-                    // never waits for a call that waits for a slot held by a
-                    // call whose hook waits (no deadlock).
-                    let (ticket, slot) = match &hook {
-                        Some(hook) => (Some(HookQueue::ticket(hook, Some(slot))), None),
-                        None => (None, Some(slot)),
+                    // With a hook, the slot is kept until the call's hook ran.
+                    // Slots go out in admission order, as turns do, so every
+                    // earlier turn belongs to a call holding a slot or done
+                    // with it: a hook never waits for a call that waits for a
+                    // slot held by a call whose hook waits (no deadlock).
+                    let slot = match ticket.as_mut() {
+                        Some(ticket) => {
+                            ticket.hold(slot);
+                            None
+                        }
+                        None => Some(slot),
                     };
-                    let worker = enqueue(&pool).await.map_err(|_| pool_closed())?;
+                    let worker = match &pool {
+                        Some(pool) => Some(enqueue(pool).await.map_err(|_| pool_closed())?),
+                        None => None,
+                    };
                     (ticket, slot, worker)
                 }
                 Waits::Worker(ticket, worker) => {
-                    let worker = worker.await.map_err(|_| pool_closed())?;
+                    let worker = match worker {
+                        Some(worker) => Some(worker.await.map_err(|_| pool_closed())?),
+                        None => None,
+                    };
                     (ticket, None, worker)
                 }
             };
-            let joined = tokio::task::spawn_blocking(move || {
-                let outcome =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(args)));
-                drop(worker);
-                let result = match outcome {
-                    Ok(Ok((tree, by_product))) => {
-                        if let Some(ticket) = ticket.as_mut() {
-                            ticket.by_product = Some(by_product);
+            match body {
+                Body::Async(function) => {
+                    // It may panic making its future, or while the future runs.
+                    let future = panic::catch(&method, || function(args, ctx))?;
+                    let outcome = panic::catch_async(&method, future).await;
+                    drop(worker);
+                    let result = match outcome? {
+                        Ok((tree, by_product)) => {
+                            if let Some(ticket) = ticket.as_mut() {
+                                ticket.by_product = Some(by_product);
+                            }
+                            Ok(tree)
                         }
-                        Ok(Ok(tree))
+                        Err(error) => Err(error.into_remote()),
+                    };
+                    drop(ticket);
+                    drop(admission);
+                    result
+                }
+                Body::Blocking(function) => {
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let outcome =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                function(args, ctx)
+                            }));
+                        drop(worker);
+                        let result = match outcome {
+                            Ok(Ok((tree, by_product))) => {
+                                if let Some(ticket) = ticket.as_mut() {
+                                    ticket.by_product = Some(by_product);
+                                }
+                                Ok(Ok(tree))
+                            }
+                            Ok(Err(error)) => Ok(Err(error)),
+                            Err(panic) => Err(panic),
+                        };
+                        // Hands the by-product to the hook queue (or skips this
+                        // turn); the hook runs on another thread, so the result
+                        // is not delayed.
+                        drop(ticket);
+                        drop(admission);
+                        result
+                    })
+                    .await;
+                    match joined {
+                        Ok(Ok(result)) => result.map_err(HandlerError::into_remote),
+                        Ok(Err(panic)) => Err(panic_error(&method, panic)),
+                        Err(_) => Err(RemoteError::new(
+                            ErrorKind::Internal,
+                            SERVER_ERROR_TYPE,
+                            "the server stopped the function's thread",
+                        )),
                     }
-                    Ok(Err(error)) => Ok(Err(error)),
-                    Err(panic) => Err(panic),
-                };
-                // Hands the by-product to the hook queue (or skips this turn);
-                // the hook runs on another thread, so the result is not delayed.
-                drop(ticket);
-                drop(admission);
-                result
-            })
-            .await;
-            match joined {
-                Ok(Ok(result)) => result.map_err(HandlerError::into_remote),
-                Ok(Err(panic)) => Err(panic_error(&method, panic)),
-                Err(_) => Err(RemoteError::new(
-                    ErrorKind::Internal,
-                    SERVER_ERROR_TYPE,
-                    "the server stopped the function's thread",
-                )),
+                }
             }
         })
     }
 }
 
-impl<B> fmt::Debug for Blocking<B> {
+impl<B> fmt::Debug for Runner<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Blocking")
+        f.debug_struct("Runner")
+            .field(
+                "body",
+                &match self.body {
+                    Body::Blocking(_) => "blocking",
+                    Body::Async(_) => "async",
+                },
+            )
             .field("own_workers", &self.own_workers)
             .field("admission", &self.admission)
             .field("hook", &self.hook.is_some())

@@ -6,6 +6,7 @@ use std::fmt;
 use teleport_protocol::{ErrorKind, RemoteError, Tree};
 use tokio::sync::oneshot;
 
+use super::Context;
 use crate::HandlerError;
 
 /// What the caller is told when a [`Responder`] is dropped unanswered.
@@ -15,7 +16,7 @@ pub(crate) const DROPPED_RESPONDER: &str = "the function dropped its responder w
 pub(crate) const DROPPED_RESPONDER_TYPE: &str = "DroppedResponder";
 
 /// The way to answer one call later: from
-/// [`bind_deferred`](crate::ServerBuilder::bind_deferred) or a
+/// a [`Function::deferred`](crate::Function::deferred) or a
 /// [`CallQueue`](crate::CallQueue).
 ///
 /// Answer once with [`respond`](Self::respond). Dropping it unanswered fails
@@ -23,13 +24,20 @@ pub(crate) const DROPPED_RESPONDER_TYPE: &str = "DroppedResponder";
 /// expired meanwhile does nothing.
 pub struct Responder {
     reply: oneshot::Sender<Result<Tree, RemoteError>>,
+    context: Context,
 }
 
 impl Responder {
     /// A responder and the receiving end the server awaits.
-    pub(crate) fn new() -> (Responder, Answer) {
+    pub(crate) fn new(context: Context) -> (Responder, Answer) {
         let (reply, answer) = oneshot::channel();
-        (Responder { reply }, Answer(answer))
+        (Responder { reply, context }, Answer(answer))
+    }
+
+    /// The call this responder answers: its caller, deadline and whether it
+    /// was stopped.
+    pub fn context(&self) -> &Context {
+        &self.context
     }
 
     /// Answers the call: the caller gets `result` (an error with its type name
@@ -46,7 +54,7 @@ impl Responder {
     /// Whether nobody awaits the answer any more (the call was cancelled, it
     /// expired or its connection was lost), so work for it can be skipped.
     pub fn is_cancelled(&self) -> bool {
-        self.reply.is_closed()
+        self.reply.is_closed() || self.context.is_cancelled()
     }
 }
 

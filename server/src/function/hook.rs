@@ -45,10 +45,7 @@ impl<B: Send + 'static> HookQueue<B> {
 
     /// Takes a turn. Must be called inside the runtime (it keeps its handle
     /// to start the hook thread from wherever the call finishes).
-    pub(crate) fn ticket(
-        queue: &Arc<Self>,
-        admission: Option<OwnedSemaphorePermit>,
-    ) -> HookTicket<B> {
+    pub(crate) fn ticket(queue: &Arc<Self>) -> HookTicket<B> {
         let number = {
             let mut state = queue.lock();
             state.next_ticket += 1;
@@ -58,7 +55,7 @@ impl<B: Send + 'static> HookQueue<B> {
             queue: queue.clone(),
             number,
             by_product: None,
-            admission,
+            admission: None,
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -106,6 +103,13 @@ pub(crate) struct HookTicket<B: Send + 'static> {
     pub(crate) by_product: Option<B>,
     admission: Option<OwnedSemaphorePermit>,
     runtime: tokio::runtime::Handle,
+}
+
+impl<B: Send + 'static> HookTicket<B> {
+    /// Keeps the call's admission slot until its hook has run (backpressure).
+    pub(crate) fn hold(&mut self, admission: OwnedSemaphorePermit) {
+        self.admission = Some(admission);
+    }
 }
 
 impl<B: Send + 'static> Drop for HookTicket<B> {

@@ -10,11 +10,13 @@
 
 mod batched;
 mod blocking;
+mod context;
 mod deferred;
 mod fifo;
 mod hook;
 mod panic;
 mod queue;
+mod spec;
 
 use std::fmt;
 use std::future::Future;
@@ -24,13 +26,15 @@ use std::sync::Arc;
 use teleport_protocol::{RemoteError, Tree};
 use tokio::sync::Semaphore;
 
-pub(crate) use batched::{BatchFn, BatchedFunction};
-pub(crate) use blocking::{Blocking, BlockingFunction};
-pub use blocking::{FunctionOptions, Workers};
+pub(crate) use batched::BatchedFunction;
+pub(crate) use blocking::RunFunction;
+pub use context::Context;
 pub use deferred::Responder;
-pub(crate) use hook::Hook;
-pub(crate) use queue::{call_queue, QueueSender};
 pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
+pub(crate) use spec::Env;
+pub use spec::{
+    marker, AsyncHandler, Binding, BlockingHandler, Function, FunctionOutput, IntoFunction, Workers,
+};
 
 use crate::HandlerError;
 
@@ -38,9 +42,12 @@ use crate::HandlerError;
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
 /// An async function, type-erased.
-pub(crate) type AsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
+pub(crate) type AsyncFn = dyn Fn(Tree, Context) -> HandlerFuture + Send + Sync;
 
-/// A blocking function, type-erased.
+/// An async function of a batch, type-erased.
+pub(crate) type BatchAsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
+
+/// A blocking function of a batch, type-erased.
 pub(crate) type BlockingFn = dyn Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync;
 
 /// A deferred function, type-erased.
@@ -52,55 +59,35 @@ pub(crate) type Outcome = Result<Tree, RemoteError>;
 /// The work of one call: awaited by its stream task, dropped to stop it.
 pub(crate) type JobFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-/// A bound function, type-erased.
+/// A bound function, type-erased: what a [`Function`] becomes at `listen`.
 #[derive(Clone)]
-pub(crate) enum Function {
-    /// Runs on the async runtime, in its call's stream task.
+pub(crate) enum BoundFunction {
+    /// Runs on the async runtime, in its call's stream task, with no options.
     Async(Arc<AsyncFn>),
-    /// Runs on a worker thread.
-    Blocking(Arc<dyn BlockingFunction>),
+    /// Runs with options: on a worker thread or the runtime, with its pool,
+    /// admission bound and hook.
+    Runner(Arc<dyn RunFunction>),
     /// Gets a responder and answers through it, now or later.
     Deferred(Arc<DeferredFn>),
     /// Its calls go to a queue the application takes them from.
-    Queue(QueueSender),
+    Queue(queue::QueueSender),
     /// Runs on the stacked arguments of many calls at once.
     Batched(BatchedFunction),
 }
 
-impl fmt::Debug for Function {
+impl fmt::Debug for BoundFunction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Function::Async(_) => "Function::Async",
-            Function::Blocking(_) => "Function::Blocking",
-            Function::Deferred(_) => "Function::Deferred",
-            Function::Queue(_) => "Function::Queue",
-            Function::Batched(_) => "Function::Batched",
+            BoundFunction::Async(_) => "BoundFunction::Async",
+            BoundFunction::Runner(_) => "BoundFunction::Runner",
+            BoundFunction::Deferred(_) => "BoundFunction::Deferred",
+            BoundFunction::Queue(_) => "BoundFunction::Queue",
+            BoundFunction::Batched(_) => "BoundFunction::Batched",
         })
     }
 }
 
-impl Function {
-    pub(crate) fn from_async<F, Fut>(f: F) -> Function
-    where
-        F: Fn(Tree) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Tree, HandlerError>> + Send + 'static,
-    {
-        Function::Async(Arc::new(move |args| Box::pin(f(args))))
-    }
-
-    pub(crate) fn from_blocking<F>(method: &str, f: F) -> Function
-    where
-        F: Fn(Tree) -> Result<Tree, HandlerError> + Send + Sync + 'static,
-    {
-        let function = Arc::new(move |args| f(args).map(|tree| (tree, ())));
-        Function::Blocking(Arc::new(Blocking::<()>::new(
-            method,
-            FunctionOptions::new(),
-            function,
-            None,
-        )))
-    }
-
+impl BoundFunction {
     /// Hands a call of the function bound as `method` over (see the [module
     /// docs](self)); its failure or panic becomes the `RemoteError` the caller
     /// receives, and a panic fails its own call, not the server.
@@ -108,22 +95,23 @@ impl Function {
         &self,
         method: &Arc<str>,
         args: Tree,
+        ctx: Context,
         workers: &Arc<Semaphore>,
     ) -> JobFuture {
         match self {
-            Function::Async(f) => {
+            BoundFunction::Async(f) => {
                 let (f, method) = (f.clone(), method.clone());
                 Box::pin(async move {
                     // It may panic making its future, or while the future runs.
-                    let future = panic::catch(&method, || f(args))?;
+                    let future = panic::catch(&method, || f(args, ctx))?;
                     panic::catch_async(&method, future)
                         .await?
                         .map_err(HandlerError::into_remote)
                 })
             }
-            Function::Blocking(f) => f.start(method.clone(), args, workers),
-            Function::Deferred(f) => {
-                let (responder, answer) = Responder::new();
+            BoundFunction::Runner(f) => f.start(method.clone(), args, ctx, workers),
+            BoundFunction::Deferred(f) => {
+                let (responder, answer) = Responder::new(ctx);
                 // The function only takes the responder: it runs here, in
                 // admission order, and must return quickly.
                 match panic::catch(method, || f(args, responder)) {
@@ -131,14 +119,14 @@ impl Function {
                     Err(e) => Box::pin(std::future::ready(Err(e))),
                 }
             }
-            Function::Queue(queue) => {
-                let (responder, answer) = Responder::new();
+            BoundFunction::Queue(queue) => {
+                let (responder, answer) = Responder::new(ctx);
                 match queue.push(method, (args, responder)) {
                     Ok(()) => Box::pin(answer.wait()),
                     Err(e) => Box::pin(std::future::ready(Err(e))),
                 }
             }
-            Function::Batched(f) => f.submit(method, args),
+            BoundFunction::Batched(f) => f.submit(method, args),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use teleport_client::{Client, ClientBuilder};
 use teleport_protocol::{tree, Array, DType, Tree};
-use teleport_server::{HandlerError, Server, ServerBuilder};
+use teleport_server::{Function, HandlerError, Server, ServerBuilder};
 
 /// Every wait in these tests is bounded, so a bug fails a test instead of
 /// hanging CI.
@@ -74,12 +74,15 @@ pub fn test_functions(builder: ServerBuilder, counters: Arc<Counters>) -> Server
                 Ok(tree!(null))
             }
         })
-        .bind_blocking("hold_blocking", move |args: Tree| {
-            hold_blocking.enter_hold();
-            std::thread::sleep(Duration::from_secs_f64(args.as_float()?));
-            hold_blocking.leave_hold();
-            Ok(tree!(null))
-        })
+        .bind(
+            "hold_blocking",
+            Function::blocking(move |args: Tree| {
+                hold_blocking.enter_hold();
+                std::thread::sleep(Duration::from_secs_f64(args.as_float()?));
+                hold_blocking.leave_hold();
+                Ok(tree!(null))
+            }),
+        )
         .bind("echo", |args: Tree| async move { Ok(args) })
         .bind("add", |args: Tree| async move {
             Ok(tree!((args.get("a")?.as_int()? + args.get("b")?.as_int()?)))
@@ -100,17 +103,28 @@ pub fn test_functions(builder: ServerBuilder, counters: Arc<Counters>) -> Server
                 Ok(tree!("slept"))
             }
         })
-        .bind_blocking("fail", |_| {
-            Err(HandlerError::with_type(
-                "ValueError",
-                "this function always fails",
-            ))
-        })
-        .bind_blocking("panic", |_| panic!("deliberate panic in a test"))
-        .bind_blocking("sum_f32", |args: Tree| {
-            let total: f64 = args.as_slice::<f32>()?.iter().map(|&x| f64::from(x)).sum();
-            Ok(tree!(total))
-        })
+        .bind(
+            "fail",
+            Function::blocking(|_: Tree| {
+                Err::<Tree, _>(HandlerError::with_type(
+                    "ValueError",
+                    "this function always fails",
+                ))
+            }),
+        )
+        .bind(
+            "panic",
+            Function::blocking(|_: Tree| -> Result<Tree, HandlerError> {
+                panic!("deliberate panic in a test")
+            }),
+        )
+        .bind(
+            "sum_f32",
+            Function::blocking(|args: Tree| {
+                let total: f64 = args.as_slice::<f32>()?.iter().map(|&x| f64::from(x)).sum();
+                Ok(tree!(total))
+            }),
+        )
 }
 
 pub struct Fixture {
@@ -127,7 +141,7 @@ impl Fixture {
         let counters = Arc::new(Counters::default());
         let builder = configure(test_functions(Server::builder(), counters.clone()));
         let server = builder
-            .listen("127.0.0.1:0".parse().unwrap())
+            .listen("127.0.0.1:0")
             .await
             .expect("the server starts on loopback");
         Fixture { server, counters }
