@@ -38,7 +38,12 @@ enum Command {
     Bench(BenchArgs),
     /// The servers `teleport bench` measures, in a process of their own.
     #[command(hide = true)]
-    BenchServer,
+    BenchServer {
+        /// `teleport` or `references`.
+        role: String,
+        /// Directory holding cert.pem and key.pem.
+        identity_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -139,7 +144,7 @@ fn main() -> ExitCode {
                 })
                 .await
             }
-            Command::BenchServer => bench::serve().await,
+            Command::BenchServer { role, identity_dir } => bench::serve(&role, &identity_dir).await,
         }
     });
     match result {

@@ -10,7 +10,7 @@ use teleport::{Array, Client, Fingerprint};
 
 use super::measure::{drive, drive_op, memcpy_gbps, Link, Op, Sample};
 use super::model::{self, BATCH_IN_FLIGHT};
-use super::process::{peak_rss, reset_peak};
+use super::process::{peak_rss, reset_peak, rss};
 use super::report::{ratio, size, Reference, Row};
 use crate::demo::pattern_array;
 
@@ -151,6 +151,8 @@ async fn large(
             reset_peak(pid)?;
         }
         reset_peak(me)?;
+        let server_rss_before = stacks.server_pid.and_then(rss);
+        let client_rss_before = rss(me);
         let sample = drive_op(&links, k, op, payload, plan.at_least).await?;
         let server_peak_rss = stacks.server_pid.and_then(peak_rss);
         let client_peak_rss = peak_rss(me);
@@ -203,6 +205,8 @@ async fn large(
             references,
             server_peak_rss,
             client_peak_rss,
+            server_rss_before,
+            client_rss_before,
         });
         bar.inc(1);
     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use teleport::quic::reference::ReferenceClient;
-use teleport::{Client, ClientTls, Fingerprint, TransportConfig};
+use teleport::{Client, ClientTls, Fingerprint, Identity, TransportConfig};
 use tokio::sync::Mutex;
 
 use cases::{Plan, Stacks};
@@ -43,14 +43,14 @@ pub(crate) struct Options {
 }
 
 /// `teleport bench-server` (hidden): the servers the bench measures.
-pub(crate) async fn serve() -> anyhow::Result<()> {
-    process::serve().await
+pub(crate) async fn serve(role: &str, identity_dir: &std::path::Path) -> anyhow::Result<()> {
+    process::serve(role, identity_dir).await
 }
 
 pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     let plan = Plan::new(options.quick);
     let transport = TransportConfig::default();
-    let mut _child = None;
+    let mut _children = None;
     let stacks = match &options.connect {
         Some(addr) => {
             let pin = options.pin.context("--connect needs --pin FINGERPRINT")?;
@@ -73,17 +73,29 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
         None => {
-            let child = process::ServerProcess::spawn()?;
-            let addresses = child.addresses.clone();
-            let fingerprint = addresses.fingerprint;
-            let teleport = Client::builder(addresses.teleport)
+            // One certificate for every stack, handed to the children as PEM files.
+            let identity = Identity::self_signed(["localhost"])?;
+            let fingerprint = identity.fingerprint();
+            let dir = std::env::temp_dir().join(format!("teleport-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).context("a directory for the bench's certificate")?;
+            identity.save_pem_files(dir.join("cert.pem"), dir.join("key.pem"))?;
+            let spawned =
+                process::ServerProcess::spawn(process::Role::Teleport, &dir).and_then(|server| {
+                    let references =
+                        process::ServerProcess::spawn(process::Role::References, &dir)?;
+                    Ok((server, references))
+                });
+            let _ = std::fs::remove_dir_all(&dir);
+            let (server, reference_servers) = spawned?;
+            let teleport_addr = server.addr("teleport")?;
+            let teleport = Client::builder(teleport_addr)
                 .pin(fingerprint)
                 .transport(transport.clone())
                 .max_in_flight(process::MAX_IN_FLIGHT)
                 .connect()
                 .await?;
             let quinn = ReferenceClient::connect(
-                addresses.quinn,
+                reference_servers.addr("quinn")?,
                 "localhost",
                 &ClientTls::pinned(fingerprint),
                 &transport,
@@ -93,22 +105,24 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
             let mut tls = Vec::new();
             let mut tcp = Vec::new();
             for _ in 0..TCP_CONNECTIONS {
-                let stream = references::connect(addresses.tls, Some(tls_config.clone())).await?;
+                let stream =
+                    references::connect(reference_servers.addr("tls")?, Some(tls_config.clone()))
+                        .await?;
                 tls.push(Link::Stream(Arc::new(Mutex::new(stream))));
-                let stream = references::connect(addresses.tcp, None).await?;
+                let stream = references::connect(reference_servers.addr("tcp")?, None).await?;
                 tcp.push(Link::Stream(Arc::new(Mutex::new(stream))));
             }
             let stacks = Stacks {
                 teleport,
-                teleport_addr: addresses.teleport.to_string(),
+                teleport_addr: teleport_addr.to_string(),
                 fingerprint,
                 quinn: Some(Arc::new(quinn)),
                 tls,
                 tcp,
-                server_pid: Some(child.pid()),
+                server_pid: Some(server.pid()),
                 batching: true,
             };
-            _child = Some(child);
+            _children = Some((server, reference_servers));
             stacks
         }
     };
@@ -126,7 +140,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         if options.connect.is_some() {
             "elsewhere"
         } else {
-            "in a child process"
+            "in child processes (Teleport's apart from the references')"
         },
     );
     if !options.json {

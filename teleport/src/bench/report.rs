@@ -21,6 +21,10 @@ pub(crate) struct Row {
     pub(crate) server_peak_rss: Option<u64>,
     /// Peak resident memory of the client (this) process during Teleport's run.
     pub(crate) client_peak_rss: Option<u64>,
+    /// Resident memory of each side when the case started (what it kept
+    /// from earlier cases is in the peak too).
+    pub(crate) server_rss_before: Option<u64>,
+    pub(crate) client_rss_before: Option<u64>,
 }
 
 /// A reference measured in the same run, and Teleport's ratio to it.
@@ -65,6 +69,8 @@ pub(crate) fn json_lines(row: &Row) -> Vec<String> {
             "ratio": reference.and_then(|r| r.ratio),
             "peak_rss_bytes": row.server_peak_rss,
             "client_peak_rss_bytes": row.client_peak_rss,
+            "server_rss_before_bytes": row.server_rss_before,
+            "client_rss_before_bytes": row.client_rss_before,
         })
         .to_string()
     };
@@ -100,15 +106,20 @@ fn reference<'a>(row: &'a Row, name: &str) -> Option<&'a Reference> {
     row.references.iter().find(|r| r.name == name)
 }
 
-fn memory(peak: Option<u64>, held: u64) -> String {
-    match peak {
+fn memory(peak: Option<u64>, before: Option<u64>, held: u64) -> String {
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let text = match peak {
         Some(peak) if held >= 1 << 20 => format!(
             "{:.0} MiB ({:.2}x)",
             peak as f64 / f64::from(1 << 20),
             peak as f64 / held as f64
         ),
         Some(peak) => format!("{:.0} MiB", peak as f64 / f64::from(1 << 20)),
-        None => "-".to_owned(),
+        None => return "-".to_owned(),
+    };
+    match (peak, before) {
+        (Some(peak), Some(before)) => format!("{text}, from {:.0}", mib(before.min(peak))),
+        _ => text,
     }
 }
 
@@ -122,7 +133,7 @@ pub(crate) fn tables(rows: &[Row]) -> String {
     if !large.is_empty() {
         out.push_str(
             "GB/s (10^9 bytes/s; an echo counts both directions); in brackets Teleport's \
-             figure over the reference's; peak memory with the payload in flight in brackets\n\n",
+             figure over the reference's; peak memory with its ratio to the payload in flight in brackets, and the resident memory at the case's start\n\n",
         );
         out.push_str(
             "| case | size | in flight | Teleport | bare quinn | TLS/TCP | TCP | memcpy | \
@@ -144,8 +155,8 @@ pub(crate) fn tables(rows: &[Row]) -> String {
                 cell("tls-tcp"),
                 cell("tcp"),
                 reference(row, "memcpy").map_or_else(|| "-".to_owned(), |r| opt(r.gbps, 2)),
-                memory(row.server_peak_rss, held),
-                memory(row.client_peak_rss, held),
+                memory(row.server_peak_rss, row.server_rss_before, held),
+                memory(row.client_peak_rss, row.client_rss_before, held),
             ));
         }
         out.push('\n');
