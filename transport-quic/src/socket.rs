@@ -9,6 +9,13 @@
 //! `net.core.rmem_max` / `net.core.wmem_max`; a process with `CAP_NET_ADMIN`
 //! may exceed it, which is tried first).
 //!
+//! **Batches.** quinn hands the socket up to 10 packets at a time, sent
+//! with one `sendmsg` (Linux UDP GSO). The kernel refuses a batch of more
+//! than 65,507 bytes (EMSGSIZE), and quinn-udp takes EMSGSIZE for a lost MTU
+//! probe and drops the batch silently: with packets above 6,550 bytes every
+//! full batch was lost. The wrapper offers quinn only as many packets per
+//! batch as fit (see `TransportConfig::mtu_upper_bound`).
+//!
 //! **Release.**
 //! quinn closes an endpoint's socket when the last handle to the endpoint and
 //! its connections is gone, inside its own driver task, at a moment nobody is
@@ -109,15 +116,22 @@ pub(crate) struct ObservedSocket {
     // the socket is closed.
     inner: Option<Arc<dyn AsyncUdpSocket>>,
     released: Option<oneshot::Sender<()>>,
+    // The most packets quinn may put in one segmentation-offload batch.
+    max_segments: usize,
 }
 
 impl ObservedSocket {
     /// Wraps `inner`; the receiver completes when the socket is closed.
-    pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>) -> (Arc<ObservedSocket>, Released) {
+    /// quinn is offered at most `max_segments` packets per send.
+    pub(crate) fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        max_segments: usize,
+    ) -> (Arc<ObservedSocket>, Released) {
         let (released, receiver) = oneshot::channel();
         let socket = ObservedSocket {
             inner: Some(inner),
             released: Some(released),
+            max_segments: max_segments.max(1),
         };
         (Arc::new(socket), Released(receiver))
     }
@@ -138,6 +152,7 @@ impl fmt::Debug for ObservedSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObservedSocket")
             .field("inner", &self.inner)
+            .field("max_segments", &self.max_segments)
             .finish()
     }
 }
@@ -197,7 +212,7 @@ impl AsyncUdpSocket for ObservedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner().max_transmit_segments()
+        self.inner().max_transmit_segments().min(self.max_segments)
     }
 
     fn max_receive_segments(&self) -> usize {
