@@ -3,6 +3,7 @@
 //! Moves `--mib` MiB one way over one quinn stream for each upper bound of
 //! `--bounds` and each way of building the endpoints of `--modes`, and prints
 //! goodput, the packets the sender sent and lost, the MTU the path ended at,
+//! the MTU probes lost and the black holes quinn detected,
 //! and the ratio to the 1,452-byte baseline of the same mode measured in the
 //! same run. Each setting runs `--repeat` times, interleaved, and the median
 //! is printed.
@@ -108,6 +109,8 @@ struct Run {
     sent: u64,
     lost: u64,
     mtu: u16,
+    probes_lost: u64,
+    black_holes: u64,
     complete: bool,
 }
 
@@ -220,6 +223,8 @@ async fn run_once(
         sent: stats.path.sent_packets,
         lost: stats.path.lost_packets,
         mtu: stats.path.current_mtu,
+        probes_lost: stats.path.lost_plpmtud_probes,
+        black_holes: stats.path.black_holes_detected,
         complete,
     })
 }
@@ -333,8 +338,8 @@ async fn main() -> anyhow::Result<()> {
         args.repeat
     );
     println!(
-        "{:<9} {:>6} {:>7} {:>6} {:>9} {:>8} {:>6}",
-        "mode", "bound", "GB/s", "ratio", "sent", "lost", "mtu"
+        "{:<9} {:>6} {:>7} {:>6} {:>9} {:>8} {:>6} {:>7} {:>6}",
+        "mode", "bound", "GB/s", "ratio", "sent", "lost", "mtu", "probes", "holes"
     );
     let goodput = |r: &Run| (mib << 20) as f64 / r.secs / 1e9;
     let gbps: Vec<f64> = runs
@@ -351,7 +356,7 @@ async fn main() -> anyhow::Result<()> {
         let med = |f: fn(&Run) -> u64| median(rs.iter().map(|r| f(r) as f64).collect()) as u64;
         let incomplete = rs.iter().filter(|r| !r.complete).count();
         println!(
-            "{:<9} {:>6} {:>7.3} {:>6} {:>9} {:>8} {:>6}{}",
+            "{:<9} {:>6} {:>7.3} {:>6} {:>9} {:>8} {:>6} {:>7} {:>6}{}",
             mode.name(),
             bound,
             gbps[i],
@@ -359,6 +364,8 @@ async fn main() -> anyhow::Result<()> {
             med(|r| r.sent),
             med(|r| r.lost),
             med(|r| r.mtu.into()),
+            med(|r| r.probes_lost),
+            med(|r| r.black_holes),
             if incomplete > 0 {
                 format!("  ({incomplete} runs stopped at the time limit)")
             } else {

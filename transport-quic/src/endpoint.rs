@@ -68,10 +68,8 @@ pub(crate) fn bind_observed(
         addr,
         error: std::io::Error::other("no async runtime: call this inside a tokio runtime"),
     })?;
-    let (socket, released) = ObservedSocket::new(
-        runtime.wrap_udp_socket(socket).map_err(bind_error)?,
-        transport.gso_segments(),
-    );
+    let (socket, released) =
+        ObservedSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         transport.endpoint_config(),
         server,

@@ -13,8 +13,8 @@
 //! with one `sendmsg` (Linux UDP GSO). The kernel refuses a batch of more
 //! than 65,507 bytes (EMSGSIZE), and quinn-udp takes EMSGSIZE for a lost MTU
 //! probe and drops the batch silently: with packets above 6,550 bytes every
-//! full batch was lost. The wrapper offers quinn only as many packets per
-//! batch as fit (see `TransportConfig::mtu_upper_bound`).
+//! full batch was lost. The wrapper splits such a batch into as many
+//! `sendmsg` calls as it takes (see `TransportConfig::mtu_upper_bound`).
 //!
 //! **Release.**
 //! quinn closes an endpoint's socket when the last handle to the endpoint and
@@ -33,6 +33,8 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::oneshot;
+
+use crate::config::MAX_GSO_BATCH;
 
 /// Bytes asked for as the receive and the send buffer of every endpoint's
 /// socket: 8 MiB, about 5,800 full-size datagrams, 0.8 s at 10 MB/s.
@@ -116,22 +118,15 @@ pub(crate) struct ObservedSocket {
     // the socket is closed.
     inner: Option<Arc<dyn AsyncUdpSocket>>,
     released: Option<oneshot::Sender<()>>,
-    // The most packets quinn may put in one segmentation-offload batch.
-    max_segments: usize,
 }
 
 impl ObservedSocket {
     /// Wraps `inner`; the receiver completes when the socket is closed.
-    /// quinn is offered at most `max_segments` packets per send.
-    pub(crate) fn new(
-        inner: Arc<dyn AsyncUdpSocket>,
-        max_segments: usize,
-    ) -> (Arc<ObservedSocket>, Released) {
+    pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>) -> (Arc<ObservedSocket>, Released) {
         let (released, receiver) = oneshot::channel();
         let socket = ObservedSocket {
             inner: Some(inner),
             released: Some(released),
-            max_segments: max_segments.max(1),
         };
         (Arc::new(socket), Released(receiver))
     }
@@ -152,7 +147,6 @@ impl fmt::Debug for ObservedSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObservedSocket")
             .field("inner", &self.inner)
-            .field("max_segments", &self.max_segments)
             .finish()
     }
 }
@@ -195,7 +189,32 @@ impl AsyncUdpSocket for ObservedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner().try_send(transmit)
+        let Some(segment) = transmit.segment_size.filter(|&s| s > 0) else {
+            return self.inner().try_send(transmit);
+        };
+        if transmit.contents.len() <= MAX_GSO_BATCH {
+            return self.inner().try_send(transmit);
+        }
+        // Too big for one sendmsg: as many whole packets per call as fit.
+        let per_call = (MAX_GSO_BATCH / segment).max(1) * segment;
+        for (i, chunk) in transmit.contents.chunks(per_call).enumerate() {
+            let part = Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: chunk,
+                segment_size: (chunk.len() > segment).then_some(segment),
+                src_ip: transmit.src_ip,
+            };
+            match self.inner().try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn retries the whole transmit.
+                Err(e) if i == 0 => return Err(e),
+                // Part sent: the rest counts as lost and is sent again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -212,7 +231,7 @@ impl AsyncUdpSocket for ObservedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner().max_transmit_segments().min(self.max_segments)
+        self.inner().max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
