@@ -41,17 +41,25 @@ pub fn quinn_client_config(
     Ok(config)
 }
 
+/// Builds quinn's endpoint configuration: the largest UDP payload accepted
+/// ([`TransportConfig::max_udp_payload`]). For benchmarks against bare quinn.
+pub fn quinn_endpoint_config(transport: &TransportConfig) -> quinn::EndpointConfig {
+    transport.endpoint_config()
+}
+
 pub(crate) fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    transport: &TransportConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
-    bind_observed(addr, server).map(|(endpoint, _, _)| endpoint)
+    bind_observed(addr, server, transport).map(|(endpoint, _, _)| endpoint)
 }
 
 /// [`bind`], with the signal of the socket's release and the socket's buffers.
 pub(crate) fn bind_observed(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    transport: &TransportConfig,
 ) -> Result<(quinn::Endpoint, Released, SocketBuffers), TransportError> {
     let bind_error = |error| TransportError::Bind { addr, error };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
@@ -63,7 +71,7 @@ pub(crate) fn bind_observed(
     let (socket, released) =
         ObservedSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        transport.endpoint_config(),
         server,
         socket,
         runtime,
@@ -107,7 +115,7 @@ impl Listener {
         limits: Limits,
     ) -> Result<Listener, TransportError> {
         let config = quinn_server_config(tls, transport)?;
-        let (endpoint, released, buffers) = bind_observed(addr, Some(config))?;
+        let (endpoint, released, buffers) = bind_observed(addr, Some(config), transport)?;
         Ok(Listener {
             endpoint,
             limits,
@@ -247,6 +255,8 @@ impl Future for Handshake {
 #[derive(Debug)]
 pub struct Connector {
     client_config: quinn::ClientConfig,
+    /// For the endpoints: their largest UDP payload and batch size.
+    transport: TransportConfig,
     limits: Limits,
     /// One endpoint per address family, made on first use.
     v4: Mutex<Option<quinn::Endpoint>>,
@@ -263,6 +273,7 @@ impl Connector {
     ) -> Result<Connector, TransportError> {
         Ok(Connector {
             client_config: quinn_client_config(tls, transport)?,
+            transport: transport.clone(),
             limits,
             v4: Mutex::new(None),
             v6: Mutex::new(None),
@@ -279,7 +290,7 @@ impl Connector {
         if let Some(endpoint) = slot.as_ref() {
             return Ok(endpoint.clone());
         }
-        let endpoint = bind(local, None)?;
+        let endpoint = bind(local, None, &self.transport)?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }

@@ -69,7 +69,7 @@ impl ReferenceServer {
         tls: &ServerTls,
         transport: &TransportConfig,
     ) -> Result<ReferenceServer, TransportError> {
-        let endpoint = bind(addr, Some(quinn_server_config(tls, transport)?))?;
+        let endpoint = bind(addr, Some(quinn_server_config(tls, transport)?), transport)?;
         let accept = tokio::spawn(accept_loop(endpoint.clone()));
         Ok(ReferenceServer { endpoint, accept })
     }
@@ -185,7 +185,7 @@ impl ReferenceClient {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = bind(local, None)?;
+        let endpoint = bind(local, None, transport)?;
         let connecting = endpoint
             .connect_with(quinn_client_config(tls, transport)?, addr, server_name)
             .map_err(|e| TransportError::Connect {
@@ -235,6 +235,12 @@ impl ReferenceClient {
         let (written, reply) = tokio::join!(write, read);
         written?;
         reply
+    }
+
+    /// quinn's statistics of the connection: packets sent and lost, the
+    /// path's current MTU.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.connection.stats()
     }
 
     /// Closes the connection and waits briefly for the server to hear it.
