@@ -80,6 +80,14 @@ impl ClientBuilder {
         self
     }
 
+    /// The agent string this client sends in its `Hello` (the server's
+    /// functions see it in their `Context`, and its logs name it). Default:
+    /// `teleport-rs/<version> client`.
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.config.agent = agent.into();
+        self
+    }
+
     /// The shared token the server requires.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.config.token = Some(token.into());

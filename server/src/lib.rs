@@ -109,6 +109,7 @@ mod function;
 mod server;
 mod shared;
 mod stats;
+mod typed;
 
 pub use builder::ServerBuilder;
 pub use error::{HandlerError, HandlerFailure, ServerError};
@@ -120,3 +121,4 @@ pub use server::Server;
 pub use stats::ServerStats;
 pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};
+pub use typed::{typed, typed_blocking, TypedFuture};

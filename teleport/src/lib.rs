@@ -41,6 +41,42 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Functions of your own types, a function that reads its call's context, a
+//! blocking function on a pool of its own, and addresses written as people
+//! write them:
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use teleport::{tree, typed, Array, Client, Context, Function, Server, Tree, Workers};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Batch { images: Array, labels: Vec<String> }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::builder()
+//!     // Arrays in a struct pass through without a copy.
+//!     .bind("count", typed(|b: Batch| async move { Ok(b.labels.len()) }))
+//!     .bind("who", |_: Tree, ctx: Context| async move {
+//!         Ok(tree!({"peer": ctx.peer_addr().to_string(), "agent": ctx.agent()}))
+//!     })
+//!     .bind("solve", Function::blocking(|args: Tree| Ok(args)).workers(Workers::Own(4)))
+//!     .listen(4433) // every IPv4 interface; or "localhost:0", "[::]:4433", ...
+//!     .await?;
+//!
+//! let client = Client::builder("localhost:4433") // or 4433, "quic://host:4433", ...
+//!     .pin(server.fingerprint())
+//!     .connect()
+//!     .await?;
+//! let batch = Batch {
+//!     images: Array::from_vec([2, 4], vec![0u8; 8])?,
+//!     labels: vec!["cat".into(), "dog".into()],
+//! };
+//! let n: usize = client.call_as("count", &batch).await?;
+//! assert_eq!(n, 2);
+//! println!("{}", server.stats());
+//! # Ok(()) }
+//! ```
+//!
 //! The `teleport` command in this package (feature `cli`, on by default) runs a
 //! server with built-in functions, calls functions from the shell, and runs the
 //! end-to-end demo and benchmark: `cargo run --release -p teleport -- demo`.
@@ -51,7 +87,7 @@ pub use teleport_quic as quic;
 pub use teleport_server as server;
 
 pub use teleport_client::{
-    BlockingClient, CallError, CallOptions, Client, ClientBuilder, PendingCall,
+    BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
 pub use teleport_protocol::{
     from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
@@ -62,8 +98,8 @@ pub use teleport_quic::{
     ToAddress, TransportConfig, TransportError,
 };
 pub use teleport_server::{
-    BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server, ServerBuilder,
-    ServerError, Workers,
+    typed, typed_blocking, BatchPolicy, Context, Function, HandlerError, HandlerFailure, Server,
+    ServerBuilder, ServerError, ServerStats, Workers,
 };
 
 /// Why connecting or calling failed (the client's error type).

@@ -652,6 +652,16 @@ async fn async_and_blocking_functions_see_the_callers_address_agent_and_deadline
     })
     .await;
     let client = fixture.client().await;
+    let named = within(
+        "connect with an agent",
+        fixture.client_builder().agent("trainer-7").connect(),
+    )
+    .await
+    .unwrap();
+    let seen = within("ctx_async", named.call("ctx_async", tree!(null)))
+        .await
+        .unwrap();
+    assert_eq!(seen.get("agent").unwrap().as_str().unwrap(), "trainer-7");
     let mut ports = Vec::new();
     for method in ["ctx_async", "ctx_blocking", "ctx_own_pool", "ctx_deferred"] {
         let plain = within(method, client.call(method, tree!(null)))

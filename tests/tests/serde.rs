@@ -6,7 +6,7 @@ mod common;
 use serde::{Deserialize, Serialize};
 use teleport_client::{BlockingClient, Error};
 use teleport_protocol::{from_tree, to_tree, Array, Tree};
-use teleport_server::HandlerError;
+use teleport_server::{typed, typed_blocking, Function, HandlerError};
 
 use common::{within, Fixture};
 
@@ -41,7 +41,18 @@ fn summarize(args: Tree) -> Result<Tree, HandlerError> {
 }
 
 async fn fixture() -> Fixture {
-    Fixture::start_with(|b| b.bind_blocking("summarize", summarize)).await
+    Fixture::start_with(|b| {
+        b.bind("summarize", Function::blocking(summarize))
+            .bind(
+                "typed",
+                typed(|batch: Batch| async move { Ok(batch.labels) }),
+            )
+            .bind(
+                "typed_blocking",
+                Function::blocking(typed_blocking(|batch: Batch| Ok(batch.scale))),
+            )
+    })
+    .await
 }
 
 fn batch() -> Batch {
@@ -137,4 +148,30 @@ fn the_blocking_client_makes_typed_calls() {
     );
     drop(client);
     runtime.block_on(fixture.server.shutdown(std::time::Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn typed_server_functions_take_and_return_serde_types() {
+    let fixture = fixture().await;
+    let client = fixture.client().await;
+    let labels: Vec<String> = within("typed", client.call_as("typed", &batch()))
+        .await
+        .unwrap();
+    assert_eq!(labels, vec!["cat".to_owned(), "dog".to_owned()]);
+    let scale: f32 = within("typed_blocking", client.call_as("typed_blocking", &batch()))
+        .await
+        .unwrap();
+    assert_eq!(scale, 0.5);
+    // Arguments that do not fit fail the call, naming what is missing.
+    let err = within(
+        "bad arguments",
+        client.call("typed", teleport_protocol::tree!({"scale": 1.0})),
+    )
+    .await
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("TypeError") && message.contains("images"),
+        "{message}"
+    );
 }
