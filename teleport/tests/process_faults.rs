@@ -251,7 +251,9 @@ async fn a_client_killed_during_a_large_reply_is_dropped_and_the_memory_freed() 
                 assert_eq!(answer, tree!(1));
                 served += 1;
                 let stats = last_stats(&server).unwrap_or_default();
-                if rss(server.pid()) < baseline + 64 * MIB
+                // Three quarters of the 128 MiB echo given back to the
+                // system (the allocator keeps some of what it once held).
+                if holding.saturating_sub(rss(server.pid())) >= 96 * MIB
                     && stats.contains(" 0 running; connections: 1 open")
                 {
                     return;
