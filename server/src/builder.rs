@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use teleport_protocol::server::{Capacity, ServerConfig};
 use teleport_protocol::Limits;
@@ -26,6 +27,7 @@ pub struct ServerBuilder {
     max_in_flight: usize,
     max_in_flight_total: usize,
     workers: usize,
+    peer_timeout: Option<Duration>,
     functions: HashMap<String, Binding>,
     duplicate: Option<String>,
 }
@@ -41,6 +43,7 @@ impl ServerBuilder {
             max_in_flight: 64,
             max_in_flight_total: 4096,
             workers: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            peer_timeout: ServerConfig::default().peer_timeout,
             functions: HashMap::new(),
             duplicate: None,
         }
@@ -167,6 +170,18 @@ impl ServerBuilder {
         self
     }
 
+    /// While the server holds a call of a client (arriving, running, or its
+    /// reply being written), how long the client may give no sign of life
+    /// before it is presumed dead: its calls are stopped, their memory freed,
+    /// and the connection closed (code 4, peer timeout). Clients ping every
+    /// second while they wait by default; a client with pings off (or
+    /// pinging less often) needs calls shorter than this, or `None` here.
+    /// Default 10 s.
+    pub fn peer_timeout(mut self, peer_timeout: Option<Duration>) -> Self {
+        self.peer_timeout = peer_timeout;
+        self
+    }
+
     /// Binds `addr` and starts serving. `addr` is written as people write
     /// addresses: a port (`4433`, `":4433"`: every IPv4 interface),
     /// `"127.0.0.1:4433"`, `"[::]:4433"`, `"localhost:0"` (a name: its
@@ -199,6 +214,7 @@ impl ServerBuilder {
         let mut protocol = ServerConfig::default();
         protocol.max_in_flight = self.max_in_flight;
         protocol.token = self.token;
+        protocol.peer_timeout = self.peer_timeout;
         protocol.capacity = Some(Arc::new(Capacity::new(self.max_in_flight_total)));
         protocol.methods = Some(Arc::new(self.functions.keys().cloned().collect()));
         let env = Env {

@@ -99,10 +99,16 @@ pub struct TransportConfig {
     /// Streams the peer may have open at once: the number of calls in flight
     /// on one connection, plus one control stream.
     pub max_concurrent_streams: u32,
-    /// A connection with no packets for this long is closed.
+    /// A connection with no packets for this long is closed (the shorter of
+    /// the two sides' values applies). Default 30 s: it only decides for a
+    /// peer that is gone while nothing is awaited from it, since the
+    /// application's own rules act sooner while something is (the client's
+    /// `max_age`, 5 s, and the server's `peer_timeout`, 10 s); it must stay
+    /// above both so that they, with their clearer errors, fire first.
     pub idle_timeout: Duration,
     /// Send a keep-alive packet after this much silence so a quiet connection
-    /// survives NATs and the idle timeout. `None` sends none.
+    /// survives NATs and the idle timeout. `None` sends none. Default 10 s: a
+    /// live idle peer survives two lost keep-alives in a row.
     pub keep_alive: Option<Duration>,
     /// The congestion controller of what this side sends. Cubic by default:
     /// quinn's BBR keeps under random loss the throughput Cubic loses, but
@@ -152,8 +158,8 @@ impl Default for TransportConfig {
             receive_window: 128 << 20,
             send_window: 128 << 20,
             max_concurrent_streams: 1024,
-            idle_timeout: Duration::from_secs(60),
-            keep_alive: Some(Duration::from_secs(15)),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Some(Duration::from_secs(10)),
             congestion: CongestionControl::default(),
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             mtu_upper_bound: DEFAULT_MTU_UPPER_BOUND,

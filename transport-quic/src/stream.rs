@@ -46,6 +46,25 @@ impl SendStream {
         Ok(())
     }
 
+    /// [`send`](Self::send), calling `on_written` with the size of every
+    /// piece QUIC takes. QUIC takes a stream's bytes only as far as the
+    /// peer's flow-control credit reaches, so beyond the first window each
+    /// piece is a sign that the peer is reading.
+    pub async fn send_watching(
+        &mut self,
+        message: &Message,
+        mut on_written: impl FnMut(usize),
+    ) -> Result<(), TransportError> {
+        let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
+        let mut pending = &mut chunks[..];
+        while !pending.is_empty() {
+            let written = self.inner.write_chunks(pending).await?;
+            pending = &mut pending[written.chunks..];
+            on_written(written.bytes);
+        }
+        Ok(())
+    }
+
     /// Writes as much of `message` as fits now, without waiting. Returns true
     /// once all of it is written; otherwise finish with
     /// [`send_outgoing`](Self::send_outgoing). Lets a caller send a small

@@ -113,9 +113,10 @@ async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
     }
     tokio::spawn({
         let conn = conn.clone();
+        let heard = conn.clone();
         read_control(
             recv,
-            |_| {},
+            move |_| heard.heard(),
             move |received| conn.control_received(received),
         )
     });

@@ -355,6 +355,14 @@ impl Conn {
         self.pump(&mut state);
     }
 
+    /// The client showed it is alive in a way no other input reports (bytes
+    /// of the control stream, progress of a reply being written).
+    pub(crate) fn heard(&self) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.heard(now);
+    }
+
     pub(crate) fn call_progress(&self, stream: StreamIndex) {
         let mut state = self.lock();
         let now = self.now();
