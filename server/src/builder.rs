@@ -259,7 +259,7 @@ impl ServerBuilder {
     }
 
     /// How long a call being received may go without a byte arriving; then
-    /// it is refused with an `OverLimit` error, so a client that stops
+    /// it is refused with a `BadRequest` error, so a client that stops
     /// sending (or trickles slower than this) holds neither memory nor a
     /// place in flight. `None`: no bound. Default 30 s.
     pub fn call_progress_timeout(mut self, timeout: Option<Duration>) -> Self {

@@ -136,18 +136,14 @@ impl RecvStream {
         }
     }
 
-    /// How many bytes of data the decoder may write from the next `available`
-    /// bytes of input: all of them without a budget; with one, as many as the
-    /// reservation covers, grown (waiting for memory if need be) to cover
-    /// them. Fails if the message being received can never fit the budget.
-    async fn data_allowance(&mut self, available: usize) -> Result<usize, TransportError> {
+    /// Once the decoder has started a data section: takes its buffer's
+    /// reservation, and fails if the section can never fit the budget.
+    fn claim_reservation(&mut self) -> Result<(), TransportError> {
         let Some(memory) = &self.memory else {
-            return Ok(usize::MAX);
+            return Ok(());
         };
-        let Some((filled, total)) = self.decoder.data_progress() else {
-            // Headers are bounded by the limits; the data section starts
-            // with nothing allowed, so its buffer is made and charged first.
-            return Ok(0);
+        let Some((_, total)) = self.decoder.data_progress() else {
+            return Ok(());
         };
         if self.reservation.is_none() {
             self.reservation = memory.take();
@@ -160,6 +156,23 @@ impl RecvStream {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// How many bytes of data the decoder may write from the next `available`
+    /// bytes of input: all of them without a budget; with one, as many as the
+    /// reservation covers, grown (waiting for memory if need be) to cover
+    /// them. Fails if the message being received can never fit the budget.
+    async fn data_allowance(&mut self, available: usize) -> Result<usize, TransportError> {
+        if self.memory.is_none() {
+            return Ok(usize::MAX);
+        }
+        let Some((filled, total)) = self.decoder.data_progress() else {
+            // Headers are bounded by the limits; the data section starts
+            // with nothing allowed, so its buffer is made and charged first.
+            return Ok(0);
+        };
+        self.claim_reservation()?;
         let Some(reservation) = &self.reservation else {
             // The decoder fell back to memory of its own (no allocation
             // was possible): nothing to charge.
@@ -210,6 +223,7 @@ impl RecvStream {
                     self.reservation = None;
                     return Ok(Some(message));
                 }
+                self.claim_reservation()?;
                 if !header_told {
                     if let Some(header) = self.decoder.partial_call() {
                         header_told = true;
