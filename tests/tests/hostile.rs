@@ -186,7 +186,7 @@ async fn a_call_waits_for_memory_held_by_arrays_still_in_use() {
     // 4 MiB more do not fit the connection's 8 MiB: the call waits...
     let four = Array::new(DType::U8, [4 * MIB], vec![3u8; 4 * MIB]).unwrap();
     let pending = client.call("echo", tree!((four.clone())));
-    let pending = tokio::spawn(async move { pending.await });
+    let pending = tokio::spawn(pending);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!pending.is_finished(), "the call should wait for memory");
     assert!(fixture.server.receive_memory() <= 8 * MIB);
