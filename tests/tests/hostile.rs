@@ -84,28 +84,34 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
             .max_in_flight(64)
     })
     .await;
-    let (_connector, connection, _control) = raw_session(&fixture).await;
+    // Four connections, 64 calls each (the most in flight per connection),
+    // each call declaring 1 GiB and sending one byte of it.
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(raw_session(&fixture).await);
+    }
     let before = rss();
-    let prefix = call_prefix(1, 1 << 30);
     let mut streams: Vec<(SendStream, RecvStream)> = Vec::new();
-    for id in 0..64 {
-        let (mut send, recv) = connection.open_stream().await.unwrap();
-        let mut bytes = call_prefix(id + 1, 1 << 30);
-        assert_eq!(bytes.len(), prefix.len());
-        bytes.push(0); // one data byte, then nothing
-        send.send_raw(&bytes).await.unwrap();
-        streams.push((send, recv));
+    for (_, connection, _) in &sessions {
+        for id in 0..64 {
+            let (mut send, recv) = connection.open_stream().await.unwrap();
+            let mut bytes = call_prefix(id + 1, 1 << 30);
+            bytes.push(0); // one data byte, then nothing
+            send.send_raw(&bytes).await.unwrap();
+            streams.push((send, recv));
+        }
     }
     // Every call's one byte arrived and is charged: 64 KiB each at most.
     common::wait_until("the bytes are charged", || {
-        fixture.server.receive_memory() >= 64
+        fixture.server.receive_memory() >= 256 * (64 << 10)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let reserved = fixture.server.receive_memory();
     let grown = rss().saturating_sub(before);
-    eprintln!("64 stalled 1 GiB calls: {reserved} bytes reserved, RSS grew {grown} bytes");
-    assert!(reserved <= 64 * (64 << 10), "{reserved} bytes reserved");
+    eprintln!(
+        "256 stalled 1 GiB calls on 4 connections: {reserved} bytes reserved, RSS grew {grown} bytes"
+    );
+    assert!(reserved <= 256 * (64 << 10), "{reserved} bytes reserved");
     assert!(grown < 64 * MIB, "RSS grew by {grown} bytes");
 
     // A good client is served while the stalled calls wait.

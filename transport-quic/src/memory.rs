@@ -48,8 +48,13 @@ fn map(len: usize) -> Option<memmap2::MmapMut> {
     // On failure the decoder falls back to the heap.
     let map = memmap2::MmapOptions::new().len(len).map_anon().ok()?;
     #[cfg(target_os = "linux")]
-    if len > HUGE_PAGE {
-        let _ = map.advise_range(memmap2::Advice::HugePage, HUGE_PAGE, len - HUGE_PAGE);
+    {
+        // Small pages for the start even where huge pages are the system's
+        // default, huge ones for the rest.
+        let _ = map.advise_range(memmap2::Advice::NoHugePage, 0, len.min(HUGE_PAGE));
+        if len > HUGE_PAGE {
+            let _ = map.advise_range(memmap2::Advice::HugePage, HUGE_PAGE, len - HUGE_PAGE);
+        }
     }
     Some(map)
 }
