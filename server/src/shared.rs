@@ -109,8 +109,10 @@ impl ServerShared {
             return None;
         }
         Some(ConnectionSlot {
-            shared: self.clone(),
-            unauthenticated: AtomicBool::new(true),
+            auth: AuthenticationSlot {
+                shared: self.clone(),
+                unauthenticated: Arc::new(AtomicBool::new(true)),
+            },
         })
     }
 
@@ -216,26 +218,43 @@ impl Drop for LiveConnection {
     }
 }
 
-/// A connection's place under the connection limits, held for its life.
+/// A connection's place under the connection limits, held by its task
+/// until the task ends.
 #[derive(Debug)]
 pub(crate) struct ConnectionSlot {
-    shared: Arc<ServerShared>,
-    unauthenticated: AtomicBool,
+    auth: AuthenticationSlot,
 }
 
 impl ConnectionSlot {
-    /// The client was authenticated: it no longer counts against the limit
-    /// of unauthenticated connections.
-    pub(crate) fn authenticated(&self) {
-        if self.unauthenticated.swap(false, Ordering::AcqRel) {
-            self.shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+    /// What the connection's state uses to say its client was authenticated.
+    pub(crate) fn authentication(&self) -> AuthenticationSlot {
+        AuthenticationSlot {
+            shared: self.auth.shared.clone(),
+            unauthenticated: self.auth.unauthenticated.clone(),
         }
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.authenticated();
-        self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+        self.auth.authenticated();
+        self.auth.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's place among the unauthenticated ones.
+#[derive(Debug)]
+pub(crate) struct AuthenticationSlot {
+    shared: Arc<ServerShared>,
+    unauthenticated: Arc<AtomicBool>,
+}
+
+impl AuthenticationSlot {
+    /// The client was authenticated: it no longer counts against the limit
+    /// of unauthenticated connections.
+    pub(crate) fn authenticated(&self) {
+        if self.unauthenticated.swap(false, Ordering::AcqRel) {
+            self.shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }

@@ -29,8 +29,10 @@ pub(crate) fn spawn(incoming: Incoming, slot: ConnectionSlot, shared: Arc<Server
     let span = tracing::info_span!("connection", id, %peer);
     tokio::spawn(
         async move {
-            let conn = Arc::new(Conn::new(id, peer, shared.clone(), slot));
+            let conn = Arc::new(Conn::new(id, peer, shared.clone(), slot.authentication()));
+            // Both held until the task ends, however it ends.
             let _live = shared.register(&conn);
+            let _slot = slot;
             // A connection made while the server drains drains too.
             if let Some(deadline) = shared.shutdown_deadline() {
                 conn.begin_shutdown(deadline);

@@ -24,7 +24,7 @@ use teleport_quic::{Connection, TransportError};
 use tokio::sync::Notify;
 
 use crate::function::{BoundFunction, Context as CallContext, JobFuture};
-use crate::shared::{ConnectionSlot, ServerShared};
+use crate::shared::{AuthenticationSlot, ServerShared};
 
 /// What a stream's task is asked to do next.
 pub(crate) enum Action {
@@ -110,8 +110,8 @@ pub(crate) struct Conn {
     /// loop.
     ended: Notify,
     pub(crate) shared: Arc<ServerShared>,
-    /// The connection's place under the server's connection limits.
-    slot: ConnectionSlot,
+    /// The connection's place among the unauthenticated ones.
+    slot: AuthenticationSlot,
 }
 
 impl Conn {
@@ -119,7 +119,7 @@ impl Conn {
         id: u64,
         peer: SocketAddr,
         shared: Arc<ServerShared>,
-        slot: ConnectionSlot,
+        slot: AuthenticationSlot,
     ) -> Conn {
         let now = shared.clock.now();
         let machine = ServerProtocol::new(now, shared.protocol.clone());
