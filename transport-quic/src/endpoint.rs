@@ -12,6 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
+use crate::memory::MemoryBudget;
 use crate::socket::{enlarge_buffers, ObservedSocket, Released, SocketBuffers, SOCKET_BUFFER};
 use crate::{
     ClientTls, Fingerprint, RecvStream, SendStream, ServerTls, TransportConfig, TransportError,
@@ -319,11 +320,26 @@ impl Connector {
 pub struct Connection {
     inner: quinn::Connection,
     limits: Limits,
+    memory: Option<Arc<MemoryBudget>>,
 }
 
 impl Connection {
     fn new(inner: quinn::Connection, limits: Limits) -> Connection {
-        Connection { inner, limits }
+        Connection {
+            inner,
+            limits,
+            memory: None,
+        }
+    }
+
+    /// Charges the data sections received on streams accepted or opened
+    /// from now on to `budget`: their memory is reserved as their bytes
+    /// arrive, a stream whose next bytes do not fit waits (and so does its
+    /// sender, through flow control), and a message larger than the budget
+    /// fails at its header with [`TransportError::MemoryBudget`].
+    pub fn with_memory_budget(mut self, budget: Arc<MemoryBudget>) -> Connection {
+        self.memory = Some(budget);
+        self
     }
 
     /// Opens a new stream in both directions. Waits while the peer's limit on
@@ -332,7 +348,7 @@ impl Connection {
         let (send, recv) = self.inner.open_bi().await?;
         Ok((
             SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone()),
+            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
         ))
     }
 
@@ -342,7 +358,7 @@ impl Connection {
         Some(match opened {
             Ok((send, recv)) => Ok((
                 SendStream::new(send),
-                RecvStream::new(recv, self.limits.clone()),
+                RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
             )),
             Err(e) => Err(e.into()),
         })
@@ -353,7 +369,7 @@ impl Connection {
         let (send, recv) = self.inner.accept_bi().await?;
         Ok((
             SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone()),
+            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
         ))
     }
 

@@ -38,6 +38,7 @@ pub use endpoint::{
     Connector, Handshake, Incoming, Listener, Traffic,
 };
 pub use error::TransportError;
+pub use memory::MemoryBudget;
 pub use socket::{SocketBuffers, SOCKET_BUFFER};
 pub use stream::{Outgoing, Progress, RecvStream, SendStream};
 pub use teleport_protocol::{CloseCode, StreamCode};

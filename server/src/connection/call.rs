@@ -138,6 +138,7 @@ async fn read_call(conn: &Conn, stream: StreamIndex, recv: &mut RecvStream) -> O
             CallStreamError::Malformed(e.to_string())
         }
         TransportError::TrailingBytes => CallStreamError::TrailingBytes,
+        e @ TransportError::MemoryBudget { .. } => CallStreamError::OverLimit(e.to_string()),
         TransportError::StreamReset(code) => CallStreamError::Reset(code.code()),
         // The whole connection is gone: the accept loop reports it.
         e if e.is_connection_error() => return None,
