@@ -18,6 +18,10 @@ pub enum CloseCode {
     Unauthenticated,
     /// The server is shutting down.
     ShuttingDown,
+    /// The peer gave no sign of life for too long while something was
+    /// awaited from it (the server's `peer_timeout`): it is presumed dead,
+    /// and nothing is kept for it.
+    PeerTimeout,
     /// A code this version does not know, kept so it can be reported.
     Unknown(u64),
 }
@@ -30,6 +34,7 @@ impl CloseCode {
             CloseCode::ProtocolError => 1,
             CloseCode::Unauthenticated => 2,
             CloseCode::ShuttingDown => 3,
+            CloseCode::PeerTimeout => 4,
             CloseCode::Unknown(code) => code,
         }
     }
@@ -41,6 +46,7 @@ impl CloseCode {
             1 => CloseCode::ProtocolError,
             2 => CloseCode::Unauthenticated,
             3 => CloseCode::ShuttingDown,
+            4 => CloseCode::PeerTimeout,
             other => CloseCode::Unknown(other),
         }
     }
@@ -53,6 +59,7 @@ impl core::fmt::Display for CloseCode {
             CloseCode::ProtocolError => f.write_str("protocol error"),
             CloseCode::Unauthenticated => f.write_str("unauthenticated"),
             CloseCode::ShuttingDown => f.write_str("shutting down"),
+            CloseCode::PeerTimeout => f.write_str("no sign of life from the peer"),
             CloseCode::Unknown(code) => write!(f, "close code {code}"),
         }
     }

@@ -195,3 +195,39 @@ fn data_allocator_is_used_when_aligned_and_skipped_when_not() {
         assert!(c.args.arrays().all(|a| a.is_aligned_to(64)));
     }
 }
+
+#[test]
+fn feed_bounded_writes_no_more_data_than_allowed_and_gives_the_same_message() {
+    let array = teleport_protocol::Array::new(
+        teleport_protocol::DType::U8,
+        [1000],
+        (0..1000u32).map(|i| i as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let message = teleport_protocol::Message::Call(teleport_protocol::Call {
+        request_id: 3,
+        method: "echo".into(),
+        timeout: None,
+        args: teleport_protocol::tree!({"a": (array)}),
+    });
+    let bytes = teleport_protocol::encode(&message).unwrap().to_vec();
+    let mut decoder = teleport_protocol::Decoder::new(teleport_protocol::Limits::default());
+    let mut input: &[u8] = &bytes;
+    // With no allowance the header is consumed and the decoder stops at the
+    // data section, with its length known.
+    assert_eq!(decoder.feed_bounded(&mut input, 0).unwrap(), None);
+    assert_eq!(decoder.data_progress(), Some((0, 1000)));
+    assert_eq!(input.len(), 1000);
+    let mut out = None;
+    while out.is_none() {
+        let before = input.len();
+        out = decoder.feed_bounded(&mut input, 7).unwrap();
+        assert!(before - input.len() <= 7);
+        if out.is_none() {
+            let (filled, total) = decoder.data_progress().unwrap();
+            assert_eq!((filled, total), (1000 - input.len(), 1000));
+        }
+    }
+    assert_eq!(out.unwrap(), message);
+    assert!(input.is_empty());
+}

@@ -3,16 +3,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use teleport_protocol::server::{Capacity, ServerConfig};
 use teleport_protocol::Limits;
 use teleport_quic::{
-    ClientAuth, Host, Identity, Listener, ServerTls, ToAddress, TransportConfig, TransportError,
+    ClientAuth, Host, Identity, Listener, MemoryBudget, ServerTls, ToAddress, TransportConfig,
+    TransportError,
 };
 use tokio::task::JoinHandle;
 
 use crate::function::{Binding, BoundFunction, CallQueue, Env, Function, IntoFunction};
-use crate::shared::ServerShared;
+use crate::shared::{Budgets, ServerShared};
 use crate::{Server, ServerError};
 
 /// Settings and bound functions of a server. Start from [`Server::builder`].
@@ -26,8 +28,40 @@ pub struct ServerBuilder {
     max_in_flight: usize,
     max_in_flight_total: usize,
     workers: usize,
+    peer_timeout: Option<Duration>,
+    receive_memory: usize,
+    connection_receive_memory: usize,
+    max_connections: usize,
+    max_unauthenticated: usize,
+    hello_timeout: Duration,
+    call_progress_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
     functions: HashMap<String, Binding>,
     duplicate: Option<String>,
+}
+
+/// The default of [`ServerBuilder::connection_receive_memory`]: 1 GiB.
+pub const DEFAULT_CONNECTION_RECEIVE_MEMORY: usize = 1 << 30;
+/// The default of [`ServerBuilder::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The default of [`ServerBuilder::max_unauthenticated`].
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
+
+/// The default of [`ServerBuilder::receive_memory`]: a quarter of the
+/// machine's memory (`MemTotal` in `/proc/meminfo`), at least 1 GiB; 4 GiB
+/// where the machine's memory cannot be read.
+pub fn default_receive_memory() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    match total {
+        Some(bytes) => (bytes / 4).max(1 << 30),
+        None => 4 << 30,
+    }
 }
 
 impl ServerBuilder {
@@ -41,6 +75,14 @@ impl ServerBuilder {
             max_in_flight: 64,
             max_in_flight_total: 4096,
             workers: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            peer_timeout: ServerConfig::default().peer_timeout,
+            receive_memory: default_receive_memory(),
+            connection_receive_memory: DEFAULT_CONNECTION_RECEIVE_MEMORY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            hello_timeout: ServerConfig::default().hello_timeout,
+            call_progress_timeout: ServerConfig::default().call_progress_timeout,
+            idle_timeout: ServerConfig::default().idle_timeout,
             functions: HashMap::new(),
             duplicate: None,
         }
@@ -167,6 +209,87 @@ impl ServerBuilder {
         self
     }
 
+    /// While the server holds a call of a client (arriving, running, or its
+    /// reply being written), how long the client may give no sign of life
+    /// before it is presumed dead: its calls are stopped, their memory freed,
+    /// and the connection closed (code 4, peer timeout). Clients ping every
+    /// second while they wait by default; a client with pings off (or
+    /// pinging less often) needs calls shorter than this, or `None` here.
+    /// Default 10 s.
+    pub fn peer_timeout(mut self, peer_timeout: Option<Duration>) -> Self {
+        self.peer_timeout = peer_timeout;
+        self
+    }
+
+    /// Bytes that the data sections of calls being received (and received
+    /// calls whose arrays are still held) may take across all connections.
+    /// Memory is reserved as bytes arrive, never for a whole declared size up
+    /// front. A call whose next bytes do not fit waits for memory (its
+    /// stream is not read meanwhile, so QUIC flow control stops its sender);
+    /// if it waits longer than the
+    /// [`call_progress_timeout`](Self::call_progress_timeout) it is refused.
+    /// A call declaring more than this can never fit and is refused at once
+    /// with an `OverLimit` error. Default [`default_receive_memory`]: a
+    /// quarter of the machine's memory, at least 1 GiB.
+    pub fn receive_memory(mut self, bytes: usize) -> Self {
+        self.receive_memory = bytes;
+        self
+    }
+
+    /// The share of [`receive_memory`](Self::receive_memory) one connection
+    /// may take, so a single peer cannot take it all. A call declaring a
+    /// data section larger than this is refused at its header with an
+    /// `OverLimit` error naming the budget (the message limit
+    /// [`Limits::max_data_len`] allows 4 GiB by default: raise this too to
+    /// receive calls that large). Default 1 GiB.
+    pub fn connection_receive_memory(mut self, bytes: usize) -> Self {
+        self.connection_receive_memory = bytes;
+        self
+    }
+
+    /// Connections open at once, handshakes included; attempts beyond are
+    /// refused at their first packet (the client sees the connection
+    /// refused and may retry). Default 10,000.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Connections open at once whose client has not yet sent an accepted
+    /// `Hello` (handshaking, or connected and silent); attempts beyond are
+    /// refused at their first packet. Each such connection lasts at most the
+    /// [`hello_timeout`](Self::hello_timeout). Default 256.
+    pub fn max_unauthenticated(mut self, max: usize) -> Self {
+        self.max_unauthenticated = max.max(1);
+        self
+    }
+
+    /// How long a new connection may take, from its first packet through the
+    /// TLS handshake, to send an acceptable `Hello`; then it is closed.
+    /// Default 10 s.
+    pub fn hello_timeout(mut self, timeout: Duration) -> Self {
+        self.hello_timeout = timeout;
+        self
+    }
+
+    /// How long a call being received may go without a byte arriving; then
+    /// it is refused with a `BadRequest` error, so a client that stops
+    /// sending (or trickles slower than this) holds neither memory nor a
+    /// place in flight. `None`: no bound. Default 30 s.
+    pub fn call_progress_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_progress_timeout = timeout;
+        self
+    }
+
+    /// A connection with no call and no message from the client for this
+    /// long is closed with a normal `Goodbye` (QUIC keep-alives do not count;
+    /// a Teleport client reconnects when it next calls). `None`: never.
+    /// Default 10 minutes.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
     /// Binds `addr` and starts serving. `addr` is written as people write
     /// addresses: a port (`4433`, `":4433"`: every IPv4 interface),
     /// `"127.0.0.1:4433"`, `"[::]:4433"`, `"localhost:0"` (a name: its
@@ -199,8 +322,18 @@ impl ServerBuilder {
         let mut protocol = ServerConfig::default();
         protocol.max_in_flight = self.max_in_flight;
         protocol.token = self.token;
+        protocol.peer_timeout = self.peer_timeout;
         protocol.capacity = Some(Arc::new(Capacity::new(self.max_in_flight_total)));
         protocol.methods = Some(Arc::new(self.functions.keys().cloned().collect()));
+        protocol.hello_timeout = self.hello_timeout;
+        protocol.call_progress_timeout = self.call_progress_timeout;
+        protocol.idle_timeout = self.idle_timeout;
+        let budgets = Budgets {
+            memory: MemoryBudget::new("server", self.receive_memory),
+            connection_memory: self.connection_receive_memory,
+            max_connections: self.max_connections,
+            max_unauthenticated: self.max_unauthenticated,
+        };
         let env = Env {
             shared_workers: self.workers,
         };
@@ -211,7 +344,12 @@ impl ServerBuilder {
                 Err(reason) => return Err(ServerError::InvalidFunction { method, reason }),
             };
         }
-        let shared = Arc::new(ServerShared::new(functions, protocol, self.workers));
+        let shared = Arc::new(ServerShared::new(
+            functions,
+            protocol,
+            self.workers,
+            budgets,
+        ));
         let batchers = start_batchers(&shared)?;
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity).with_client_auth(self.client_auth);

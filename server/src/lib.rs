@@ -111,7 +111,10 @@ mod shared;
 mod stats;
 mod typed;
 
-pub use builder::ServerBuilder;
+pub use builder::{
+    default_receive_memory, ServerBuilder, DEFAULT_CONNECTION_RECEIVE_MEMORY,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UNAUTHENTICATED,
+};
 pub use error::{HandlerError, HandlerFailure, ServerError};
 pub use function::{
     marker, stack_calls, AsyncHandler, Binding, BlockingHandler, CallQueue, Context, Function,

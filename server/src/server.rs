@@ -101,9 +101,18 @@ impl Server {
         for conn in self.shared.connections() {
             traffic += conn.traffic();
         }
-        self.shared
+        let mut stats = self
+            .shared
             .stats
-            .snapshot(self.running(), self.connections(), traffic)
+            .snapshot(self.running(), self.connections(), traffic);
+        stats.receive_memory = self.receive_memory();
+        stats
+    }
+
+    /// Bytes of the server's receive memory budget reserved now: data
+    /// sections arriving, and those received whose arrays are still held.
+    pub fn receive_memory(&self) -> usize {
+        self.shared.budgets.memory.reserved()
     }
 
     /// Connections currently open (handshakes in progress included).
@@ -205,6 +214,18 @@ async fn accept_loop(listener: Listener, shared: Arc<ServerShared>) {
             _ = &mut shutdown => return,
         };
         let Some(incoming) = incoming else { return };
-        connection::spawn(incoming, shared.clone());
+        match shared.admit_connection() {
+            Some(slot) => connection::spawn(incoming, slot, shared.clone()),
+            None => {
+                shared.stats.connection_refused();
+                tracing::info!(
+                    peer = %incoming.remote_addr(),
+                    max_connections = shared.budgets.max_connections,
+                    max_unauthenticated = shared.budgets.max_unauthenticated,
+                    "a connection attempt was refused: the server is at its connection limit"
+                );
+                incoming.refuse();
+            }
+        }
     }
 }

@@ -1,12 +1,13 @@
 //! What every connection of a server shares.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use teleport_protocol::server::ServerConfig;
 use teleport_protocol::{ErrorKind, RemoteError, Timestamp};
 use teleport_quic::driver::Clock;
+use teleport_quic::MemoryBudget;
 use tokio::sync::{watch, Semaphore};
 
 use crate::connection::Conn;
@@ -38,6 +39,25 @@ pub(crate) struct ServerShared {
     /// `Some(deadline)` once shutdown began: connections that start later
     /// drain to the same deadline.
     shutdown: watch::Sender<Option<Timestamp>>,
+    /// What bounds the memory, connections and handshakes peers can take.
+    pub(crate) budgets: Budgets,
+    /// Connections admitted by the accept loop and not yet finished.
+    admitted: AtomicUsize,
+    /// Of those, the ones whose client has not yet been authenticated.
+    unauthenticated: AtomicUsize,
+}
+
+/// The server-wide bounds on what peers can make the server hold.
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    /// Receive memory of every connection together.
+    pub(crate) memory: Arc<MemoryBudget>,
+    /// Receive memory of one connection.
+    pub(crate) connection_memory: usize,
+    /// Connections at once (handshakes included).
+    pub(crate) max_connections: usize,
+    /// Connections at once whose client has not sent an accepted `Hello`.
+    pub(crate) max_unauthenticated: usize,
 }
 
 impl ServerShared {
@@ -45,6 +65,7 @@ impl ServerShared {
         functions: HashMap<String, BoundFunction>,
         protocol: ServerConfig,
         workers: usize,
+        budgets: Budgets,
     ) -> ServerShared {
         ServerShared {
             functions: functions
@@ -63,7 +84,36 @@ impl ServerShared {
             live: watch::channel(0).0,
             stats: Counters::default(),
             shutdown: watch::channel(None).0,
+            budgets,
+            admitted: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
         }
+    }
+
+    /// A place for a new connection attempt, or `None` (refuse it) when the
+    /// server has as many connections, or as many not yet authenticated, as
+    /// its limits allow.
+    pub(crate) fn admit_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let take = |counter: &AtomicUsize, max: usize| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if !take(&self.admitted, self.budgets.max_connections) {
+            return None;
+        }
+        if !take(&self.unauthenticated, self.budgets.max_unauthenticated) {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot {
+            auth: AuthenticationSlot {
+                shared: self.clone(),
+                unauthenticated: Arc::new(AtomicBool::new(true)),
+            },
+        })
     }
 
     /// Keeps the first failure of a function (its error or panic).
@@ -165,5 +215,46 @@ impl Drop for LiveConnection {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
         self.shared.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A connection's place under the connection limits, held by its task
+/// until the task ends.
+#[derive(Debug)]
+pub(crate) struct ConnectionSlot {
+    auth: AuthenticationSlot,
+}
+
+impl ConnectionSlot {
+    /// What the connection's state uses to say its client was authenticated.
+    pub(crate) fn authentication(&self) -> AuthenticationSlot {
+        AuthenticationSlot {
+            shared: self.auth.shared.clone(),
+            unauthenticated: self.auth.unauthenticated.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.auth.authenticated();
+        self.auth.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's place among the unauthenticated ones.
+#[derive(Debug)]
+pub(crate) struct AuthenticationSlot {
+    shared: Arc<ServerShared>,
+    unauthenticated: Arc<AtomicBool>,
+}
+
+impl AuthenticationSlot {
+    /// The client was authenticated: it no longer counts against the limit
+    /// of unauthenticated connections.
+    pub(crate) fn authenticated(&self) {
+        if self.unauthenticated.swap(false, Ordering::AcqRel) {
+            self.shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }

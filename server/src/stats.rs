@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     /// By error code (the kind's wire code), so the map's order is stable.
     calls_failed: Mutex<BTreeMap<u8, u64>>,
     connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
     /// The traffic of connections that ended (open ones are read live).
     ended_traffic: Mutex<Traffic>,
 }
@@ -48,6 +49,10 @@ impl Counters {
         self.connections_accepted.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn connection_ended(&self, traffic: Traffic) {
         *self.ended_traffic.lock().unwrap_or_else(|p| p.into_inner()) += traffic;
     }
@@ -75,6 +80,8 @@ impl Counters {
             in_flight,
             connections_open,
             connections_accepted: self.connections_accepted.load(Ordering::Relaxed),
+            connections_refused: self.connections_refused.load(Ordering::Relaxed),
+            receive_memory: 0,
             bytes_received: traffic.bytes_received,
             bytes_sent: traffic.bytes_sent,
         }
@@ -102,6 +109,13 @@ pub struct ServerStats {
     pub connections_open: usize,
     /// Connections accepted since the start.
     pub connections_accepted: u64,
+    /// Connection attempts refused at the connection limits
+    /// ([`max_connections`](crate::ServerBuilder::max_connections),
+    /// [`max_unauthenticated`](crate::ServerBuilder::max_unauthenticated)).
+    pub connections_refused: u64,
+    /// Bytes of the receive memory budget reserved now by data sections
+    /// arriving or held (see [`receive_memory`](crate::ServerBuilder::receive_memory)).
+    pub receive_memory: usize,
     /// UDP payload bytes received (QUIC overhead included).
     pub bytes_received: u64,
     /// UDP payload bytes sent (QUIC overhead included).
@@ -142,11 +156,13 @@ impl fmt::Display for ServerStats {
         }
         write!(
             f,
-            ", {} stopped, {} running; connections: {} open, {} accepted; bytes: {} in, {} out",
+            ", {} stopped, {} running; connections: {} open, {} accepted, {} refused; receive memory: {}; bytes: {} in, {} out",
             self.calls_stopped,
             self.in_flight,
             self.connections_open,
             self.connections_accepted,
+            self.connections_refused,
+            self.receive_memory,
             self.bytes_received,
             self.bytes_sent
         )

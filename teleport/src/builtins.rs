@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use teleport::{tree, Array, DType, Function, HandlerError, Map, ServerBuilder, Tree};
 
 /// The names bound by [`bind_builtins`], for `info` and the help text.
-pub(crate) const METHODS: [&str; 5] = ["echo", "info", "sleep", "sum", "zeros"];
+pub(crate) const METHODS: [&str; 6] = ["echo", "info", "sink", "sleep", "sum", "zeros"];
 
 /// `zeros` refuses to allocate more than this for one caller.
 const MAX_ZEROS_BYTES: usize = 1 << 30;
@@ -29,6 +29,11 @@ pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
             }))
         })
         .bind("zeros", |args: Tree| async move { zeros(&args) })
+        // Takes anything and answers with the bytes of array data it got:
+        // `teleport bench --connect` measures uploads with it.
+        .bind("sink", |args: Tree| async move {
+            Ok(tree!({"bytes": (args.data_len() as i64)}))
+        })
         // Async, so a cancelled or expired call drops the timer at once: the
         // server aborts the function's task.
         .bind("sleep", |args: Tree| async move {

@@ -28,14 +28,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the built-in functions: echo, info, sleep, sum, zeros.
+    /// Serve the built-in functions: echo, info, sink, sleep, sum, zeros.
     Serve(ServeArgs),
     /// Call a function on a server, with arguments as JSON; print the result as JSON.
     Call(CallArgs),
     /// Run everything on loopback in one process and check it works (no setup).
     Demo,
-    /// Measure Teleport against bare quinn with the same TLS and settings, on loopback.
+    /// Measure Teleport against bare quinn, TLS over TCP, plain TCP and memcpy, on loopback.
     Bench(BenchArgs),
+    /// The servers `teleport bench` measures, in a process of their own.
+    #[command(hide = true)]
+    BenchServer {
+        /// `teleport` or `references`.
+        role: String,
+        /// Directory holding cert.pem and key.pem.
+        identity_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -88,9 +96,19 @@ struct CallArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// One short round of each measurement instead of three longer ones.
+    /// Fewer sizes (up to 16 MiB) and shorter measurements: under a minute.
     #[arg(long)]
     quick: bool,
+    /// One JSON object per line instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Measure against a `teleport serve` at this address instead (Teleport
+    /// only: no references, no server memory, no batching).
+    #[arg(long, requires = "pin")]
+    connect: Option<String>,
+    /// The fingerprint `teleport serve` printed (with --connect).
+    #[arg(long)]
+    pin: Option<Fingerprint>,
 }
 
 fn main() -> ExitCode {
@@ -117,7 +135,16 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
             Command::Demo => demo::run().await,
-            Command::Bench(args) => bench::run(args.quick).await,
+            Command::Bench(args) => {
+                bench::run(bench::Options {
+                    quick: args.quick,
+                    json: args.json,
+                    connect: args.connect,
+                    pin: args.pin,
+                })
+                .await
+            }
+            Command::BenchServer { role, identity_dir } => bench::serve(&role, &identity_dir).await,
         }
     });
     match result {

@@ -99,10 +99,16 @@ pub struct TransportConfig {
     /// Streams the peer may have open at once: the number of calls in flight
     /// on one connection, plus one control stream.
     pub max_concurrent_streams: u32,
-    /// A connection with no packets for this long is closed.
+    /// A connection with no packets for this long is closed (the shorter of
+    /// the two sides' values applies). Default 30 s: it only decides for a
+    /// peer that is gone while nothing is awaited from it, since the
+    /// application's own rules act sooner while something is (the client's
+    /// `max_age`, 5 s, and the server's `peer_timeout`, 10 s); it must stay
+    /// above both so that they, with their clearer errors, fire first.
     pub idle_timeout: Duration,
     /// Send a keep-alive packet after this much silence so a quiet connection
-    /// survives NATs and the idle timeout. `None` sends none.
+    /// survives NATs and the idle timeout. `None` sends none. Default 10 s: a
+    /// live idle peer survives two lost keep-alives in a row.
     pub keep_alive: Option<Duration>,
     /// The congestion controller of what this side sends. Cubic by default:
     /// quinn's BBR keeps under random loss the throughput Cubic loses, but
@@ -111,7 +117,39 @@ pub struct TransportConfig {
     /// connection aborted ("too many gaps in stream buffer"); see
     /// [`CongestionControl`] and `docs/reliability.md`.
     pub congestion: CongestionControl,
+    /// The largest UDP payload, in bytes, this side's endpoint accepts: sized
+    /// into its receive buffers and announced to the peer (QUIC's
+    /// `max_udp_payload_size`), so the peer sends no packet bigger. quinn's
+    /// default is 1,472 (an Ethernet frame), which keeps packets at 1,452
+    /// bytes or less whatever the path could carry. Applied where the
+    /// endpoint is bound ([`Listener::bind`](crate::Listener::bind), the first
+    /// connection of a [`Connector`](crate::Connector)).
+    pub max_udp_payload: u16,
+    /// The largest UDP payload, in bytes, MTU discovery probes for.
+    /// Connections always start at 1,200 bytes (the size every QUIC path
+    /// must carry) and probe upward from there; a probe the path drops only
+    /// stops the search, and a path that starts dropping big packets is
+    /// detected as a black hole and falls back to 1,200. The size used is
+    /// also bounded by the peer's [`max_udp_payload`](Self::max_udp_payload).
+    ///
+    /// Each packet costs quinn about the same whatever its size, so on paths
+    /// with a large MTU (loopback, jumbo-frame LANs) bigger packets move more
+    /// bytes per CPU second: see "Packet size" in `docs/performance.md`.
+    /// Endpoints split quinn's segmentation-offload batches (up to 10
+    /// packets) into `sendmsg` calls of at most 65,507 bytes: the kernel
+    /// refuses bigger ones, and quinn-udp drops them silently.
+    pub mtu_upper_bound: u16,
+    /// Whether quinn hands the kernel batches of packets (Linux UDP GSO)
+    /// instead of one packet per system call. On by default.
+    pub segmentation_offload: bool,
 }
+
+/// The most UDP payload one segmentation-offload batch may carry: an IPv4
+/// datagram's 65,535 bytes less 20 bytes of IP header and 8 of UDP header.
+/// Linux refuses a bigger `sendmsg` with `UDP_SEGMENT` (EMSGSIZE), and
+/// quinn-udp treats EMSGSIZE as a lost MTU probe and drops the whole batch
+/// without a word.
+pub(crate) const MAX_GSO_BATCH: usize = 65_535 - 20 - 8;
 
 impl Default for TransportConfig {
     fn default() -> Self {
@@ -120,12 +158,27 @@ impl Default for TransportConfig {
             receive_window: 128 << 20,
             send_window: 128 << 20,
             max_concurrent_streams: 1024,
-            idle_timeout: Duration::from_secs(60),
-            keep_alive: Some(Duration::from_secs(15)),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Some(Duration::from_secs(10)),
             congestion: CongestionControl::default(),
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
+            mtu_upper_bound: DEFAULT_MTU_UPPER_BOUND,
+            segmentation_offload: true,
         }
     }
 }
+
+/// Default of [`TransportConfig::max_udp_payload`]: quinn's.
+const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1_472;
+/// Default of [`TransportConfig::mtu_upper_bound`]: quinn's 1,452, the size
+/// the internet carries. Jumbo bounds (8,972) measured 2.6x the goodput on
+/// loopback and 2.3x across a 9,000-MTU veth pair (`docs/performance.md`,
+/// "Packet size"), but with them the load test (`tests/tests/load.rs`, 60
+/// clients at once) saw client closes lost, leaving server connections open
+/// until the idle timeout; until that is understood, larger packets are
+/// opt-in (`mtu_upper_bound` and `max_udp_payload` 8,972 for a jumbo-frame
+/// data centre, 65,527 between processes on one host).
+const DEFAULT_MTU_UPPER_BOUND: u16 = 1_452;
 
 impl TransportConfig {
     /// quinn's settings as they come, for comparison in benchmarks.
@@ -138,7 +191,18 @@ impl TransportConfig {
             idle_timeout: Duration::from_secs(30),
             keep_alive: None,
             congestion: CongestionControl::Cubic,
+            max_udp_payload: 1_472,
+            mtu_upper_bound: 1_452,
+            segmentation_offload: true,
         }
+    }
+
+    /// quinn's endpoint configuration for these settings.
+    pub(crate) fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::default();
+        // Below 1,200 quinn refuses the value; QUIC needs 1,200 anyway.
+        let _ = config.max_udp_payload_size(self.max_udp_payload.max(1_200));
+        config
     }
 
     pub(crate) fn to_quinn(&self) -> Arc<quinn::TransportConfig> {
@@ -151,7 +215,11 @@ impl TransportConfig {
             .max_concurrent_uni_streams(0u32.into())
             .keep_alive_interval(self.keep_alive)
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
-            .congestion_controller_factory(self.congestion.factory());
+            .congestion_controller_factory(self.congestion.factory())
+            .enable_segmentation_offload(self.segmentation_offload);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.mtu_upper_bound);
+        t.mtu_discovery_config(Some(mtu));
         Arc::new(t)
     }
 }

@@ -12,6 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
+use crate::memory::MemoryBudget;
 use crate::socket::{enlarge_buffers, ObservedSocket, Released, SocketBuffers, SOCKET_BUFFER};
 use crate::{
     ClientTls, Fingerprint, RecvStream, SendStream, ServerTls, TransportConfig, TransportError,
@@ -41,17 +42,25 @@ pub fn quinn_client_config(
     Ok(config)
 }
 
+/// Builds quinn's endpoint configuration: the largest UDP payload accepted
+/// ([`TransportConfig::max_udp_payload`]). For benchmarks against bare quinn.
+pub fn quinn_endpoint_config(transport: &TransportConfig) -> quinn::EndpointConfig {
+    transport.endpoint_config()
+}
+
 pub(crate) fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    transport: &TransportConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
-    bind_observed(addr, server).map(|(endpoint, _, _)| endpoint)
+    bind_observed(addr, server, transport).map(|(endpoint, _, _)| endpoint)
 }
 
 /// [`bind`], with the signal of the socket's release and the socket's buffers.
 pub(crate) fn bind_observed(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    transport: &TransportConfig,
 ) -> Result<(quinn::Endpoint, Released, SocketBuffers), TransportError> {
     let bind_error = |error| TransportError::Bind { addr, error };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
@@ -63,7 +72,7 @@ pub(crate) fn bind_observed(
     let (socket, released) =
         ObservedSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        transport.endpoint_config(),
         server,
         socket,
         runtime,
@@ -107,7 +116,7 @@ impl Listener {
         limits: Limits,
     ) -> Result<Listener, TransportError> {
         let config = quinn_server_config(tls, transport)?;
-        let (endpoint, released, buffers) = bind_observed(addr, Some(config))?;
+        let (endpoint, released, buffers) = bind_observed(addr, Some(config), transport)?;
         Ok(Listener {
             endpoint,
             limits,
@@ -247,6 +256,8 @@ impl Future for Handshake {
 #[derive(Debug)]
 pub struct Connector {
     client_config: quinn::ClientConfig,
+    /// For the endpoints: their largest UDP payload and batch size.
+    transport: TransportConfig,
     limits: Limits,
     /// One endpoint per address family, made on first use.
     v4: Mutex<Option<quinn::Endpoint>>,
@@ -263,6 +274,7 @@ impl Connector {
     ) -> Result<Connector, TransportError> {
         Ok(Connector {
             client_config: quinn_client_config(tls, transport)?,
+            transport: transport.clone(),
             limits,
             v4: Mutex::new(None),
             v6: Mutex::new(None),
@@ -279,7 +291,7 @@ impl Connector {
         if let Some(endpoint) = slot.as_ref() {
             return Ok(endpoint.clone());
         }
-        let endpoint = bind(local, None)?;
+        let endpoint = bind(local, None, &self.transport)?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
@@ -308,11 +320,26 @@ impl Connector {
 pub struct Connection {
     inner: quinn::Connection,
     limits: Limits,
+    memory: Option<Arc<MemoryBudget>>,
 }
 
 impl Connection {
     fn new(inner: quinn::Connection, limits: Limits) -> Connection {
-        Connection { inner, limits }
+        Connection {
+            inner,
+            limits,
+            memory: None,
+        }
+    }
+
+    /// Charges the data sections received on streams accepted or opened
+    /// from now on to `budget`: their memory is reserved as their bytes
+    /// arrive, a stream whose next bytes do not fit waits (and so does its
+    /// sender, through flow control), and a message larger than the budget
+    /// fails at its header with [`TransportError::MemoryBudget`].
+    pub fn with_memory_budget(mut self, budget: Arc<MemoryBudget>) -> Connection {
+        self.memory = Some(budget);
+        self
     }
 
     /// Opens a new stream in both directions. Waits while the peer's limit on
@@ -321,7 +348,7 @@ impl Connection {
         let (send, recv) = self.inner.open_bi().await?;
         Ok((
             SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone()),
+            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
         ))
     }
 
@@ -331,7 +358,7 @@ impl Connection {
         Some(match opened {
             Ok((send, recv)) => Ok((
                 SendStream::new(send),
-                RecvStream::new(recv, self.limits.clone()),
+                RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
             )),
             Err(e) => Err(e.into()),
         })
@@ -342,7 +369,7 @@ impl Connection {
         let (send, recv) = self.inner.accept_bi().await?;
         Ok((
             SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone()),
+            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
         ))
     }
 

@@ -43,6 +43,19 @@ pub enum TransportError {
     /// The peer no longer knows the connection (it restarted, say).
     #[error("the peer reset the connection (it no longer knows it; restarted?)")]
     Reset,
+    /// A message's data section is larger than the receive memory budget
+    /// (of its connection or of the whole server) could ever give it.
+    #[error(
+        "the message's data section of {needed} bytes is larger than the {budget}'s receive memory budget of {limit} bytes"
+    )]
+    MemoryBudget {
+        /// The declared size.
+        needed: usize,
+        /// Which budget: `"connection"` or `"server"`.
+        budget: &'static str,
+        /// Its limit.
+        limit: usize,
+    },
     /// The peer closed the connection on purpose.
     #[error("the peer closed the connection ({code}): {reason}")]
     ClosedByPeer {

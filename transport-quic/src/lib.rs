@@ -34,10 +34,11 @@ mod tls;
 pub use address::{Address, AddressError, Host, ToAddress};
 pub use config::{CongestionControl, TransportConfig};
 pub use endpoint::{
-    quinn_client_config, quinn_server_config, Connecting, Connection, Connector, Handshake,
-    Incoming, Listener, Traffic,
+    quinn_client_config, quinn_endpoint_config, quinn_server_config, Connecting, Connection,
+    Connector, Handshake, Incoming, Listener, Traffic,
 };
 pub use error::TransportError;
+pub use memory::MemoryBudget;
 pub use socket::{SocketBuffers, SOCKET_BUFFER};
 pub use stream::{Outgoing, Progress, RecvStream, SendStream};
 pub use teleport_protocol::{CloseCode, StreamCode};

@@ -1,10 +1,21 @@
-//! Where large received messages are written.
+//! Where received messages are written, and the budget their memory is
+//! charged to.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use teleport_protocol::wire::{DataAllocator, DataBuffer};
+use tokio::sync::Notify;
 
 /// Data sections of at least this many bytes are received into their own
 /// anonymous mapping instead of the heap.
 pub(crate) const LARGE_DATA: usize = 8 << 20;
+
+/// A data section is charged to its budget in steps of this size while its
+/// first [`HUGE_PAGE`] bytes arrive...
+const SMALL_STEP: usize = 64 << 10;
+/// ... and in steps of a huge page after that.
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Receives large data sections into fresh anonymous memory, asking the kernel
 /// for transparent huge pages.
@@ -16,6 +27,11 @@ pub(crate) const LARGE_DATA: usize = 8 << 20;
 /// it (see `docs/performance.md`). A mapping is page aligned, so arrays stay
 /// 64-byte aligned; it is returned to the kernel when the last array of the
 /// message is dropped.
+///
+/// The mapping has the declared size but is only address space: pages become
+/// memory as the bytes that fill them arrive. Its first 2 MiB keep small pages,
+/// so a call that declares a gigabyte and sends one byte costs 4 KiB, not a
+/// 2 MiB huge page.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct LargeMessageMemory;
 
@@ -24,11 +40,263 @@ impl DataAllocator for LargeMessageMemory {
         if len < LARGE_DATA {
             return None;
         }
-        // On failure the decoder falls back to the heap.
-        let map = memmap2::MmapOptions::new().len(len).map_anon().ok()?;
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
-        Some(Box::new(map))
+        map(len).map(|m| Box::new(m) as Box<dyn DataBuffer>)
+    }
+}
+
+fn map(len: usize) -> Option<memmap2::MmapMut> {
+    // On failure the decoder falls back to the heap.
+    let map = memmap2::MmapOptions::new().len(len).map_anon().ok()?;
+    #[cfg(target_os = "linux")]
+    {
+        // Small pages for the start even where huge pages are the system's
+        // default, huge ones for the rest.
+        let _ = map.advise_range(memmap2::Advice::NoHugePage, 0, len.min(HUGE_PAGE));
+        if len > HUGE_PAGE {
+            let _ = map.advise_range(memmap2::Advice::HugePage, HUGE_PAGE, len - HUGE_PAGE);
+        }
+    }
+    Some(map)
+}
+
+/// A bound on the memory that received data sections may hold: bytes are
+/// reserved from it as they arrive (never the whole declared size up front)
+/// and given back when the last array of the message is dropped.
+///
+/// A budget may have a parent ([`child`](Self::child)): a reservation must fit
+/// in both. A server has one budget for all its connections and a child per
+/// connection, so one connection cannot take all of the server's memory.
+///
+/// When a reservation does not fit, the stream receiving waits for memory to
+/// be given back and stops reading meanwhile, so QUIC flow control stops the
+/// sender; a message that could never fit (larger than the budget) fails at
+/// its header with [`TransportError::MemoryBudget`](crate::TransportError::MemoryBudget).
+#[derive(Debug)]
+pub struct MemoryBudget {
+    name: &'static str,
+    limit: usize,
+    used: AtomicUsize,
+    parent: Option<Arc<MemoryBudget>>,
+    /// Shared by a budget and all its children: woken whenever any of them
+    /// gives memory back.
+    freed: Arc<Notify>,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes; `name` says which budget it is in errors
+    /// ("server", "connection").
+    pub fn new(name: &'static str, limit: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            name,
+            limit,
+            used: AtomicUsize::new(0),
+            parent: None,
+            freed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// A budget of at most `limit` bytes whose reservations are also charged
+    /// to this one.
+    pub fn child(self: &Arc<Self>, name: &'static str, limit: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            name,
+            limit,
+            used: AtomicUsize::new(0),
+            parent: Some(self.clone()),
+            freed: self.freed.clone(),
+        })
+    }
+
+    /// The bound, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes reserved now.
+    pub fn reserved(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The smallest limit of this budget and its parents, with the name of
+    /// the budget that sets it: a message larger than this can never fit.
+    pub(crate) fn tightest(&self) -> (usize, &'static str) {
+        let mut best = (self.limit, self.name);
+        let mut parent = self.parent.as_deref();
+        while let Some(p) = parent {
+            if p.limit < best.0 {
+                best = (p.limit, p.name);
+            }
+            parent = p.parent.as_deref();
+        }
+        best
+    }
+
+    fn try_reserve(&self, n: usize) -> bool {
+        let fits = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .is_ok();
+        if !fits {
+            return false;
+        }
+        if let Some(parent) = &self.parent {
+            if !parent.try_reserve(n) {
+                self.used.fetch_sub(n, Ordering::AcqRel);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        if let Some(parent) = &self.parent {
+            parent.release(n);
+        } else {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Reserves `n` bytes, waiting until they fit.
+    async fn reserve(&self, n: usize) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_reserve(n) {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// The memory one message's data section holds in a [`MemoryBudget`], given
+/// back when the last handle (the stream receiving it, the message's buffer)
+/// is dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    budget: Arc<MemoryBudget>,
+    held: AtomicUsize,
+}
+
+impl Reservation {
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Grows the reservation to `total` bytes, waiting for memory if needed.
+    pub(crate) async fn grow_to(&self, total: usize) {
+        let held = self.held();
+        if total <= held {
+            return;
+        }
+        let extra = total - held;
+        if !self.budget.try_reserve(extra) {
+            self.budget.reserve(extra).await;
+        }
+        self.held.fetch_add(extra, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(*self.held.get_mut());
+    }
+}
+
+/// How much of its budget a data section of `total` bytes holds once its
+/// first `end` bytes are written: the pages they touch, rounded up to the
+/// step the memory comes in.
+pub(crate) fn charge(end: usize, total: usize) -> usize {
+    let step = if end <= HUGE_PAGE {
+        SMALL_STEP
+    } else {
+        HUGE_PAGE
+    };
+    end.div_ceil(step).saturating_mul(step).min(total)
+}
+
+/// Receives every data section into memory charged to a budget: large ones
+/// into a mapping (as [`LargeMessageMemory`]), small ones into the heap. The
+/// buffer holds the [`Reservation`], so the memory is given back when the
+/// message's arrays are dropped; the stream takes a handle of it from
+/// [`take`](Self::take) to grow it as bytes arrive.
+#[derive(Debug)]
+pub(crate) struct BudgetedMemory {
+    budget: Arc<MemoryBudget>,
+    made: Mutex<Option<Arc<Reservation>>>,
+}
+
+impl BudgetedMemory {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> BudgetedMemory {
+        BudgetedMemory {
+            budget,
+            made: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    /// The reservation of the buffer allocated last, once.
+    pub(crate) fn take(&self) -> Option<Arc<Reservation>> {
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// A buffer and the reservation it holds.
+struct Charged<B> {
+    buf: B,
+    range: std::ops::Range<usize>,
+    _reservation: Arc<Reservation>,
+}
+
+impl<B: AsRef<[u8]>> AsRef<[u8]> for Charged<B> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf.as_ref()[self.range.clone()]
+    }
+}
+
+impl<B: AsMut<[u8]>> AsMut<[u8]> for Charged<B> {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut()[self.range.clone()]
+    }
+}
+
+impl DataAllocator for BudgetedMemory {
+    fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
+        let reservation = Arc::new(Reservation {
+            budget: self.budget.clone(),
+            held: AtomicUsize::new(0),
+        });
+        *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation.clone());
+        if len >= LARGE_DATA {
+            if let Some(buf) = map(len) {
+                return Some(Box::new(Charged {
+                    buf,
+                    range: 0..len,
+                    _reservation: reservation,
+                }));
+            }
+        }
+        // Zeroed memory: large allocations come from the kernel untouched,
+        // so pages still count only as they are written.
+        let mut buf: Vec<u8> = Vec::new();
+        buf.try_reserve_exact(len.checked_add(63)?).ok()?;
+        buf.resize(len + 63, 0);
+        let skip = (64 - (buf.as_ptr() as usize) % 64) % 64;
+        Some(Box::new(Charged {
+            buf,
+            range: skip..skip + len,
+            _reservation: reservation,
+        }))
     }
 }
 
@@ -45,5 +313,58 @@ mod tests {
         assert_eq!(mem.as_ptr() as usize % 64, 0);
         mem[LARGE_DATA - 1] = 7;
         assert_eq!((*buf).as_ref()[LARGE_DATA - 1], 7);
+    }
+
+    #[test]
+    fn charges_round_up_to_the_pages_written() {
+        assert_eq!(charge(1, 1 << 30), 64 << 10);
+        assert_eq!(charge(1, 100), 100);
+        assert_eq!(charge(2 << 20, 1 << 30), 2 << 20);
+        assert_eq!(charge((2 << 20) + 1, 1 << 30), 4 << 20);
+        assert_eq!(charge(1 << 30, 1 << 30), 1 << 30);
+    }
+
+    #[tokio::test]
+    async fn a_child_budget_is_charged_to_its_parent_and_waits_for_memory() {
+        let server = MemoryBudget::new("server", 100);
+        let a = server.child("connection", 80);
+        let b = server.child("connection", 80);
+        assert!(a.try_reserve(80));
+        assert!(!a.try_reserve(1));
+        assert!(!b.try_reserve(30));
+        assert!(b.try_reserve(20));
+        assert_eq!(server.reserved(), 100);
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.reserve(30).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        a.release(50);
+        waiting.await.unwrap();
+        assert_eq!(
+            (server.reserved(), a.reserved(), b.reserved()),
+            (80, 30, 50)
+        );
+        assert_eq!(b.tightest(), (80, "connection"));
+    }
+
+    #[test]
+    fn budgeted_buffers_are_aligned_and_give_their_memory_back() {
+        let budget = MemoryBudget::new("server", 1 << 30);
+        let memory = BudgetedMemory::new(budget.child("connection", 1 << 30));
+        for len in [1, 1000, LARGE_DATA] {
+            let buf = memory.allocate(len).expect("a buffer");
+            assert_eq!((*buf).as_ref().len(), len);
+            assert_eq!((*buf).as_ref().as_ptr() as usize % 64, 0);
+            let reservation = memory.take().expect("its reservation");
+            futures_util::FutureExt::now_or_never(reservation.grow_to(charge(1, len)))
+                .expect("fits");
+            assert!(budget.reserved() > 0);
+            drop(reservation);
+            assert!(budget.reserved() > 0, "the buffer still holds it");
+            drop(buf);
+            assert_eq!(budget.reserved(), 0);
+        }
     }
 }

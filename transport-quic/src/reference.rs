@@ -6,7 +6,8 @@
 //! bidirectional stream per request. The client writes a one-byte mode and the
 //! payload and finishes its side; the server reads everything, then either
 //! writes the same bytes back ([`ReferenceMode::Echo`]) or answers with the
-//! byte count as eight little-endian bytes ([`ReferenceMode::Sink`]).
+//! byte count as eight little-endian bytes ([`ReferenceMode::Sink`]), or
+//! sends as many zero bytes as the request asks for ([`ReferenceMode::Source`]).
 //!
 //! It lives here because this is the only crate that knows quinn. Nothing in
 //! Teleport's call path uses it; do not build applications on it (it has no
@@ -28,6 +29,9 @@ pub enum ReferenceMode {
     Echo,
     /// Reply with the number of bytes received (8 bytes, little endian).
     Sink,
+    /// The request is a byte count (8 bytes, little endian): reply with that
+    /// many zero bytes (freshly allocated, as a server producing data would).
+    Source,
 }
 
 impl ReferenceMode {
@@ -35,6 +39,7 @@ impl ReferenceMode {
         match self {
             ReferenceMode::Echo => 0,
             ReferenceMode::Sink => 1,
+            ReferenceMode::Source => 2,
         }
     }
 
@@ -42,6 +47,7 @@ impl ReferenceMode {
         match byte {
             0 => Some(ReferenceMode::Echo),
             1 => Some(ReferenceMode::Sink),
+            2 => Some(ReferenceMode::Source),
             _ => None,
         }
     }
@@ -63,7 +69,7 @@ impl ReferenceServer {
         tls: &ServerTls,
         transport: &TransportConfig,
     ) -> Result<ReferenceServer, TransportError> {
-        let endpoint = bind(addr, Some(quinn_server_config(tls, transport)?))?;
+        let endpoint = bind(addr, Some(quinn_server_config(tls, transport)?), transport)?;
         let accept = tokio::spawn(accept_loop(endpoint.clone()));
         Ok(ReferenceServer { endpoint, accept })
     }
@@ -124,7 +130,7 @@ async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
                     bytes = bytes.slice(1..);
                 }
                 received += bytes.len() as u64;
-                if mode == Some(ReferenceMode::Echo) {
+                if matches!(mode, Some(ReferenceMode::Echo | ReferenceMode::Source)) {
                     chunks.push(bytes);
                 }
             }
@@ -135,6 +141,21 @@ async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let written = match mode {
         Some(ReferenceMode::Echo) => send.write_all_chunks(&mut chunks).await.is_ok(),
         Some(ReferenceMode::Sink) => send.write_all(&received.to_le_bytes()).await.is_ok(),
+        Some(ReferenceMode::Source) => {
+            let mut count = [0u8; 8];
+            let mut at = 0;
+            for chunk in &chunks {
+                for &byte in chunk.iter() {
+                    if at < 8 {
+                        count[at] = byte;
+                        at += 1;
+                    }
+                }
+            }
+            let len = usize::try_from(u64::from_le_bytes(count)).unwrap_or(0);
+            let data = Bytes::from(vec![0u8; len]);
+            send.write_chunk(data).await.is_ok()
+        }
         None => false,
     };
     if written {
@@ -164,7 +185,7 @@ impl ReferenceClient {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = bind(local, None)?;
+        let endpoint = bind(local, None, transport)?;
         let connecting = endpoint
             .connect_with(quinn_client_config(tls, transport)?, addr, server_name)
             .map_err(|e| TransportError::Connect {
@@ -189,6 +210,10 @@ impl ReferenceClient {
         let expected = match mode {
             ReferenceMode::Echo => payload.len(),
             ReferenceMode::Sink => 8,
+            ReferenceMode::Source => payload
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, |b| usize::try_from(u64::from_le_bytes(b)).unwrap_or(0)),
         };
         let mut chunks = [Bytes::copy_from_slice(&[mode.to_byte()]), payload];
         // Write and read at once, as Teleport's client does, so neither side's
@@ -210,6 +235,12 @@ impl ReferenceClient {
         let (written, reply) = tokio::join!(write, read);
         written?;
         reply
+    }
+
+    /// quinn's statistics of the connection: packets sent and lost, the
+    /// path's current MTU.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.connection.stats()
     }
 
     /// Closes the connection and waits briefly for the server to hear it.

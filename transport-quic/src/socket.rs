@@ -9,6 +9,13 @@
 //! `net.core.rmem_max` / `net.core.wmem_max`; a process with `CAP_NET_ADMIN`
 //! may exceed it, which is tried first).
 //!
+//! **Batches.** quinn hands the socket up to 10 packets at a time, sent
+//! with one `sendmsg` (Linux UDP GSO). The kernel refuses a batch of more
+//! than 65,507 bytes (EMSGSIZE), and quinn-udp takes EMSGSIZE for a lost MTU
+//! probe and drops the batch silently: with packets above 6,550 bytes every
+//! full batch was lost. The wrapper splits such a batch into as many
+//! `sendmsg` calls as it takes (see `TransportConfig::mtu_upper_bound`).
+//!
 //! **Release.**
 //! quinn closes an endpoint's socket when the last handle to the endpoint and
 //! its connections is gone, inside its own driver task, at a moment nobody is
@@ -26,6 +33,8 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::oneshot;
+
+use crate::config::MAX_GSO_BATCH;
 
 /// Bytes asked for as the receive and the send buffer of every endpoint's
 /// socket: 8 MiB, about 5,800 full-size datagrams, 0.8 s at 10 MB/s.
@@ -180,7 +189,32 @@ impl AsyncUdpSocket for ObservedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner().try_send(transmit)
+        let Some(segment) = transmit.segment_size.filter(|&s| s > 0) else {
+            return self.inner().try_send(transmit);
+        };
+        if transmit.contents.len() <= MAX_GSO_BATCH {
+            return self.inner().try_send(transmit);
+        }
+        // Too big for one sendmsg: as many whole packets per call as fit.
+        let per_call = (MAX_GSO_BATCH / segment).max(1) * segment;
+        for (i, chunk) in transmit.contents.chunks(per_call).enumerate() {
+            let part = Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: chunk,
+                segment_size: (chunk.len() > segment).then_some(segment),
+                src_ip: transmit.src_ip,
+            };
+            match self.inner().try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn retries the whole transmit.
+                Err(e) if i == 0 => return Err(e),
+                // Part sent: the rest counts as lost and is sent again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn poll_recv(

@@ -7,7 +7,7 @@ use futures_util::FutureExt;
 use teleport_protocol::wire::CallHeader;
 use teleport_protocol::{encode, Decoder, Limits, Message, StreamCode};
 
-use crate::memory::LargeMessageMemory;
+use crate::memory::{charge, BudgetedMemory, LargeMessageMemory, MemoryBudget, Reservation};
 use crate::TransportError;
 
 /// A message encoded for sending: its gather list, and how much of it is written.
@@ -43,6 +43,25 @@ impl SendStream {
     pub async fn send(&mut self, message: &Message) -> Result<(), TransportError> {
         let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
         self.inner.write_all_chunks(&mut chunks).await?;
+        Ok(())
+    }
+
+    /// [`send`](Self::send), calling `on_written` with the size of every
+    /// piece QUIC takes. QUIC takes a stream's bytes only as far as the
+    /// peer's flow-control credit reaches, so beyond the first window each
+    /// piece is a sign that the peer is reading.
+    pub async fn send_watching(
+        &mut self,
+        message: &Message,
+        mut on_written: impl FnMut(usize),
+    ) -> Result<(), TransportError> {
+        let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
+        let mut pending = &mut chunks[..];
+        while !pending.is_empty() {
+            let written = self.inner.write_chunks(pending).await?;
+            pending = &mut pending[written.chunks..];
+            on_written(written.bytes);
+        }
         Ok(())
     }
 
@@ -109,15 +128,78 @@ pub struct RecvStream {
     decoder: Decoder,
     /// Bytes of the last chunk beyond the message it completed.
     leftover: Bytes,
+    /// Where data sections are charged, if they are.
+    memory: Option<Arc<BudgetedMemory>>,
+    /// The reservation of the data section arriving now.
+    reservation: Option<Arc<Reservation>>,
 }
 
 impl RecvStream {
-    pub(crate) fn new(inner: quinn::RecvStream, limits: Limits) -> RecvStream {
+    pub(crate) fn new(
+        inner: quinn::RecvStream,
+        limits: Limits,
+        budget: Option<&Arc<MemoryBudget>>,
+    ) -> RecvStream {
+        let memory = budget.map(|b| Arc::new(BudgetedMemory::new(b.clone())));
+        let decoder = Decoder::new(limits);
+        let decoder = match &memory {
+            Some(memory) => decoder.with_allocator(memory.clone()),
+            None => decoder.with_allocator(Arc::new(LargeMessageMemory)),
+        };
         RecvStream {
             inner,
-            decoder: Decoder::new(limits).with_allocator(Arc::new(LargeMessageMemory)),
+            decoder,
             leftover: Bytes::new(),
+            memory,
+            reservation: None,
         }
+    }
+
+    /// Once the decoder has started a data section: takes its buffer's
+    /// reservation, and fails if the section can never fit the budget.
+    fn claim_reservation(&mut self) -> Result<(), TransportError> {
+        let Some(memory) = &self.memory else {
+            return Ok(());
+        };
+        let Some((_, total)) = self.decoder.data_progress() else {
+            return Ok(());
+        };
+        if self.reservation.is_none() {
+            self.reservation = memory.take();
+            let (limit, budget) = memory.budget().tightest();
+            if total > limit {
+                return Err(TransportError::MemoryBudget {
+                    needed: total,
+                    budget,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many bytes of data the decoder may write from the next `available`
+    /// bytes of input: all of them without a budget; with one, as many as the
+    /// reservation covers, grown (waiting for memory if need be) to cover
+    /// them. Fails if the message being received can never fit the budget.
+    async fn data_allowance(&mut self, available: usize) -> Result<usize, TransportError> {
+        if self.memory.is_none() {
+            return Ok(usize::MAX);
+        }
+        let Some((filled, total)) = self.decoder.data_progress() else {
+            // Headers are bounded by the limits; the data section starts
+            // with nothing allowed, so its buffer is made and charged first.
+            return Ok(0);
+        };
+        self.claim_reservation()?;
+        let Some(reservation) = &self.reservation else {
+            // The decoder fell back to memory of its own (no allocation
+            // was possible): nothing to charge.
+            return Ok(usize::MAX);
+        };
+        let end = filled.saturating_add(available).min(total);
+        reservation.grow_to(charge(end, total)).await;
+        Ok(reservation.held().min(total).saturating_sub(filled))
     }
 
     /// Reads the next message, or `None` if the peer finished the stream
@@ -149,14 +231,18 @@ impl RecvStream {
         let mut header_told = false;
         loop {
             if !self.leftover.is_empty() {
+                let allowed = self.data_allowance(self.leftover.len()).await?;
                 let mut input: &[u8] = &self.leftover;
                 let before = input.len();
-                let result = self.decoder.feed(&mut input);
+                let result = self.decoder.feed_bounded(&mut input, allowed);
                 let consumed = before - input.len();
                 let _ = self.leftover.split_to(consumed);
                 if let Some(message) = result? {
+                    // Its buffer holds the reservation from now on.
+                    self.reservation = None;
                     return Ok(Some(message));
                 }
+                self.claim_reservation()?;
                 if !header_told {
                     if let Some(header) = self.decoder.partial_call() {
                         header_told = true;

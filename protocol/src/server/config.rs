@@ -52,6 +52,18 @@ pub struct ServerConfig {
     /// client for this long is closed with a normal `Goodbye` (clients
     /// reconnect when they next call). `None`: never. Default 10 minutes.
     pub idle_timeout: Option<Duration>,
+    /// While the server holds something for the client (a call arriving,
+    /// running or being replied to), how long the client may give no sign of
+    /// life (no message, no byte of a call, no progress of a reply being
+    /// written) before it is presumed dead: its calls are stopped and the
+    /// connection is closed with code 4 (peer timeout), so a killed client's
+    /// work and reply memory are freed in seconds. Clients ping every second
+    /// while they wait (their default `ping_interval`), so a live client
+    /// never comes near it; a client with pings off, or pinging less often
+    /// than this, must keep its calls shorter, or the server must set it
+    /// `None` (never). A connection holding nothing is left to
+    /// [`idle_timeout`](Self::idle_timeout). Default 10 s.
+    pub peer_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +78,7 @@ impl Default for ServerConfig {
             call_progress_timeout: Some(Duration::from_secs(30)),
             close_timeout: Duration::from_secs(2),
             idle_timeout: Some(Duration::from_secs(600)),
+            peer_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -82,6 +95,7 @@ impl fmt::Debug for ServerConfig {
             .field("call_progress_timeout", &self.call_progress_timeout)
             .field("close_timeout", &self.close_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("peer_timeout", &self.peer_timeout)
             .finish()
     }
 }

@@ -40,6 +40,11 @@
 //!      [`reply_sent`](ServerProtocol::reply_sent) once a reply is written and
 //!      its stream finished, [`stream_closed`](ServerProtocol::stream_closed)
 //!      if a stream failed;
+//!    - [`heard`](ServerProtocol::heard) whenever the client shows it is
+//!      alive in a way no other input reports: bytes of the control stream
+//!      before a whole message, progress of a reply being written (QUIC
+//!      accepts a reply's bytes only as far as the client's flow-control
+//!      credit reaches, so progress means the client is reading);
 //!    - [`reply`](ServerProtocol::reply) when the application finishes a call;
 //!    - [`begin_shutdown`](ServerProtocol::begin_shutdown),
 //!      [`close`](ServerProtocol::close) as the server decides;
@@ -72,6 +77,10 @@
 //!   ends first.
 //! - A graceful shutdown sends its `Goodbye` only after every reply was
 //!   written (or the grace period ended), so no reply is overtaken by it.
+//! - A client that gives no sign of life for [`ServerConfig::peer_timeout`]
+//!   while the server holds a call of its (arriving, running or being
+//!   replied to) is presumed dead: its calls are stopped and the connection
+//!   closed with [`CloseCode::PeerTimeout`], without a Goodbye.
 //! - Nothing the client sends makes this code panic.
 
 mod capacity;
@@ -240,6 +249,8 @@ pub struct ServerProtocol {
     peer_agent: Option<String>,
     /// The last thing the client did, for the idle timeout.
     last_activity: Timestamp,
+    /// The last sign of life from the client, for the peer timeout.
+    last_heard: Timestamp,
     out: VecDeque<ServerOutput>,
 }
 
@@ -271,6 +282,7 @@ impl ServerProtocol {
             timers,
             peer_agent: None,
             last_activity: now,
+            last_heard: now,
             out: VecDeque::new(),
         }
     }
@@ -325,7 +337,28 @@ impl ServerProtocol {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, or
     /// `None` if no timer is needed.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.timers.next()
+        [self.timers.next(), self.peer_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When the client, silent since it was last heard, is presumed dead: only
+    /// while the server holds a call of its (see
+    /// [`ServerConfig::peer_timeout`]).
+    fn peer_deadline(&self) -> Option<Timestamp> {
+        let timeout = self.config.peer_timeout?;
+        let holding =
+            matches!(self.phase, Phase::Open | Phase::Draining) && !self.streams.is_empty();
+        // A stream is only ever reported with a sign of life, so the silence
+        // of a connection that just became busy counts from then.
+        holding.then(|| self.last_heard + timeout)
+    }
+
+    /// The client showed it is alive (see the [module docs](self)): bytes of
+    /// any stream arrived, or a reply being written made progress.
+    pub fn heard(&mut self, now: Timestamp) {
+        self.last_heard = self.last_heard.max(now);
     }
 
     // ----- the control stream -----
@@ -463,6 +496,7 @@ impl ServerProtocol {
 
     /// Bytes of call stream `stream` arrived: it is making progress.
     pub fn call_progress(&mut self, now: Timestamp, stream: StreamIndex) {
+        self.heard(now);
         let arriving = match self.streams.get(&stream) {
             Some(Stream::Arriving { .. }) => true,
             Some(Stream::Admitted { args_done, .. }) => !args_done,
@@ -640,8 +674,21 @@ impl ServerProtocol {
     // ----- time -----
 
     /// Handles the passage of time: the Hello deadline, call deadlines,
-    /// stalled uploads, the end of a drain, the close wait, the idle timeout.
+    /// stalled uploads, the end of a drain, the close wait, the idle timeout,
+    /// the peer timeout.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        if let Some(dead_at) = self.peer_deadline() {
+            if now >= dead_at {
+                let silent_for = now - self.last_heard;
+                let reason = format!(
+                    "no sign of life from the client for {silent_for:?} while its calls were \
+                     held (the server's peer_timeout)"
+                );
+                self.stop_all();
+                self.close_now(CloseCode::PeerTimeout, &reason);
+                return;
+            }
+        }
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::Hello => {
@@ -1003,6 +1050,7 @@ impl ServerProtocol {
     }
 
     fn touch(&mut self, now: Timestamp) {
+        self.heard(now);
         self.last_activity = self.last_activity.max(now);
         if self.timers.get(Timer::Idle).is_some() {
             self.arm_idle(now);

@@ -631,6 +631,7 @@ fn the_end_of_the_grace_period_stops_what_is_left() {
 fn an_idle_connection_is_closed_normally() {
     let config = ServerConfig {
         idle_timeout: Some(Duration::from_secs(60)),
+        peer_timeout: None,
         ..ServerConfig::default()
     };
     let mut s = server(config);
@@ -738,7 +739,10 @@ fn a_call_with_request_id_0_is_refused_with_bad_request() {
 /// `docs/wire-format.md` §10: clients ping, the server only answers.
 #[test]
 fn the_server_never_pings() {
-    let mut s = server(ServerConfig::default());
+    let mut s = server(ServerConfig {
+        peer_timeout: None,
+        ..ServerConfig::default()
+    });
     deliver(&mut s, at(0), 0, call(1, None));
     drain(&mut s);
     for t in 1..120 {
@@ -750,4 +754,129 @@ fn the_server_never_pings() {
             "{out:?}"
         );
     }
+}
+
+fn peer_timeout(secs: u64) -> ServerConfig {
+    ServerConfig {
+        peer_timeout: Some(Duration::from_secs(secs)),
+        ..ServerConfig::default()
+    }
+}
+
+#[test]
+fn a_silent_client_with_a_call_running_is_closed_at_the_peer_timeout() {
+    let mut s = server(peer_timeout(10));
+    deliver(&mut s, at(0), 0, call(1, None));
+    assert_eq!(started(&drain(&mut s)), vec![1]);
+    assert_eq!(s.poll_timeout(), Some(at(10)));
+    // The client's pings while it waits are signs of life.
+    s.handle_message(at(4), Message::Ping { nonce: 1 }).unwrap();
+    drain(&mut s);
+    assert_eq!(s.poll_timeout(), Some(at(14)));
+    s.handle_timeout(at(13));
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.poll_timeout(), Some(at(14)));
+    s.handle_timeout(at(14));
+    let out = drain(&mut s);
+    assert!(
+        out.contains(&ServerOutput::Stop { stream: 0, id: 1 }),
+        "{out:?}"
+    );
+    assert_eq!(close(&out), Some(CloseCode::PeerTimeout), "{out:?}");
+    assert_eq!(goodbye(&out), None, "a dead client is not said goodbye to");
+    assert!(s.is_closed());
+    assert_eq!(s.open_requests(), 0);
+    assert_eq!(s.streams(), 0);
+    assert!(
+        !s.reply(at(15), 1, Ok(Tree::None)),
+        "its result is discarded"
+    );
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn a_reply_being_written_is_kept_while_it_makes_progress_then_the_client_is_timed_out() {
+    let mut s = server(peer_timeout(10));
+    deliver(&mut s, at(0), 0, call(1, None));
+    drain(&mut s);
+    s.handle_message(at(5), Message::Ping { nonce: 1 }).unwrap();
+    assert!(s.reply(at(6), 1, Ok(Tree::None)));
+    drain(&mut s);
+    // A large reply: QUIC takes its bytes as the client grants credit.
+    for t in [8, 12, 17, 20] {
+        s.heard(at(t));
+        s.handle_timeout(at(t));
+        assert!(drain(&mut s).is_empty(), "progress at {t}");
+    }
+    assert_eq!(s.poll_timeout(), Some(at(30)));
+    // The client died: the write stalls.
+    s.handle_timeout(at(30));
+    let out = drain(&mut s);
+    assert_eq!(close(&out), Some(CloseCode::PeerTimeout), "{out:?}");
+}
+
+#[test]
+fn an_upload_in_progress_is_a_sign_of_life() {
+    let mut s = server(peer_timeout(10));
+    s.call_opened(at(0), 0);
+    s.call_head(at(0), 0, head(1));
+    drain(&mut s);
+    for t in (2..40).step_by(3) {
+        s.call_progress(at(t), 0);
+        s.handle_timeout(at(t));
+        assert!(drain(&mut s).is_empty(), "progress at {t}");
+    }
+    s.call_args(at(40), 0, tree!(1));
+    assert_eq!(started(&drain(&mut s)), vec![1]);
+    assert_eq!(s.poll_timeout(), Some(at(50)));
+}
+
+#[test]
+fn a_connection_holding_nothing_is_not_timed_out_for_silence() {
+    let mut s = server(ServerConfig {
+        idle_timeout: None,
+        ..peer_timeout(10)
+    });
+    assert_eq!(s.poll_timeout(), None);
+    deliver(&mut s, at(0), 0, call(1, None));
+    drain(&mut s);
+    assert!(s.reply(at(1), 1, Ok(Tree::None)));
+    s.reply_sent(at(1), 0);
+    drain(&mut s);
+    assert_eq!(s.poll_timeout(), None, "nothing held, no timer");
+    s.handle_timeout(at(3600));
+    assert!(drain(&mut s).is_empty());
+    // A call after an hour of silence: the silence counts from it.
+    deliver(&mut s, at(3600), 1, call(2, None));
+    assert_eq!(started(&drain(&mut s)), vec![2]);
+    assert_eq!(s.poll_timeout(), Some(at(3610)));
+}
+
+#[test]
+fn without_a_peer_timeout_a_silent_client_keeps_its_calls() {
+    let mut s = server(ServerConfig {
+        peer_timeout: None,
+        ..ServerConfig::default()
+    });
+    deliver(&mut s, at(0), 0, call(1, None));
+    drain(&mut s);
+    s.handle_timeout(at(100_000));
+    assert!(drain(&mut s).is_empty());
+    assert!(s.is_open(1));
+}
+
+#[test]
+fn a_draining_server_times_out_a_silent_client_too() {
+    let mut s = server(peer_timeout(10));
+    deliver(&mut s, at(0), 0, call(1, None));
+    drain(&mut s);
+    s.begin_shutdown(at(1), at(60));
+    drain(&mut s);
+    s.handle_timeout(at(10));
+    let out = drain(&mut s);
+    assert!(
+        out.contains(&ServerOutput::Stop { stream: 0, id: 1 }),
+        "{out:?}"
+    );
+    assert_eq!(close(&out), Some(CloseCode::PeerTimeout), "{out:?}");
 }

@@ -172,6 +172,14 @@ impl DataBuf {
         }
     }
 
+    /// Bytes written so far.
+    fn filled(&self) -> usize {
+        match self {
+            DataBuf::Heap { buf, skip } => buf.len() - skip,
+            DataBuf::Custom { filled, .. } => *filled,
+        }
+    }
+
     fn freeze(self) -> Bytes {
         match self {
             // `Bytes::from` keeps the allocation (no copy), so the alignment holds.
@@ -265,14 +273,40 @@ impl Decoder {
     ///
     /// After an error the decoder stays failed: the stream's framing is lost.
     pub fn feed(&mut self, input: &mut &[u8]) -> Result<Option<Message>, DecodeError> {
-        let result = self.feed_inner(input);
+        self.feed_bounded(input, usize::MAX)
+    }
+
+    /// [`feed`](Self::feed), writing at most `max_data` bytes of a data
+    /// section in this call (headers are consumed as usual). With 0 it stops
+    /// at the start of a data section, after its buffer is allocated; see
+    /// [`data_progress`](Self::data_progress). Lets an IO layer charge the
+    /// memory of a data section to a budget as its bytes arrive.
+    pub fn feed_bounded(
+        &mut self,
+        input: &mut &[u8],
+        max_data: usize,
+    ) -> Result<Option<Message>, DecodeError> {
+        let result = self.feed_inner(input, max_data);
         if result.is_err() {
             self.state = State::Failed;
         }
         result
     }
 
-    fn feed_inner(&mut self, input: &mut &[u8]) -> Result<Option<Message>, DecodeError> {
+    /// While a data section arrives: how many of its bytes were written, and
+    /// its declared length.
+    pub fn data_progress(&self) -> Option<(usize, usize)> {
+        match &self.state {
+            State::Data(d) => Some((d.buf.filled(), d.buf.filled() + d.remaining)),
+            _ => None,
+        }
+    }
+
+    fn feed_inner(
+        &mut self,
+        input: &mut &[u8],
+        max_data: usize,
+    ) -> Result<Option<Message>, DecodeError> {
         loop {
             match &mut self.state {
                 State::Failed => return Err(DecodeError::Poisoned),
@@ -324,7 +358,10 @@ impl Decoder {
                     });
                 }
                 State::Data(d) => {
-                    let n = d.remaining.min(input.len());
+                    let n = d.remaining.min(input.len()).min(max_data);
+                    if n == 0 && d.remaining > 0 {
+                        return Ok(None);
+                    }
                     // The one copy on receive.
                     d.buf.extend(&input[..n]);
                     d.remaining -= n;

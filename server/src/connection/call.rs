@@ -58,7 +58,10 @@ pub(crate) async fn serve_call(
                     recv.stop(code);
                 }
                 let outcome = reply.result.as_ref().map(|_| ()).map_err(|e| e.kind);
-                let sent = match send.send(&Message::Reply(reply)).await {
+                // Each piece QUIC takes of a large reply shows the client
+                // is reading it (the machine's peer timeout).
+                let message = Message::Reply(reply);
+                let sent = match send.send_watching(&message, |_| conn.heard()).await {
                     Ok(()) => {
                         // quinn delivers (and retransmits) a finished stream
                         // while the connection lives.
@@ -135,6 +138,7 @@ async fn read_call(conn: &Conn, stream: StreamIndex, recv: &mut RecvStream) -> O
             CallStreamError::Malformed(e.to_string())
         }
         TransportError::TrailingBytes => CallStreamError::TrailingBytes,
+        e @ TransportError::MemoryBudget { .. } => CallStreamError::OverLimit(e.to_string()),
         TransportError::StreamReset(code) => CallStreamError::Reset(code.code()),
         // The whole connection is gone: the accept loop reports it.
         e if e.is_connection_error() => return None,

@@ -17,20 +17,22 @@ use teleport_quic::driver::{read_control, spawn_control_writer};
 use teleport_quic::Incoming;
 use tracing::Instrument;
 
-use crate::shared::ServerShared;
+use crate::shared::{ConnectionSlot, ServerShared};
 
 pub(crate) use state::Conn;
 
 /// Serves one connection attempt in a task of its own, so a handshake that
 /// stalls delays no other client.
-pub(crate) fn spawn(incoming: Incoming, shared: Arc<ServerShared>) {
+pub(crate) fn spawn(incoming: Incoming, slot: ConnectionSlot, shared: Arc<ServerShared>) {
     let id = shared.next_connection_id();
     let peer = incoming.remote_addr();
     let span = tracing::info_span!("connection", id, %peer);
     tokio::spawn(
         async move {
-            let conn = Arc::new(Conn::new(id, peer, shared.clone()));
+            let conn = Arc::new(Conn::new(id, peer, shared.clone(), slot.authentication()));
+            // Both held until the task ends, however it ends.
             let _live = shared.register(&conn);
+            let _slot = slot;
             // A connection made while the server drains drains too.
             if let Some(deadline) = shared.shutdown_deadline() {
                 conn.begin_shutdown(deadline);
@@ -80,6 +82,14 @@ async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
         },
         _ = conn.wait_ended() => return,
     };
+    // Data sections are charged to the connection's share of the server's
+    // receive memory as their bytes arrive.
+    let budgets = &conn.shared.budgets;
+    let connection = connection.with_memory_budget(
+        budgets
+            .memory
+            .child("connection", budgets.connection_memory),
+    );
     if !conn.handshake_done(connection.clone()) {
         return;
     }
@@ -113,9 +123,10 @@ async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
     }
     tokio::spawn({
         let conn = conn.clone();
+        let heard = conn.clone();
         read_control(
             recv,
-            |_| {},
+            move |_| heard.heard(),
             move |received| conn.control_received(received),
         )
     });

@@ -24,7 +24,7 @@ use teleport_quic::{Connection, TransportError};
 use tokio::sync::Notify;
 
 use crate::function::{BoundFunction, Context as CallContext, JobFuture};
-use crate::shared::ServerShared;
+use crate::shared::{AuthenticationSlot, ServerShared};
 
 /// What a stream's task is asked to do next.
 pub(crate) enum Action {
@@ -110,10 +110,17 @@ pub(crate) struct Conn {
     /// loop.
     ended: Notify,
     pub(crate) shared: Arc<ServerShared>,
+    /// The connection's place among the unauthenticated ones.
+    slot: AuthenticationSlot,
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, peer: SocketAddr, shared: Arc<ServerShared>) -> Conn {
+    pub(crate) fn new(
+        id: u64,
+        peer: SocketAddr,
+        shared: Arc<ServerShared>,
+        slot: AuthenticationSlot,
+    ) -> Conn {
         let now = shared.clock.now();
         let machine = ServerProtocol::new(now, shared.protocol.clone());
         Conn {
@@ -131,6 +138,7 @@ impl Conn {
             timer: Timer::new(),
             ended: Notify::new(),
             shared,
+            slot,
         }
     }
 
@@ -355,6 +363,14 @@ impl Conn {
         self.pump(&mut state);
     }
 
+    /// The client showed it is alive in a way no other input reports (bytes
+    /// of the control stream, progress of a reply being written).
+    pub(crate) fn heard(&self) {
+        let mut state = self.lock();
+        let now = self.now();
+        state.machine.heard(now);
+    }
+
     pub(crate) fn call_progress(&self, stream: StreamIndex) {
         let mut state = self.lock();
         let now = self.now();
@@ -426,6 +442,9 @@ impl Conn {
             Ok(Some(message)) => {
                 if let Err(e) = state.machine.handle_message(now, message) {
                     tracing::info!(error = %e, "a client message was refused");
+                }
+                if state.machine.is_authenticated() {
+                    self.slot.authenticated();
                 }
             }
             Ok(None) => state

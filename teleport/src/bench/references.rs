@@ -1,0 +1,263 @@
+//! The stacks a user would pick instead of Teleport, as references measured in
+//! the same run: TLS 1.3 over TCP (rustls over tokio's `TcpStream`, with the
+//! same certificate) and plain TCP. Bare quinn is `teleport::quic::reference`.
+//!
+//! One request at a time per connection (k calls in flight take k
+//! connections): `[mode: u8][length: u64 LE][payload]`, answered with
+//! `[length: u64 LE][bytes]`. Echo sends the payload back; sink answers with
+//! the byte count; source reads a byte count and sends that many zero bytes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use teleport::{Fingerprint, Identity};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+pub(crate) const ECHO: u8 = 0;
+pub(crate) const SINK: u8 = 1;
+pub(crate) const SOURCE: u8 = 2;
+
+/// A byte stream: plain TCP or TLS over TCP.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS 1.3 server configuration with `identity`'s certificate and key (read
+/// back from the PEM files `Identity` writes: its key is not exposed otherwise).
+pub(crate) fn server_tls(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
+    let dir = std::env::temp_dir().join(format!("teleport-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("a directory for the bench's certificate")?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    identity.save_pem_files(&cert, &key)?;
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .context("reading the certificate")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the certificate")?;
+    let key = PrivateKeyDer::from_pem_file(&key).context("reading the key")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?)
+}
+
+/// A TLS 1.3 client configuration that trusts exactly the certificate with
+/// `fingerprint`, as Teleport's pinning does.
+pub(crate) fn client_tls(fingerprint: Fingerprint) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = provider();
+    let verifier = PinVerifier {
+        pin: fingerprint,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct PinVerifier {
+    pin: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if Fingerprint::of_der(end_entity.as_ref()) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the certificate does not match the pinned fingerprint".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// An echo/sink/source server over TCP, with TLS or without.
+#[derive(Debug)]
+pub(crate) struct TcpServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TcpServer {
+    pub(crate) async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<TcpServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let acceptor = tls.map(TlsAcceptor::from);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = match acceptor {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => answer(stream).await,
+                            Err(e) => Err(e),
+                        },
+                        None => answer(stream).await,
+                    };
+                });
+            }
+        });
+        Ok(TcpServer { addr, task })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers requests on one connection until the peer closes it.
+async fn answer<S: Io>(mut stream: S) -> io::Result<()> {
+    loop {
+        let mut header = [0u8; 9];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let len = u64::from_le_bytes(header[1..].try_into().expect("8 bytes"));
+        match header[0] {
+            ECHO => {
+                let data = read_exactly(&mut stream, len).await?;
+                write_message(&mut stream, &data).await?;
+            }
+            SINK => {
+                let mut left = len;
+                let mut buffer = vec![0u8; 1 << 20];
+                while left > 0 {
+                    let want = buffer
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = stream.read(&mut buffer[..want]).await?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    left -= n as u64;
+                }
+                write_message(&mut stream, &len.to_le_bytes()).await?;
+            }
+            SOURCE => {
+                let count = read_exactly(&mut stream, len).await?;
+                let count: [u8; 8] = count[..]
+                    .try_into()
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+                let data = vec![0u8; u64::from_le_bytes(count) as usize];
+                write_message(&mut stream, &data).await?;
+            }
+            _ => return Err(io::ErrorKind::InvalidData.into()),
+        }
+    }
+}
+
+/// Reads exactly `len` bytes into fresh memory (not zeroed first).
+async fn read_exactly<S: Io + ?Sized>(stream: &mut S, len: u64) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    (&mut *stream).take(len).read_to_end(&mut data).await?;
+    if data.len() as u64 != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(data)
+}
+
+async fn write_message<S: Io + ?Sized>(stream: &mut S, data: &[u8]) -> io::Result<()> {
+    write_framed(stream, None, data).await
+}
+
+async fn write_framed<S: Io + ?Sized>(
+    stream: &mut S,
+    mode: Option<u8>,
+    data: &[u8],
+) -> io::Result<()> {
+    let mut header = Vec::with_capacity(9 + data.len().min(64 << 10));
+    header.extend(mode);
+    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    if data.len() <= 64 << 10 {
+        // Small messages in one write, as a user would buffer them.
+        header.extend_from_slice(data);
+        stream.write_all(&header).await?;
+    } else {
+        stream.write_all(&header).await?;
+        stream.write_all(data).await?;
+    }
+    stream.flush().await
+}
+
+/// Opens one connection, with TLS if `tls` is given.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(match tls {
+        Some(config) => Box::new(
+            TlsConnector::from(config)
+                .connect(ServerName::try_from("localhost")?, tcp)
+                .await?,
+        ),
+        None => Box::new(tcp),
+    })
+}
+
+/// One request on `stream`; returns the reply's bytes.
+pub(crate) async fn request(
+    stream: &mut Box<dyn Io>,
+    mode: u8,
+    payload: &[u8],
+) -> io::Result<Vec<u8>> {
+    write_framed(&mut **stream, Some(mode), payload).await?;
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len).await?;
+    read_exactly(&mut **stream, u64::from_le_bytes(len)).await
+}
