@@ -349,7 +349,11 @@ impl ClientTls {
         self
     }
 
-    pub(crate) fn rustls_config(&self) -> Result<rustls::ClientConfig, TransportError> {
+    /// These settings as a rustls client configuration (TLS 1.3, ALPN
+    /// [`ALPN`]): what the QUIC transport uses, and what a TLS-over-TCP
+    /// comparison (the benchmark's reference) uses to trust the same server
+    /// the same way.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TransportError> {
         let provider = provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -430,7 +434,9 @@ impl ServerTls {
         &self.identity
     }
 
-    pub(crate) fn rustls_config(&self) -> Result<rustls::ServerConfig, TransportError> {
+    /// These settings as a rustls server configuration (TLS 1.3, ALPN
+    /// [`ALPN`]); see [`ClientTls::rustls_config`].
+    pub fn rustls_config(&self) -> Result<rustls::ServerConfig, TransportError> {
         let provider = provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -11,13 +11,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use teleport::{Fingerprint, Identity};
+use rustls::pki_types::ServerName;
+use teleport::{ClientTls, Fingerprint, Identity, ServerTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -31,89 +26,15 @@ pub(crate) const SOURCE: u8 = 2;
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A TLS 1.3 server configuration with `identity`'s certificate and key (read
-/// back from the PEM files `Identity` writes: its key is not exposed otherwise).
+/// A TLS 1.3 server configuration with `identity`, as Teleport's server has.
 pub(crate) fn server_tls(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
-    let dir = std::env::temp_dir().join(format!("teleport-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("a directory for the bench's certificate")?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    identity.save_pem_files(&cert, &key)?;
-    let chain = CertificateDer::pem_file_iter(&cert)
-        .context("reading the certificate")?
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading the certificate")?;
-    let key = PrivateKeyDer::from_pem_file(&key).context("reading the key")?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?)
+    Ok(ServerTls::new(identity.clone()).rustls_config()?)
 }
 
 /// A TLS 1.3 client configuration that trusts exactly the certificate with
-/// `fingerprint`, as Teleport's pinning does.
+/// `fingerprint`: Teleport's own pinning verifier.
 pub(crate) fn client_tls(fingerprint: Fingerprint) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = provider();
-    let verifier = PinVerifier {
-        pin: fingerprint,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
-}
-
-#[derive(Debug)]
-struct PinVerifier {
-    pin: Fingerprint,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if Fingerprint::of_der(end_entity.as_ref()) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the certificate does not match the pinned fingerprint".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    Ok(ClientTls::pinned(fingerprint).rustls_config()?)
 }
 
 /// An echo/sink/source server over TCP, with TLS or without.
