@@ -639,11 +639,18 @@ impl ClientProtocol {
     /// Connection `conn`'s transport is up (TLS done, control stream open):
     /// the `Hello` goes out.
     pub fn connected(&mut self, now: Timestamp, conn: ConnId) {
-        let _ = now;
         if self.link != (Link::Connecting { conn }) {
             return;
         }
         self.link = Link::Handshaking { conn };
+        // The server answered the TLS handshake, so it is there: its Hello
+        // gets the whole connect timeout. Abandoning it at the short attempt
+        // timeout (a busy server, a lost packet) would start another
+        // handshake on a server already struggling, and leave it an open
+        // connection that lingers until QUIC's idle timeout if our close is
+        // lost.
+        self.timers
+            .set(Timer::Attempt, now + self.config.connect_timeout);
         self.out.push_back(ClientOutput::Transmit {
             conn,
             message: Message::Hello(Hello {

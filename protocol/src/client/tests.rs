@@ -302,6 +302,54 @@ fn attempt_timeouts_double() {
     assert_eq!(lengths, vec![ms(250), ms(500), ms(1000), ms(2000)]);
 }
 
+/// A server that finished the TLS handshake is there: a slow Hello from it
+/// (a busy server, lost packets) is waited for, not abandoned at the short
+/// attempt timeout, which would leave the server a connection whose close
+/// may be lost and start another handshake on a server already struggling.
+#[test]
+fn a_server_past_the_tls_handshake_has_until_the_connect_timeout_to_say_hello() {
+    let mut c = ClientProtocol::new(at(0), ClientConfig::default());
+    c.connect(at(0));
+    let conn = connect_outputs(&drain(&mut c))[0];
+    c.connected(at_ms(200), conn);
+    drain(&mut c);
+    // Well past the first attempt's 250 ms: nothing is abandoned.
+    let next = c.poll_timeout().expect("a deadline");
+    assert!(
+        next >= at_ms(200) + ms(9_000),
+        "the next deadline is at {next:?}"
+    );
+    c.handle_timeout(at_ms(3_000));
+    let out = drain(&mut c);
+    assert!(
+        !out.iter().any(|o| matches!(
+            o,
+            ClientOutput::CloseConnection { .. } | ClientOutput::Connect { .. }
+        )),
+        "{out:?}"
+    );
+    c.handle_message(at_ms(3_000), conn, server_hello())
+        .unwrap();
+    assert_eq!(connect_result(&drain(&mut c)), Some(Ok(())));
+}
+
+#[test]
+fn a_server_that_never_says_hello_fails_the_attempt_at_the_connect_timeout() {
+    let mut c = ClientProtocol::new(at(0), ClientConfig::default());
+    c.connect(at(0));
+    let conn = connect_outputs(&drain(&mut c))[0];
+    c.connected(at_ms(100), conn);
+    drain(&mut c);
+    c.handle_timeout(at_ms(10_100));
+    let out = drain(&mut c);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, ClientOutput::CloseConnection { conn: c, .. } if *c == conn)),
+        "{out:?}"
+    );
+    assert!(matches!(connect_result(&out), Some(Err(_))), "{out:?}");
+}
+
 #[test]
 fn connect_gives_up_at_once_on_a_permanent_failure() {
     for failure in [
