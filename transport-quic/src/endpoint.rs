@@ -81,6 +81,18 @@ pub(crate) fn bind_observed(
     Ok((endpoint, released, buffers))
 }
 
+/// Whether `addr` is on this host (an IPv4-mapped IPv6 address counts as
+/// its IPv4 address).
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// The settings for peers on this host, where they differ from `transport`.
+fn loopback_transport(transport: &TransportConfig) -> Option<TransportConfig> {
+    let loopback = transport.for_peer(Ipv4Addr::LOCALHOST.into());
+    (loopback != *transport).then_some(loopback)
+}
+
 /// Bytes a connection moved, as [`Connection::traffic`] reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -101,6 +113,9 @@ impl std::ops::AddAssign for Traffic {
 #[derive(Clone, Debug)]
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    /// The server configuration for peers on this host, where its packet
+    /// size differs ([`TransportConfig::for_peer`]).
+    loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
     released: Arc<Mutex<Option<Released>>>,
     buffers: SocketBuffers,
@@ -116,9 +131,15 @@ impl Listener {
         limits: Limits,
     ) -> Result<Listener, TransportError> {
         let config = quinn_server_config(tls, transport)?;
+        let loopback = loopback_transport(transport).map(|loopback| {
+            let mut config = config.clone();
+            config.transport_config(loopback.to_quinn());
+            Arc::new(config)
+        });
         let (endpoint, released, buffers) = bind_observed(addr, Some(config), transport)?;
         Ok(Listener {
             endpoint,
+            loopback,
             limits,
             released: Arc::new(Mutex::new(Some(released))),
             buffers,
@@ -146,6 +167,7 @@ impl Listener {
         let incoming = self.endpoint.accept().await?;
         Some(Incoming {
             inner: incoming,
+            loopback: self.loopback.clone(),
             limits: self.limits.clone(),
         })
     }
@@ -182,6 +204,7 @@ impl Listener {
 #[derive(Debug)]
 pub struct Incoming {
     inner: quinn::Incoming,
+    loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
 }
 
@@ -194,7 +217,12 @@ impl Incoming {
     /// Accepts the attempt; the handshake proceeds as the returned
     /// [`Connecting`] is awaited.
     pub fn accept(self) -> Result<Connecting, TransportError> {
-        let connecting = self.inner.accept()?;
+        let connecting = match self.loopback {
+            Some(config) if is_loopback(self.inner.remote_address()) => {
+                self.inner.accept_with(config)?
+            }
+            _ => self.inner.accept()?,
+        };
         Ok(Connecting {
             inner: connecting,
             limits: self.limits,
@@ -256,6 +284,9 @@ impl Future for Handshake {
 #[derive(Debug)]
 pub struct Connector {
     client_config: quinn::ClientConfig,
+    /// The configuration for servers on this host, where its packet size
+    /// differs ([`TransportConfig::for_peer`]).
+    loopback_config: Option<quinn::ClientConfig>,
     /// For the endpoints: their largest UDP payload and batch size.
     transport: TransportConfig,
     limits: Limits,
@@ -272,8 +303,13 @@ impl Connector {
         transport: &TransportConfig,
         limits: Limits,
     ) -> Result<Connector, TransportError> {
+        let loopback_config = match loopback_transport(transport) {
+            Some(loopback) => Some(quinn_client_config(tls, &loopback)?),
+            None => None,
+        };
         Ok(Connector {
             client_config: quinn_client_config(tls, transport)?,
+            loopback_config,
             transport: transport.clone(),
             limits,
             v4: Mutex::new(None),
@@ -304,8 +340,12 @@ impl Connector {
         server_name: &str,
     ) -> Result<Connection, TransportError> {
         let endpoint = self.endpoint_for(addr)?;
+        let config = match &self.loopback_config {
+            Some(config) if is_loopback(addr) => config,
+            _ => &self.client_config,
+        };
         let connecting = endpoint
-            .connect_with(self.client_config.clone(), addr, server_name)
+            .connect_with(config.clone(), addr, server_name)
             .map_err(|e| TransportError::Connect {
                 addr,
                 reason: e.to_string(),
@@ -388,6 +428,12 @@ impl Connection {
     /// The current estimate of the round-trip time.
     pub fn rtt(&self) -> std::time::Duration {
         self.inner.rtt()
+    }
+
+    /// The largest UDP payload this side currently sends on the path, as MTU
+    /// discovery found it so far (1,200 at the start).
+    pub fn path_mtu(&self) -> u16 {
+        self.inner.stats().path.current_mtu
     }
 
     /// Bytes this connection sent and received so far, as UDP payload (QUIC

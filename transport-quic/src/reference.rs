@@ -69,6 +69,9 @@ impl ReferenceServer {
         tls: &ServerTls,
         transport: &TransportConfig,
     ) -> Result<ReferenceServer, TransportError> {
+        // Bound to a loopback address, every peer is on this host: the
+        // packet size a Listener would pick for each of them.
+        let transport = &transport.for_peer(addr.ip());
         let endpoint = bind(addr, Some(quinn_server_config(tls, transport)?), transport)?;
         let accept = tokio::spawn(accept_loop(endpoint.clone()));
         Ok(ReferenceServer { endpoint, accept })
@@ -185,6 +188,7 @@ impl ReferenceClient {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
+        let transport = &transport.for_peer(addr.ip());
         let endpoint = bind(local, None, transport)?;
         let connecting = endpoint
             .connect_with(quinn_client_config(tls, transport)?, addr, server_name)
