@@ -43,6 +43,9 @@ enum Command {
         role: String,
         /// Directory holding cert.pem and key.pem.
         identity_dir: PathBuf,
+        /// As `teleport bench --mtu`.
+        #[arg(long)]
+        mtu: Option<u16>,
     },
 }
 
@@ -109,6 +112,12 @@ struct BenchArgs {
     /// The fingerprint `teleport serve` printed (with --connect).
     #[arg(long)]
     pin: Option<Fingerprint>,
+    /// The largest UDP payload in bytes, for every stack and every path,
+    /// loopback included (`max_udp_payload` and `mtu_upper_bound`). Without
+    /// it: 1,452, and up to 65,527 on loopback (`loopback_udp_payload`).
+    /// MTU discovery still starts at 1,200.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    mtu: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -141,10 +150,15 @@ fn main() -> ExitCode {
                     json: args.json,
                     connect: args.connect,
                     pin: args.pin,
+                    mtu: args.mtu,
                 })
                 .await
             }
-            Command::BenchServer { role, identity_dir } => bench::serve(&role, &identity_dir).await,
+            Command::BenchServer {
+                role,
+                identity_dir,
+                mtu,
+            } => bench::serve(&role, &identity_dir, mtu).await,
         }
     });
     match result {

@@ -40,16 +40,35 @@ pub(crate) struct Options {
     pub(crate) json: bool,
     pub(crate) connect: Option<String>,
     pub(crate) pin: Option<Fingerprint>,
+    /// `--mtu`: the largest UDP payload of every stack; `None` keeps the default.
+    pub(crate) mtu: Option<u16>,
+}
+
+/// The transport settings of every stack in a run: the defaults (which on
+/// loopback allow packets up to `loopback_udp_payload`), or with `mtu` the
+/// bound of MTU discovery on every path, loopback included.
+pub(crate) fn transport(mtu: Option<u16>) -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    if let Some(mtu) = mtu {
+        transport.max_udp_payload = mtu;
+        transport.mtu_upper_bound = mtu;
+        transport.loopback_udp_payload = None;
+    }
+    transport
 }
 
 /// `teleport bench-server` (hidden): the servers the bench measures.
-pub(crate) async fn serve(role: &str, identity_dir: &std::path::Path) -> anyhow::Result<()> {
-    process::serve(role, identity_dir).await
+pub(crate) async fn serve(
+    role: &str,
+    identity_dir: &std::path::Path,
+    mtu: Option<u16>,
+) -> anyhow::Result<()> {
+    process::serve(role, identity_dir, transport(mtu)).await
 }
 
 pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     let plan = Plan::new(options.quick);
-    let transport = TransportConfig::default();
+    let transport = transport(options.mtu);
     let mut _children = None;
     let stacks = match &options.connect {
         Some(addr) => {
@@ -79,10 +98,13 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
             let dir = std::env::temp_dir().join(format!("teleport-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir).context("a directory for the bench's certificate")?;
             identity.save_pem_files(dir.join("cert.pem"), dir.join("key.pem"))?;
-            let spawned =
-                process::ServerProcess::spawn(process::Role::Teleport, &dir).and_then(|server| {
-                    let references =
-                        process::ServerProcess::spawn(process::Role::References, &dir)?;
+            let spawned = process::ServerProcess::spawn(process::Role::Teleport, &dir, options.mtu)
+                .and_then(|server| {
+                    let references = process::ServerProcess::spawn(
+                        process::Role::References,
+                        &dir,
+                        options.mtu,
+                    )?;
                     Ok((server, references))
                 });
             let _ = std::fs::remove_dir_all(&dir);
@@ -127,9 +149,11 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         }
     };
 
-    let heading = format!(
-        "teleport bench{}: {}; {} cores; servers {}",
+    let heading =
+        format!(
+        "teleport bench{}{}: {}; {} cores; servers {}",
         if options.quick { " --quick" } else { "" },
+        options.mtu.map(|m| format!(" --mtu {m}")).unwrap_or_default(),
         match &options.connect {
             Some(addr) => format!("against {addr}"),
             None =>

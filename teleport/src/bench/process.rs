@@ -53,12 +53,21 @@ impl ServerProcess {
     /// Starts this executable as `teleport bench-server ROLE DIR` (the
     /// identity in DIR, as `Identity::save_pem_files` wrote it) and reads
     /// where it listens.
-    pub(crate) fn spawn(role: Role, identity_dir: &Path) -> anyhow::Result<ServerProcess> {
+    pub(crate) fn spawn(
+        role: Role,
+        identity_dir: &Path,
+        mtu: Option<u16>,
+    ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .arg("bench-server")
             .arg(role.name())
-            .arg(identity_dir)
+            .arg(identity_dir);
+        if let Some(mtu) = mtu {
+            command.arg("--mtu").arg(mtu.to_string());
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -114,10 +123,13 @@ impl Drop for ServerProcess {
 /// (built-ins and the batching model), or bare quinn, TLS over TCP and plain
 /// TCP, with the identity in DIR, on loopback; prints their addresses as one
 /// JSON line and serves until its stdin closes.
-pub(crate) async fn serve(role: &str, identity_dir: &Path) -> anyhow::Result<()> {
+pub(crate) async fn serve(
+    role: &str,
+    identity_dir: &Path,
+    transport: TransportConfig,
+) -> anyhow::Result<()> {
     let identity =
         Identity::from_pem_files(identity_dir.join("cert.pem"), identity_dir.join("key.pem"))?;
-    let transport = TransportConfig::default();
     if role == Role::Teleport.name() {
         let server = bind_builtins(Server::builder())
             .bind("model", Function::blocking(|x| model::model(&x)))
