@@ -190,7 +190,10 @@ impl PeerBuilder {
 
     /// Adjusts the settings of this peer's server (limits, workers,
     /// timeouts). Its identity and token are the peer's own.
-    pub fn configure_server(mut self, configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Self {
+    pub fn configure_server(
+        mut self,
+        configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+    ) -> Self {
         self.server = configure(self.server);
         self
     }

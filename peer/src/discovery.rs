@@ -36,7 +36,10 @@ impl Inner {
         let mut last_error: Option<String> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            for batch in self.candidates(name, &path).chunks(self.settings.lookup_fanout) {
+            for batch in self
+                .candidates(name, &path)
+                .chunks(self.settings.lookup_fanout)
+            {
                 let mut asks: FuturesUnordered<_> = batch
                     .iter()
                     .map(|candidate| self.ask(candidate, name, hops, &path, deadline))

@@ -62,7 +62,7 @@ pub enum PeerError {
         target: String,
         /// Why.
         #[source]
-        error: teleport_client::Error,
+        error: Box<teleport_client::Error>,
     },
     /// The call reached the peer and failed there (the function's error, a
     /// deadline, ...), or its connection failed after it was sent.
@@ -75,7 +75,7 @@ pub enum PeerError {
         /// How it failed; [`teleport_client::Error::remote`] gives the
         /// peer's own error.
         #[source]
-        error: teleport_client::Error,
+        error: Box<teleport_client::Error>,
     },
     /// No time was left for the call: its timeout passed while the peer was
     /// being found or connected.
@@ -101,7 +101,9 @@ pub enum PeerError {
     },
     /// A function was defined under a name reserved for the peer's own
     /// functions (those starting with `_peer.`).
-    #[error("the function name {0:?} is reserved (names starting with \"_peer.\" are the peer's own)")]
+    #[error(
+        "the function name {0:?} is reserved (names starting with \"_peer.\" are the peer's own)"
+    )]
     ReservedName(String),
     /// A name that cannot be a peer's name (empty, or longer than 255 bytes).
     #[error("{0:?} cannot be a peer name: it must be 1 to 255 bytes")]

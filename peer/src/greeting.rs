@@ -177,8 +177,10 @@ mod tests {
         let info = greeting(&["0.0.0.0:4433", "127.0.0.1:5000", "127.0.0.1:0"])
             .check(Some(seen))
             .unwrap();
-        let expected: Vec<SocketAddr> =
-            vec!["10.0.0.7:4433".parse().unwrap(), "127.0.0.1:5000".parse().unwrap()];
+        let expected: Vec<SocketAddr> = vec![
+            "10.0.0.7:4433".parse().unwrap(),
+            "127.0.0.1:5000".parse().unwrap(),
+        ];
         assert_eq!(info.addrs, expected);
         // Without an address seen, an unspecified one is dropped.
         let info = greeting(&["0.0.0.0:4433"]).check(None).unwrap();

@@ -85,7 +85,9 @@ mod greeting;
 mod link;
 mod peer;
 
-pub use builder::{PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_TIMEOUT};
+pub use builder::{
+    PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_TIMEOUT,
+};
 pub use error::{PeerError, Refusal, RefusalKind};
 pub use greeting::{HELLO, LOOKUP, REFUSE, RESERVED_PREFIX};
 pub use peer::{KnownPeer, Peer, PeerCall};

@@ -134,7 +134,7 @@ pub(crate) async fn establish(
             Ok(Err(error)) => {
                 last_error = Some(PeerError::Connect {
                     target: target.to_string(),
-                    error,
+                    error: Box::new(error),
                 });
                 continue;
             }
@@ -142,12 +142,12 @@ pub(crate) async fn establish(
                 client.close();
                 last_error = Some(PeerError::Connect {
                     target: target.to_string(),
-                    error: teleport_client::Error::Call(
+                    error: Box::new(teleport_client::Error::Call(
                         teleport_client::CallError::NotConnected {
                             waited: remaining,
                             last_error: None,
                         },
-                    ),
+                    )),
                 });
                 continue;
             }
@@ -177,10 +177,12 @@ pub(crate) async fn establish(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-        error: teleport_client::Error::Call(teleport_client::CallError::NotConnected {
-            waited: Duration::ZERO,
-            last_error: Some("no address to connect to, or no time left".into()),
-        }),
+        error: Box::new(teleport_client::Error::Call(
+            teleport_client::CallError::NotConnected {
+                waited: Duration::ZERO,
+                last_error: Some("no address to connect to, or no time left".into()),
+            },
+        )),
     }))
 }
 
@@ -217,7 +219,7 @@ fn refusal_or(inner: &Inner, from: &str, error: teleport_client::Error) -> PeerE
     let Some(remote) = error.remote() else {
         return PeerError::Connect {
             target: from.to_owned(),
-            error,
+            error: Box::new(error),
         };
     };
     match remote.type_name.as_str() {
@@ -233,7 +235,7 @@ fn refusal_or(inner: &Inner, from: &str, error: teleport_client::Error) -> PeerE
         },
         _ => PeerError::Connect {
             target: from.to_owned(),
-            error,
+            error: Box::new(error),
         },
     }
 }

@@ -196,7 +196,10 @@ impl Inner {
     }
 
     fn gate(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.gates).entry(name.to_owned()).or_default().clone()
+        lock(&self.gates)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     pub(crate) fn record_refusal(&self, refusal: Refusal) {
@@ -501,9 +504,9 @@ impl Inner {
                     let bounded = deadline.min(Instant::now() + self.settings.liveness_timeout);
                     match self.open_learned(&info, bounded).await {
                         Ok(link) => return Ok(Some(link)),
-                        Err(error @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
-                            return Err(error)
-                        }
+                        Err(
+                            error @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. }),
+                        ) => return Err(error),
                         Err(error) => {
                             tracing::debug!(peer = name, %error, "a known peer does not answer");
                             if let Some(entry) = lock(&self.directory).get_mut(name) {
@@ -528,11 +531,8 @@ impl Inner {
         deadline: Instant,
     ) -> Result<Arc<Link>, PeerError> {
         let trust = ClientTls::pinned(info.fingerprint);
-        let established =
-            link::establish(self, &addresses(&info.addrs), &trust, deadline).await?;
-        if established.info.name != info.name
-            || established.info.fingerprint != info.fingerprint
-        {
+        let established = link::establish(self, &addresses(&info.addrs), &trust, deadline).await?;
+        if established.info.name != info.name || established.info.fingerprint != info.fingerprint {
             established.client.close();
             return Err(PeerError::Greeting {
                 from: format!("{:?}", info.addrs),
@@ -551,7 +551,11 @@ impl Inner {
 
     /// A link to the peer called `name`: known, or found through the peers
     /// this peer knows, until `deadline`.
-    async fn link_to(self: &Arc<Self>, name: &str, deadline: Instant) -> Result<Arc<Link>, PeerError> {
+    async fn link_to(
+        self: &Arc<Self>,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<Arc<Link>, PeerError> {
         let started = Instant::now();
         let mut last_error: Option<PeerError> = None;
         let mut backoff = Duration::from_millis(50);
@@ -559,9 +563,11 @@ impl Inner {
             match self.link_known(name, deadline).await {
                 Ok(Some(link)) => return Ok(link),
                 Ok(None) => {}
-                Err(e @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. } | PeerError::Closed)) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (PeerError::NameClash { .. }
+                    | PeerError::Untrusted { .. }
+                    | PeerError::Closed),
+                ) => return Err(e),
                 Err(e) => last_error = Some(e),
             }
             if Instant::now() >= deadline {
@@ -573,7 +579,13 @@ impl Inner {
                 }));
             }
             let info = self
-                .find(name, deadline, self.settings.max_hops, vec![self.name.clone()], true)
+                .find(
+                    name,
+                    deadline,
+                    self.settings.max_hops,
+                    vec![self.name.clone()],
+                    true,
+                )
                 .await?;
             let gate = self.gate(name);
             let Ok(_turn) = tokio::time::timeout_at(deadline.into(), gate.lock()).await else {
@@ -581,7 +593,9 @@ impl Inner {
             };
             match self.open_learned(&info, deadline).await {
                 Ok(link) => return Ok(link),
-                Err(e @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => return Err(e),
+                Err(e @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     tracing::debug!(peer = name, error = %e, "the peer found does not answer");
                     last_error = Some(e);
@@ -635,7 +649,7 @@ impl Inner {
                     return Err(PeerError::Call {
                         peer,
                         method,
-                        error,
+                        error: Box::new(error),
                     })
                 }
             }
@@ -647,9 +661,7 @@ impl Inner {
         let bad = |message: String| HandlerError::with_type("BadGreeting", message);
         let greeting: Greeting = from_tree(args).map_err(|e| bad(e.to_string()))?;
         let info = greeting.check(Some(ctx.peer_addr().ip())).map_err(bad)?;
-        let reply = || {
-            to_tree(&Greeting::of(&self.own_info())).map_err(|e| bad(e.to_string()))
-        };
+        let reply = || to_tree(&Greeting::of(&self.own_info())).map_err(|e| bad(e.to_string()));
         if info.name == self.name && info.fingerprint == self.fingerprint {
             // This peer connected to itself: the caller sees its own name
             // come back and refuses.
@@ -665,7 +677,10 @@ impl Inner {
                 }
                 other => (RefusalKind::Untrusted, UNTRUSTED_TYPE, other.to_string()),
             };
-            let message = format!("peer {:?} refused the name {:?}: {message}", self.name, info.name);
+            let message = format!(
+                "peer {:?} refused the name {:?}: {message}",
+                self.name, info.name
+            );
             self.record_refusal(Refusal {
                 kind,
                 name: info.name.clone(),
@@ -736,10 +751,7 @@ impl Inner {
 
 /// Socket addresses as addresses to connect to.
 pub(crate) fn addresses(addrs: &[SocketAddr]) -> Vec<Address> {
-    addrs
-        .iter()
-        .filter_map(|a| a.to_address().ok())
-        .collect()
+    addrs.iter().filter_map(|a| a.to_address().ok()).collect()
 }
 
 fn duration_ms(d: Duration) -> u64 {

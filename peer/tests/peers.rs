@@ -69,7 +69,10 @@ async fn a_finds_c_through_b_and_c_calls_a_back() {
         let reply = c.call("A", "whoami", Tree::None).await.unwrap();
         assert_eq!(field(&reply, "name"), "A");
         // And a function's own error reaches the caller as a remote error.
-        let error = a.call("C", "no_such_function", Tree::None).await.unwrap_err();
+        let error = a
+            .call("C", "no_such_function", Tree::None)
+            .await
+            .unwrap_err();
         assert!(error.remote().is_some(), "{error}");
     })
     .await;
@@ -79,7 +82,12 @@ async fn a_finds_c_through_b_and_c_calls_a_back() {
 async fn a_peer_two_hops_away_is_found() {
     bounded(async {
         // A - B - D - C: B does not know C, D does.
-        let (a, b, d, c) = (peer("A").await, peer("B").await, peer("D").await, peer("C").await);
+        let (a, b, d, c) = (
+            peer("A").await,
+            peer("B").await,
+            peer("D").await,
+            peer("C").await,
+        );
         a.connect(addr(&b)).await.unwrap();
         b.connect(addr(&d)).await.unwrap();
         c.connect(addr(&d)).await.unwrap();
@@ -117,7 +125,8 @@ async fn a_name_clash_is_refused_on_both_sides() {
         assert!(error.is_name_clash(), "{error}");
         let told = impostor.refusals();
         assert!(
-            told.iter().any(|r| r.kind == RefusalKind::NameClash && r.refused_by == "B"),
+            told.iter()
+                .any(|r| r.kind == RefusalKind::NameClash && r.refused_by == "B"),
             "{told:?}"
         );
         // A peer with this peer's own name is refused too.
@@ -151,7 +160,11 @@ async fn a_restarted_peer_is_found_again() {
         let started = Instant::now();
         let reply = a.call("C", "whoami", Tree::None).await.unwrap();
         assert_eq!(field(&reply, "tag"), "second");
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
         let to_c = a.peers().into_iter().find(|p| p.name == "C").unwrap();
         assert_eq!(to_c.fingerprint, restarted.fingerprint());
         // And the restarted peer calls A back by name.
@@ -216,14 +229,20 @@ async fn deferred_and_queue_functions_on_a_peer() {
         let actor = peer("actor").await;
         actor.connect(addr(&learner)).await.unwrap();
 
-        let reply = actor.call("learner", "later", tree!({"x": 7})).await.unwrap();
+        let reply = actor
+            .call("learner", "later", tree!({"x": 7}))
+            .await
+            .unwrap();
         assert_eq!(reply.get("x").unwrap().as_int().unwrap(), 7);
         let calls: Vec<_> = (0..10)
             .map(|n| actor.call("learner", "batch", tree!({"n": (n as i64)})))
             .collect();
         for (n, call) in calls.into_iter().enumerate() {
             let reply = call.await.unwrap();
-            assert_eq!(reply.get("doubled").unwrap().as_int().unwrap(), 2 * n as i64);
+            assert_eq!(
+                reply.get("doubled").unwrap().as_int().unwrap(),
+                2 * n as i64
+            );
         }
     })
     .await;
@@ -250,7 +269,11 @@ async fn calls_time_out() {
             .await
             .unwrap_err();
         assert!(error.is_timeout(), "{error}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
 
         // The default timeout (moolib's set_timeout).
         caller.set_timeout(Duration::from_millis(300));
@@ -262,7 +285,10 @@ async fn calls_time_out() {
 
         // A name nobody knows: discovery gives up at the timeout.
         let started = Instant::now();
-        let error = caller.call("nobody", "whoami", Tree::None).await.unwrap_err();
+        let error = caller
+            .call("nobody", "whoami", Tree::None)
+            .await
+            .unwrap_err();
         assert!(error.is_not_found(), "{error}");
         assert!(error.to_string().contains("\"nobody\""), "{error}");
         let waited = started.elapsed();
@@ -312,7 +338,11 @@ async fn trust_is_pinned_by_name_or_refused() {
     bounded(async {
         let b = peer("B").await;
         // Neither a pin nor accept_any: nothing to trust B with.
-        let strict = Peer::builder().name("strict").listen("127.0.0.1:0").await.unwrap();
+        let strict = Peer::builder()
+            .name("strict")
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
         let error = strict.connect(addr(&b)).await.unwrap_err();
         assert!(matches!(error, PeerError::Untrusted { .. }), "{error}");
 
@@ -368,7 +398,10 @@ async fn trust_is_pinned_by_name_or_refused() {
             .await
             .unwrap_err();
         assert!(matches!(error, PeerError::ReservedName(_)), "{error}");
-        let (x, y) = (Peer::builder().start().unwrap(), Peer::builder().start().unwrap());
+        let (x, y) = (
+            Peer::builder().start().unwrap(),
+            Peer::builder().start().unwrap(),
+        );
         assert_ne!(x.name(), y.name());
         assert!(x.name().starts_with("peer-"));
     })

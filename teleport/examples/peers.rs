@@ -36,11 +36,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let learned = tokio::spawn(async move {
         let mut frames = 0usize;
         while frames < 2 * STEPS {
-            let Some(calls) = experience.recv_batch(8).await else { break };
+            let Some(calls) = experience.recv_batch(8).await else {
+                break;
+            };
             for (args, responder) in calls {
                 let obs: &[f32] = args.get("obs")?.as_slice()?;
                 frames += 1;
-                responder.respond(Ok(tree!({"sum": (obs.iter().sum::<f32>() as f64), "seen": (frames as i64)})));
+                responder.respond(Ok(
+                    tree!({"sum": (obs.iter().sum::<f32>() as f64), "seen": (frames as i64)}),
+                ));
             }
         }
         Ok::<usize, teleport::TreeError>(frames)
@@ -76,11 +80,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             // actor-2's first call finds the learner through actor-1.
             let weights = actor.call("learner", "weights", Tree::None).await?;
             let w: &[f32] = weights.get("w")?.as_slice()?;
-            let obs = Array::from_vec([4], w.iter().map(|v| v * step as f32).collect::<Vec<f32>>())?;
-            let reply = actor.call("learner", "experience", tree!({"obs": (obs)})).await?;
+            let obs =
+                Array::from_vec([4], w.iter().map(|v| v * step as f32).collect::<Vec<f32>>())?;
+            let reply = actor
+                .call("learner", "experience", tree!({"obs": (obs)}))
+                .await?;
             let expected = 2.0 * step as f64;
             if reply.get("sum")?.as_float()? != expected {
-                return Err(format!("{}: the learner summed {reply}, expected {expected}", actor.name()).into());
+                return Err(format!(
+                    "{}: the learner summed {reply}, expected {expected}",
+                    actor.name()
+                )
+                .into());
             }
         }
     }
