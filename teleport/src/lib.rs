@@ -11,7 +11,9 @@
 //!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level, and
 //!   [`to_tree`] and [`from_tree`] to turn your own serde types into trees
 //!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
-//! - the whole of each crate as a module: [`server`], [`client`],
+//! - [`Peer`]: a process that is server and client at once and calls other
+//!   peers by name, finding them through the peers it knows (see [`peer`]);
+//! - the whole of each crate as a module: [`server`], [`client`], [`peer`],
 //!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
 //!
 //! ```no_run
@@ -82,6 +84,7 @@
 //! end-to-end demo and benchmark: `cargo run --release -p teleport -- demo`.
 
 pub use teleport_client as client;
+pub use teleport_peer as peer;
 pub use teleport_protocol as protocol;
 pub use teleport_quic as quic;
 pub use teleport_server as server;
@@ -89,6 +92,7 @@ pub use teleport_server as server;
 pub use teleport_client::{
     BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
+pub use teleport_peer::{Peer, PeerBuilder, PeerError};
 pub use teleport_protocol::{
     from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
     SerdeError, Tree, TreeError,
