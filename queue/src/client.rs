@@ -334,6 +334,8 @@ impl QueueClient {
             leased: count(wire::LEN, &reply, "leased")?,
             capacity,
             closed: matches!(reply.get("closed"), Some(Tree::Bool(true))),
+            waiting_pulls: count(wire::LEN, &reply, "waiting_pulls")?,
+            waiting_pushes: count(wire::LEN, &reply, "waiting_pushes")?,
         })
     }
 

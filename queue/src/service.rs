@@ -129,6 +129,10 @@ pub struct QueueInfo {
     pub capacity: Option<usize>,
     /// Whether the queue was closed.
     pub closed: bool,
+    /// Pulls waiting for an item now.
+    pub waiting_pulls: usize,
+    /// Pushes waiting for room now.
+    pub waiting_pushes: usize,
 }
 
 impl QueueService {
@@ -183,6 +187,8 @@ impl QueueService {
             leased: queue.leased,
             capacity: queue.capacity,
             closed: queue.closed,
+            waiting_pulls: queue.waiting_pulls(),
+            waiting_pushes: queue.waiting_pushes(),
         })
     }
 
@@ -492,7 +498,8 @@ async fn watch_lease(
     let _ = shared.lock().settle(id, None, Settle::Requeue);
 }
 
-/// `_queue.len {"queue"}` -> `{"len", "leased", "capacity", "closed"}`.
+/// `_queue.len {"queue"}` -> `{"len", "leased", "capacity", "closed",
+/// "waiting_pulls", "waiting_pushes"}`.
 fn len(shared: &Arc<Shared>, args: Tree, responder: Responder) {
     let name = match Args::new(wire::LEN, &args).and_then(|a| a.queue(shared.config.max_name_len)) {
         Ok(name) => name,
@@ -509,6 +516,8 @@ fn len(shared: &Arc<Shared>, args: Tree, responder: Responder) {
     };
     map.insert("capacity", capacity.map_or(Tree::None, int));
     map.insert("closed", queue.is_some_and(|q| q.closed));
+    map.insert("waiting_pulls", int(queue.map_or(0, |q| q.waiting_pulls())));
+    map.insert("waiting_pushes", int(queue.map_or(0, |q| q.waiting_pushes())));
     drop(state);
     responder.respond(Ok(ok(map)));
 }

@@ -59,6 +59,16 @@ impl Queue {
         }
     }
 
+    /// Pulls waiting for an item now.
+    pub(crate) fn waiting_pulls(&self) -> usize {
+        self.pullers.len()
+    }
+
+    /// Pushes waiting for room now.
+    pub(crate) fn waiting_pushes(&self) -> usize {
+        self.pushers.len()
+    }
+
     pub(crate) fn has_room(&self) -> bool {
         self.capacity
             .is_none_or(|capacity| self.items.len() + self.leased < capacity)
