@@ -12,7 +12,8 @@
 //!   [`to_tree`] and [`from_tree`] to turn your own serde types into trees
 //!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
 //! - the whole of each crate as a module: [`server`], [`client`],
-//!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
+//!   [`protocol`] (the sans-IO core), [`quic`] (the transport) and
+//!   [`queue`] (named FIFO queues served as reserved functions).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -83,6 +84,7 @@
 
 pub use teleport_client as client;
 pub use teleport_protocol as protocol;
+pub use teleport_queue as queue;
 pub use teleport_quic as quic;
 pub use teleport_server as server;
 
