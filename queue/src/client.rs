@@ -199,7 +199,9 @@ impl QueueClient {
     /// [`QueueError::Full`] if the queue is full. Returns the queue's length
     /// after the push.
     pub async fn push(&self, queue: &str, item: Tree) -> Result<usize, QueueError> {
-        let reply = self.call(wire::PUSH, push_args(queue, item, None), None).await?;
+        let reply = self
+            .call(wire::PUSH, push_args(queue, item, None), None)
+            .await?;
         count(wire::PUSH, &reply, "len")
     }
 
@@ -271,9 +273,7 @@ impl QueueClient {
         let args = pull_args(queue, None, timeout, false, Some(true), ack_timeout);
         let reply = self.call(wire::PULL, args, wait(timeout)).await?;
         let lease = lease(wire::PULL, &reply)?;
-        let item = items(wire::PULL, reply)?
-            .into_iter()
-            .next();
+        let item = items(wire::PULL, reply)?.into_iter().next();
         match (item, lease) {
             (Some(item), Some(lease)) => Ok(Some(Leased { item, lease })),
             (None, _) => Ok(None),

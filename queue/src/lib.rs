@@ -78,6 +78,5 @@ pub mod wire;
 
 pub use client::{Lease, Leased, QueueClient, QueueError, Stacked, DEFAULT_CALL_GRACE};
 pub use service::{
-    QueueConfig, QueueInfo, QueueService, DEFAULT_CAPACITY, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_QUEUES,
+    QueueConfig, QueueInfo, QueueService, DEFAULT_CAPACITY, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUES,
 };

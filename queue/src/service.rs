@@ -436,7 +436,9 @@ fn finish_pull(shared: &Arc<Shared>, responder: Responder, call: &PullCall, deli
                 Err(error) => {
                     // Only items of one layout are taken together, so only
                     // an array too large to stack fails here.
-                    shared.lock().give_back(&call.name, Delivery { items, lease });
+                    shared
+                        .lock()
+                        .give_back(&call.name, Delivery { items, lease });
                     return responder.respond_error(wire::error(
                         ErrorKind::OverLimit,
                         wire::BAD_ARGUMENTS,
@@ -517,7 +519,10 @@ fn len(shared: &Arc<Shared>, args: Tree, responder: Responder) {
     map.insert("capacity", capacity.map_or(Tree::None, int));
     map.insert("closed", queue.is_some_and(|q| q.closed));
     map.insert("waiting_pulls", int(queue.map_or(0, |q| q.waiting_pulls())));
-    map.insert("waiting_pushes", int(queue.map_or(0, |q| q.waiting_pushes())));
+    map.insert(
+        "waiting_pushes",
+        int(queue.map_or(0, |q| q.waiting_pushes())),
+    );
     drop(state);
     responder.respond(Ok(ok(map)));
 }

@@ -156,7 +156,10 @@ impl<'a> Args<'a> {
     /// A lease number.
     pub(crate) fn lease(&self) -> Result<u64, RemoteError> {
         let Some(value) = self.optional("lease") else {
-            return Err(bad_arguments(self.function, "the lease is missing (key \"lease\")"));
+            return Err(bad_arguments(
+                self.function,
+                "the lease is missing (key \"lease\")",
+            ));
         };
         let n = value
             .as_int()

@@ -74,7 +74,9 @@ async fn one_producer_one_consumer_keeps_the_order() {
     let (server, _queues) = serve(QueueConfig::default()).await;
     let (producer, consumer) = (connect(&server).await, connect(&server).await);
     for seq in 0..50 {
-        within("push", producer.push("q", item(0, seq))).await.unwrap();
+        within("push", producer.push("q", item(0, seq)))
+            .await
+            .unwrap();
     }
     for seq in 0..50 {
         let got = within("pull", consumer.pull("q", Duration::from_secs(5)))
@@ -83,7 +85,9 @@ async fn one_producer_one_consumer_keeps_the_order() {
             .expect("an item");
         assert_eq!(ids(&got), (0, seq));
     }
-    let empty = within("pull", consumer.pull("q", Duration::ZERO)).await.unwrap();
+    let empty = within("pull", consumer.pull("q", Duration::ZERO))
+        .await
+        .unwrap();
     assert_eq!(empty, None);
     // The queue and its calls sit beside ordinary functions.
     let echoed = within("echo", consumer.client().call("echo", tree!(7)))
@@ -140,7 +144,11 @@ async fn many_producers_and_consumers_get_every_item_once_in_order() {
         }
         per_consumer.push(got);
     }
-    assert_eq!(seen.len(), (PRODUCERS * ITEMS) as usize, "every item delivered");
+    assert_eq!(
+        seen.len(),
+        (PRODUCERS * ITEMS) as usize,
+        "every item delivered"
+    );
     // FIFO: each consumer saw every producer's items in the order pushed.
     for got in &per_consumer {
         for producer in 0..PRODUCERS {
@@ -166,13 +174,23 @@ async fn many_producers_and_consumers_get_every_item_once_in_order() {
 async fn a_full_queue_refuses_or_holds_its_pushers() {
     let (server, queues) = serve(QueueConfig::default()).await;
     let client = connect(&server).await;
-    assert!(within("declare", client.declare("small", Some(2))).await.unwrap());
-    assert!(!within("declare", client.declare("small", Some(2))).await.unwrap());
-    within("push", client.push("small", tree!(1))).await.unwrap();
-    within("push", client.push("small", tree!(2))).await.unwrap();
+    assert!(within("declare", client.declare("small", Some(2)))
+        .await
+        .unwrap());
+    assert!(!within("declare", client.declare("small", Some(2)))
+        .await
+        .unwrap());
+    within("push", client.push("small", tree!(1)))
+        .await
+        .unwrap();
+    within("push", client.push("small", tree!(2)))
+        .await
+        .unwrap();
 
     // Not waiting: refused as Overloaded.
-    let error = within("push", client.push("small", tree!(3))).await.unwrap_err();
+    let error = within("push", client.push("small", tree!(3)))
+        .await
+        .unwrap_err();
     let QueueError::Full(remote) = &error else {
         panic!("expected Full, got {error}");
     };
@@ -196,13 +214,20 @@ async fn a_full_queue_refuses_or_holds_its_pushers() {
             .push_wait("small", tree!(3), Duration::from_secs(10))
             .await
     });
-    until(&queues, "small", "the push waits", |info| info.waiting_pushes == 1).await;
+    until(&queues, "small", "the push waits", |info| {
+        info.waiting_pushes == 1
+    })
+    .await;
     let consumer = connect(&server).await;
-    let first = within("pull", consumer.pull("small", Duration::ZERO)).await.unwrap();
+    let first = within("pull", consumer.pull("small", Duration::ZERO))
+        .await
+        .unwrap();
     assert_eq!(first, Some(tree!(1)));
     assert_eq!(within("waiting push", waiting).await.unwrap().unwrap(), 2);
     for expected in [2, 3] {
-        let got = within("pull", consumer.pull("small", Duration::ZERO)).await.unwrap();
+        let got = within("pull", consumer.pull("small", Duration::ZERO))
+            .await
+            .unwrap();
         assert_eq!(got, Some(tree!(expected)));
     }
     let info = within("len", client.len("small")).await.unwrap();
@@ -227,9 +252,14 @@ async fn pulls_wait_up_to_their_timeout() {
     // A waiting pull is woken by a push from another connection.
     let puller = consumer.clone();
     let waiting = tokio::spawn(async move { puller.pull("idle", Duration::from_secs(10)).await });
-    until(&queues, "idle", "the pull waits", |info| info.waiting_pulls == 1).await;
+    until(&queues, "idle", "the pull waits", |info| {
+        info.waiting_pulls == 1
+    })
+    .await;
     let producer = connect(&server).await;
-    within("push", producer.push("idle", tree!("wake"))).await.unwrap();
+    within("push", producer.push("idle", tree!("wake")))
+        .await
+        .unwrap();
     let got = within("woken pull", waiting).await.unwrap().unwrap();
     assert_eq!(got, Some(tree!("wake")));
 }
@@ -266,7 +296,9 @@ async fn an_unacknowledged_item_returns_when_its_consumer_disappears() {
     let (server, queues) = serve(QueueConfig::default()).await;
     let producer = connect(&server).await;
     for n in 0..3 {
-        within("push", producer.push("jobs", tree!(n))).await.unwrap();
+        within("push", producer.push("jobs", tree!(n)))
+            .await
+            .unwrap();
     }
     // Consumer A leases job 0, and dies (its client, and so its connection,
     // goes away) before acknowledging it.
@@ -279,7 +311,10 @@ async fn an_unacknowledged_item_returns_when_its_consumer_disappears() {
     let info = within("len", producer.len("jobs")).await.unwrap();
     assert_eq!((info.len, info.leased), (2, 1));
     drop(doomed);
-    until(&queues, "jobs", "the lease returns", |info| info.leased == 0).await;
+    until(&queues, "jobs", "the lease returns", |info| {
+        info.leased == 0
+    })
+    .await;
 
     // Consumer B gets job 0 back, at the front.
     let survivor = connect(&server).await;
@@ -310,7 +345,9 @@ async fn an_unacknowledged_item_returns_when_its_consumer_disappears() {
         info.leased == 0 && info.len == 2
     })
     .await;
-    let error = within("late ack", survivor.ack(slow.lease)).await.unwrap_err();
+    let error = within("late ack", survivor.ack(slow.lease))
+        .await
+        .unwrap_err();
     assert!(matches!(error, QueueError::UnknownLease(_)), "{error}");
 
     // Giving back on purpose.
@@ -322,7 +359,9 @@ async fn an_unacknowledged_item_returns_when_its_consumer_disappears() {
     .unwrap()
     .expect("jobs 1 and 2");
     assert_eq!(batch.item, vec![tree!(1), tree!(2)]);
-    within("requeue", survivor.requeue(batch.lease)).await.unwrap();
+    within("requeue", survivor.requeue(batch.lease))
+        .await
+        .unwrap();
     let all = within("pull", survivor.pull_batch("jobs", 5, Duration::ZERO))
         .await
         .unwrap();
@@ -333,7 +372,9 @@ async fn an_unacknowledged_item_returns_when_its_consumer_disappears() {
 async fn a_waiting_consumer_gets_an_item_its_dead_peer_leased() {
     let (server, queues) = serve(QueueConfig::default()).await;
     let producer = connect(&server).await;
-    within("push", producer.push("jobs", tree!("only"))).await.unwrap();
+    within("push", producer.push("jobs", tree!("only")))
+        .await
+        .unwrap();
     let doomed = connect(&server).await;
     let leased = within("pull", doomed.pull_acked("jobs", Duration::ZERO, None))
         .await
@@ -359,15 +400,21 @@ async fn pull_batch_stacks_the_run_that_agrees() {
     let client = connect(&server).await;
     for i in 0..3 {
         let frame = Array::from_vec([2, 2], vec![i as f32; 4]).unwrap();
-        within("push", client.push("frames", tree!({"frame": (frame), "i": i})))
-            .await
-            .unwrap();
+        within(
+            "push",
+            client.push("frames", tree!({"frame": (frame), "i": i})),
+        )
+        .await
+        .unwrap();
     }
     // Another shape: it does not stack with the first three.
     let odd = Array::from_vec([3], vec![9.0f32; 3]).unwrap();
-    within("push", client.push("frames", tree!({"frame": (odd), "i": 3})))
-        .await
-        .unwrap();
+    within(
+        "push",
+        client.push("frames", tree!({"frame": (odd), "i": 3})),
+    )
+    .await
+    .unwrap();
 
     let stacked = within("pull", client.pull_stacked("frames", 10, Duration::ZERO))
         .await
@@ -399,7 +446,9 @@ async fn pull_batch_stacks_the_run_that_agrees() {
 
     // Unstacked, `max` bounds the batch.
     for n in 0..5 {
-        within("push", client.push("plain", tree!(n))).await.unwrap();
+        within("push", client.push("plain", tree!(n)))
+            .await
+            .unwrap();
     }
     let two = within("pull", client.pull_batch("plain", 2, Duration::ZERO))
         .await
@@ -418,14 +467,18 @@ async fn a_closed_queue_drains_then_fails() {
     within("push", client.push("done", tree!(1))).await.unwrap();
     within("push", client.push("done", tree!(2))).await.unwrap();
     assert_eq!(within("close", client.close("done")).await.unwrap(), 2);
-    let error = within("push", client.push("done", tree!(3))).await.unwrap_err();
+    let error = within("push", client.push("done", tree!(3)))
+        .await
+        .unwrap_err();
     let QueueError::Closed(remote) = &error else {
         panic!("expected Closed, got {error}");
     };
     assert_eq!(remote.kind, ErrorKind::BadRequest);
     assert_eq!(remote.type_name, wire::QUEUE_CLOSED);
     for expected in [1, 2] {
-        let got = within("pull", client.pull("done", Duration::ZERO)).await.unwrap();
+        let got = within("pull", client.pull("done", Duration::ZERO))
+            .await
+            .unwrap();
         assert_eq!(got, Some(tree!(expected)));
     }
     let error = within("pull", client.pull("done", Duration::from_secs(5)))
@@ -438,8 +491,13 @@ async fn a_closed_queue_drains_then_fails() {
     let puller = connect(&server).await;
     let waiting_pull =
         tokio::spawn(async move { puller.pull("later", Duration::from_secs(10)).await });
-    until(&queues, "later", "the pull waits", |info| info.waiting_pulls == 1).await;
-    within("declare", client.declare("full", Some(1))).await.unwrap();
+    until(&queues, "later", "the pull waits", |info| {
+        info.waiting_pulls == 1
+    })
+    .await;
+    within("declare", client.declare("full", Some(1)))
+        .await
+        .unwrap();
     within("push", client.push("full", tree!(0))).await.unwrap();
     let pusher = client.clone();
     let waiting_push = tokio::spawn(async move {
@@ -447,15 +505,26 @@ async fn a_closed_queue_drains_then_fails() {
             .push_wait("full", tree!(1), Duration::from_secs(10))
             .await
     });
-    until(&queues, "full", "the push waits", |info| info.waiting_pushes == 1).await;
+    until(&queues, "full", "the push waits", |info| {
+        info.waiting_pushes == 1
+    })
+    .await;
     within("close", client.close("later")).await.unwrap();
     within("close", client.close("full")).await.unwrap();
-    let error = within("waiting pull", waiting_pull).await.unwrap().unwrap_err();
+    let error = within("waiting pull", waiting_pull)
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(error.is_closed(), "{error}");
-    let error = within("waiting push", waiting_push).await.unwrap().unwrap_err();
+    let error = within("waiting push", waiting_push)
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(error.is_closed(), "{error}");
     // The item queued before the close is still there to drain.
-    let got = within("pull", client.pull("full", Duration::ZERO)).await.unwrap();
+    let got = within("pull", client.pull("full", Duration::ZERO))
+        .await
+        .unwrap();
     assert_eq!(got, Some(tree!(0)));
 }
 
@@ -468,17 +537,27 @@ async fn malformed_calls_are_refused_with_their_reason() {
         (wire::PUSH, tree!({"item": 1}), "queue"),
         (wire::PUSH, tree!({"queue": "q"}), "item"),
         (wire::PUSH, tree!([1, 2]), "map"),
-        (wire::PULL, tree!({"queue": "q", "timeout": -1.0}), "timeout"),
+        (
+            wire::PULL,
+            tree!({"queue": "q", "timeout": -1.0}),
+            "timeout",
+        ),
         (wire::PULL_BATCH, tree!({"queue": "q"}), "max"),
         (wire::PULL_BATCH, tree!({"queue": "q", "max": 0}), "max"),
         (wire::ACK, tree!({"lease": "x"}), "lease"),
-        (wire::DECLARE, tree!({"queue": "q", "capacity": 2, "unbounded": true}), "both"),
+        (
+            wire::DECLARE,
+            tree!({"queue": "q", "capacity": 2, "unbounded": true}),
+            "both",
+        ),
     ];
     for (function, args, mentions) in cases {
         let error = within(function, raw.call(function, args.clone()))
             .await
             .unwrap_err();
-        let remote = error.remote().unwrap_or_else(|| panic!("{function}: {error}"));
+        let remote = error
+            .remote()
+            .unwrap_or_else(|| panic!("{function}: {error}"));
         assert_eq!(remote.kind, ErrorKind::BadRequest, "{function} {args}");
         assert_eq!(remote.type_name, wire::BAD_ARGUMENTS);
         assert!(
@@ -497,12 +576,16 @@ async fn the_number_of_queues_is_bounded() {
     let client = connect(&server).await;
     within("push", client.push("a", tree!(1))).await.unwrap();
     within("push", client.push("b", tree!(1))).await.unwrap();
-    let error = within("push", client.push("c", tree!(1))).await.unwrap_err();
+    let error = within("push", client.push("c", tree!(1)))
+        .await
+        .unwrap_err();
     let QueueError::Refused(remote) = &error else {
         panic!("expected Refused, got {error}");
     };
     assert_eq!(remote.type_name, wire::TOO_MANY_QUEUES);
     // Draining a queue made by its first use frees its place.
-    within("pull", client.pull("a", Duration::ZERO)).await.unwrap();
+    within("pull", client.pull("a", Duration::ZERO))
+        .await
+        .unwrap();
     within("push", client.push("c", tree!(1))).await.unwrap();
 }

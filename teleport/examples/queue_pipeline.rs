@@ -157,7 +157,10 @@ fn check(result: &Tree, seen: &mut [bool]) -> Result<(), BoxError> {
 
 async fn run() -> Result<(), BoxError> {
     let queues = QueueService::new();
-    let server = queues.install(Server::builder()).listen("127.0.0.1:0").await?;
+    let server = queues
+        .install(Server::builder())
+        .listen("127.0.0.1:0")
+        .await?;
     println!(
         "queue server on {} (fingerprint {})",
         server.local_addr(),

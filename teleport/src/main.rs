@@ -183,7 +183,13 @@ fn error_chain(error: &anyhow::Error) -> String {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    serve_functions(args, builtins::bind_builtins(Server::builder()), "call", "info").await
+    serve_functions(
+        args,
+        builtins::bind_builtins(Server::builder()),
+        "call",
+        "info",
+    )
+    .await
 }
 
 /// Serves the functions bound on `builder` as `args` say, until Ctrl-C;

@@ -81,7 +81,13 @@ pub(crate) async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             let queues =
                 QueueService::with_config(QueueConfig::default().with_default_capacity(capacity));
             let builder = builtins::bind_builtins(queues.install(Server::builder()));
-            serve_functions(args.serve, builder, "push", "QUEUE '{\"hello\": [1, 2, 3]}'").await
+            serve_functions(
+                args.serve,
+                builder,
+                "push",
+                "QUEUE '{\"hello\": [1, 2, 3]}'",
+            )
+            .await
         }
     }
 }
@@ -126,6 +132,9 @@ pub(crate) async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let Some(item) = pulled else {
         bail!("the queue {:?} had no item within {timeout:?}", args.queue);
     };
-    println!("{}", serde_json::to_string_pretty(&json::tree_to_json(&item))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json::tree_to_json(&item))?
+    );
     Ok(())
 }

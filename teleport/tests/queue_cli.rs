@@ -27,7 +27,14 @@ impl Drop for Serving {
 
 fn serve() -> Serving {
     let mut child = Command::new(TELEPORT)
-        .args(["queue", "serve", "--listen", "127.0.0.1:0", "--capacity", "2"])
+        .args([
+            "queue",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "2",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -91,7 +98,11 @@ fn push_and_pull_from_the_shell() {
     let server = serve();
     let pushed = run(&server, "push", &["jobs", r#"{"n": 1}"#]);
     assert!(pushed.status.success(), "{}", text(&pushed.stderr));
-    assert!(text(&pushed.stdout).contains("1 queued"), "{}", text(&pushed.stdout));
+    assert!(
+        text(&pushed.stdout).contains("1 queued"),
+        "{}",
+        text(&pushed.stdout)
+    );
     let array = r#"{"x": {"__array__": {"dtype": "f32", "shape": [2], "fill": 2.5}}}"#;
     let pushed = run(&server, "push", &["jobs", array]);
     assert!(pushed.status.success(), "{}", text(&pushed.stderr));
@@ -99,7 +110,11 @@ fn push_and_pull_from_the_shell() {
     // The queue holds 2 (--capacity): a third push fails, and says why.
     let full = run(&server, "push", &["jobs", "3"]);
     assert!(!full.status.success());
-    assert!(text(&full.stderr).contains("full"), "{}", text(&full.stderr));
+    assert!(
+        text(&full.stderr).contains("full"),
+        "{}",
+        text(&full.stderr)
+    );
 
     let first = run(&server, "pull", &["jobs"]);
     assert!(first.status.success(), "{}", text(&first.stderr));
@@ -117,5 +132,9 @@ fn push_and_pull_from_the_shell() {
     // Empty: a pull fails once its timeout passes.
     let empty = run(&server, "pull", &["jobs", "--timeout", "0.1"]);
     assert!(!empty.status.success());
-    assert!(text(&empty.stderr).contains("no item"), "{}", text(&empty.stderr));
+    assert!(
+        text(&empty.stderr).contains("no item"),
+        "{}",
+        text(&empty.stderr)
+    );
 }

@@ -39,11 +39,17 @@ async fn a_function_learns_when_its_callers_connection_ends() {
             .connect()
     };
     let first = within("connect", connect()).await.unwrap();
-    let a = within("call", first.call("whoami", tree!(null))).await.unwrap();
-    let b = within("call", first.call("whoami", tree!(null))).await.unwrap();
+    let a = within("call", first.call("whoami", tree!(null)))
+        .await
+        .unwrap();
+    let b = within("call", first.call("whoami", tree!(null)))
+        .await
+        .unwrap();
     assert_eq!(a, b, "calls of one connection share its number");
     let second = within("connect", connect()).await.unwrap();
-    let c = within("call", second.call("whoami", tree!(null))).await.unwrap();
+    let c = within("call", second.call("whoami", tree!(null)))
+        .await
+        .unwrap();
     assert_ne!(a, c, "another connection, another number");
 
     // Nothing ended while both clients live.
@@ -118,7 +124,11 @@ async fn try_respond_gives_the_value_back_when_nobody_waits() {
     let call = client.call("hold", tree!(null));
     let responder = within("the call is held", held).await.unwrap();
     call.cancel();
-    within("the server sees the cancel", responder.context().cancelled()).await;
+    within(
+        "the server sees the cancel",
+        responder.context().cancelled(),
+    )
+    .await;
     let back = responder.try_respond(tree!("item"));
     assert_eq!(back, Err(tree!("item")));
     assert!(matches!(

@@ -240,8 +240,7 @@ impl Conn {
                         .deadline
                         .take()
                         .map(|d| self.shared.clock.instant(d).into_std());
-                    let context =
-                        CallContext::new(self.peer, agent, deadline, self.life.clone());
+                    let context = CallContext::new(self.peer, agent, deadline, self.life.clone());
                     mailbox.context = Some(context.clone());
                     let job = function.start(&method, args, context, &self.shared.workers);
                     mailbox.push(Action::Run { id, method, job });
