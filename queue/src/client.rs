@@ -32,7 +32,7 @@ pub enum QueueError {
     /// deadline. A push may or may not have been queued; a pull took nothing
     /// unless the reply was lost on its way (see the crate docs).
     #[error(transparent)]
-    Client(teleport_client::Error),
+    Client(Box<teleport_client::Error>),
     /// The server's reply is not what the queue functions answer.
     #[error("the reply of {function} is malformed: {message}")]
     Reply {
@@ -46,7 +46,7 @@ pub enum QueueError {
 impl QueueError {
     fn from_call(error: teleport_client::Error) -> QueueError {
         let Some(remote) = error.remote() else {
-            return QueueError::Client(error);
+            return QueueError::Client(Box::new(error));
         };
         let remote = remote.clone();
         match remote.type_name.as_str() {
