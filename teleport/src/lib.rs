@@ -14,7 +14,8 @@
 //! - [`Peer`]: a process that is server and client at once and calls other
 //!   peers by name, finding them through the peers it knows (see [`peer`]);
 //! - the whole of each crate as a module: [`server`], [`client`], [`peer`],
-//!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
+//!   [`protocol`] (the sans-IO core), [`quic`] (the transport) and
+//!   [`queue`] (named FIFO queues served as reserved functions).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -86,6 +87,7 @@
 pub use teleport_client as client;
 pub use teleport_peer as peer;
 pub use teleport_protocol as protocol;
+pub use teleport_queue as queue;
 pub use teleport_quic as quic;
 pub use teleport_server as server;
 

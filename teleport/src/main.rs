@@ -5,6 +5,7 @@ mod bench;
 mod builtins;
 mod demo;
 mod json;
+mod queue_cli;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +33,12 @@ enum Command {
     Serve(ServeArgs),
     /// Call a function on a server, with arguments as JSON; print the result as JSON.
     Call(CallArgs),
+    /// Named queues: `teleport queue serve` runs a queue server.
+    Queue(queue_cli::QueueArgs),
+    /// Push an item, written as JSON, to the back of a queue on a queue server.
+    Push(queue_cli::PushArgs),
+    /// Pull the item at the front of a queue on a queue server; print it as JSON.
+    Pull(queue_cli::PullArgs),
     /// Run everything on loopback in one process and check it works (no setup).
     Demo,
     /// Measure Teleport against bare quinn, TLS over TCP, plain TCP and memcpy, on loopback.
@@ -143,6 +150,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
+            Command::Queue(args) => queue_cli::queue(args).await,
+            Command::Push(args) => queue_cli::push(args).await,
+            Command::Pull(args) => queue_cli::pull(args).await,
             Command::Demo => demo::run().await,
             Command::Bench(args) => {
                 bench::run(bench::Options {
@@ -187,7 +197,23 @@ fn error_chain(error: &anyhow::Error) -> String {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut builder = builtins::bind_builtins(Server::builder());
+    serve_functions(
+        args,
+        builtins::bind_builtins(Server::builder()),
+        "call",
+        "info",
+    )
+    .await
+}
+
+/// Serves the functions bound on `builder` as `args` say, until Ctrl-C;
+/// suggests `teleport {command} --connect .. --pin .. {example}` to try it.
+async fn serve_functions(
+    args: ServeArgs,
+    mut builder: teleport::ServerBuilder,
+    command: &str,
+    example: &str,
+) -> anyhow::Result<()> {
     let mut names = vec!["localhost".to_owned()];
     match &args.listen.host {
         Host::Ip(ip) if !ip.is_unspecified() => names.push(ip.to_string()),
@@ -230,7 +256,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         addr
     };
-    println!("try: teleport call --connect {connect} --pin {fingerprint} info");
+    println!("try: teleport {command} --connect {connect} --pin {fingerprint} {example}");
     println!("stop with Ctrl-C");
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

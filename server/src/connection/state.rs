@@ -23,7 +23,7 @@ use teleport_quic::driver::{ControlSender, Timer};
 use teleport_quic::{Connection, TransportError};
 use tokio::sync::Notify;
 
-use crate::function::{BoundFunction, Context as CallContext, JobFuture};
+use crate::function::{BoundFunction, ConnectionLife, Context as CallContext, JobFuture};
 use crate::shared::{AuthenticationSlot, ServerShared};
 
 /// What a stream's task is asked to do next.
@@ -112,6 +112,17 @@ pub(crate) struct Conn {
     pub(crate) shared: Arc<ServerShared>,
     /// The connection's place among the unauthenticated ones.
     slot: AuthenticationSlot,
+    /// Told when the connection ends, for the contexts of its calls
+    /// ([`Context::connection_closed`](crate::Context::connection_closed)).
+    life: Arc<ConnectionLife>,
+}
+
+impl Drop for Conn {
+    /// However the connection's tasks end (even with the runtime going away
+    /// before [`Conn::end`] ran), the contexts of its calls learn it is over.
+    fn drop(&mut self) {
+        self.life.end();
+    }
 }
 
 impl Conn {
@@ -139,6 +150,7 @@ impl Conn {
             ended: Notify::new(),
             shared,
             slot,
+            life: ConnectionLife::new(id),
         }
     }
 
@@ -228,7 +240,7 @@ impl Conn {
                         .deadline
                         .take()
                         .map(|d| self.shared.clock.instant(d).into_std());
-                    let context = CallContext::new(self.peer, agent, deadline);
+                    let context = CallContext::new(self.peer, agent, deadline, self.life.clone());
                     mailbox.context = Some(context.clone());
                     let job = function.start(&method, args, context, &self.shared.workers);
                     mailbox.push(Action::Run { id, method, job });
@@ -311,6 +323,7 @@ impl Conn {
             }
         }
         self.ended.notify_waiters();
+        self.life.end();
     }
 
     /// Takes `stream`'s next action now, if one is waiting.

@@ -49,10 +49,58 @@ struct Inner {
     deadline: Option<Instant>,
     cancelled: AtomicBool,
     notify: Notify,
+    connection: Arc<ConnectionLife>,
+}
+
+/// Whether one connection has ended, shared by the connection and the
+/// contexts of its calls (which may outlive it).
+#[derive(Debug)]
+pub(crate) struct ConnectionLife {
+    id: u64,
+    ended: AtomicBool,
+    notify: Notify,
+}
+
+impl ConnectionLife {
+    pub(crate) fn new(id: u64) -> Arc<ConnectionLife> {
+        Arc::new(ConnectionLife {
+            id,
+            ended: AtomicBool::new(false),
+            notify: Notify::new(),
+        })
+    }
+
+    /// Marks the connection ended and wakes whoever awaits it; once.
+    pub(crate) fn end(&self) {
+        if !self.ended.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    async fn ended(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_ended() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl Context {
-    pub(crate) fn new(peer: SocketAddr, agent: Arc<str>, deadline: Option<Instant>) -> Context {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        agent: Arc<str>,
+        deadline: Option<Instant>,
+        connection: Arc<ConnectionLife>,
+    ) -> Context {
         Context {
             inner: Arc::new(Inner {
                 peer,
@@ -60,17 +108,62 @@ impl Context {
                 deadline,
                 cancelled: AtomicBool::new(false),
                 notify: Notify::new(),
+                connection,
             }),
         }
     }
 
     /// A context that belongs to no call, for functions that never see it.
+    /// Its "connection" (number `u64::MAX`, which no connection gets) never
+    /// ends.
     pub(crate) fn detached() -> Context {
         Context::new(
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             Arc::from(""),
             None,
+            ConnectionLife::new(u64::MAX),
         )
+    }
+
+    /// The number of the caller's connection, unique among the connections
+    /// this server has had since it started: calls with the same number came
+    /// over the same connection. A client that reconnects gets a new number.
+    pub fn connection_id(&self) -> u64 {
+        self.inner.connection.id
+    }
+
+    /// Whether the caller's connection has ended (closed by either side, or
+    /// lost). Unlike [`is_cancelled`](Self::is_cancelled), this is about the
+    /// connection, not the call: it stays false after the call was answered
+    /// while the connection lives on, and turns true when the connection ends
+    /// even if the call finished long before.
+    pub fn is_connection_closed(&self) -> bool {
+        self.inner.connection.is_ended()
+    }
+
+    /// Completes once the caller's connection has ended (see
+    /// [`is_connection_closed`](Self::is_connection_closed)). The future owns
+    /// what it needs, so it can be moved into a task that outlives the call,
+    /// for example to take back what the call handed out when its client
+    /// disappears:
+    ///
+    /// ```
+    /// use teleport_protocol::{tree, Tree};
+    /// use teleport_server::{Context, Server};
+    ///
+    /// let builder = Server::builder().bind("lease", |_: Tree, ctx: Context| async move {
+    ///     let gone = ctx.connection_closed();
+    ///     tokio::spawn(async move {
+    ///         gone.await;
+    ///         // ... give the lease back
+    ///     });
+    ///     Ok(tree!(null))
+    /// });
+    /// # let _ = builder;
+    /// ```
+    pub fn connection_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let connection = self.inner.connection.clone();
+        async move { connection.ended().await }
     }
 
     /// The caller's address (its QUIC connection's remote address).
@@ -138,6 +231,8 @@ impl fmt::Debug for Context {
             .field("agent", &self.inner.agent)
             .field("deadline", &self.inner.deadline)
             .field("cancelled", &self.is_cancelled())
+            .field("connection_id", &self.inner.connection.id)
+            .field("connection_closed", &self.is_connection_closed())
             .finish()
     }
 }

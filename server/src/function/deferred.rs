@@ -46,6 +46,48 @@ impl Responder {
         self.respond_remote(result.map_err(HandlerError::into_remote));
     }
 
+    /// Fails the call with exactly `error`, its [`ErrorKind`] included, where
+    /// [`respond`](Self::respond)'s errors are all of kind `Handler`: for a
+    /// function that refuses a call the way the server itself would
+    /// (`Overloaded` for a resource that is full, `BadRequest` for arguments it
+    /// cannot take), so that callers can tell that from a failure of the
+    /// function, and [`Server::check`](crate::Server::check) reports only
+    /// errors of kind `Handler` and `Panic`.
+    pub fn respond_error(self, error: RemoteError) {
+        self.respond_remote(Err(error));
+    }
+
+    /// Answers the call with `value` if someone still awaits the answer, and
+    /// gives `value` back if not (the call was cancelled, expired or lost its
+    /// connection), so that whatever it carries can go elsewhere rather than
+    /// be dropped. An answer handed over can still be lost if the connection
+    /// fails while the reply is on its way.
+    ///
+    /// ```
+    /// use teleport_protocol::{tree, Tree};
+    /// use teleport_server::Function;
+    ///
+    /// let take = Function::deferred(|_args: Tree, responder| {
+    ///     let item = tree!({"job": 7});
+    ///     if let Err(item) = responder.try_respond(item) {
+    ///         // Nobody is waiting any more: keep `item` for the next caller.
+    ///         drop(item);
+    ///     }
+    /// });
+    /// # let _ = take;
+    /// ```
+    pub fn try_respond(self, value: Tree) -> Result<(), Tree> {
+        if self.is_cancelled() {
+            return Err(value);
+        }
+        match self.reply.send(Ok(value)) {
+            Ok(()) => Ok(()),
+            Err(Ok(value)) => Err(value),
+            // Only `Ok` was sent.
+            Err(Err(_)) => Ok(()),
+        }
+    }
+
     pub(crate) fn respond_remote(self, result: Result<Tree, RemoteError>) {
         // The call is gone (cancelled, expired, connection lost): nobody to tell.
         let _ = self.reply.send(result);

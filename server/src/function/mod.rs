@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 
 pub(crate) use batched::BatchedFunction;
 pub(crate) use blocking::RunFunction;
+pub(crate) use context::ConnectionLife;
 pub use context::Context;
 pub use deferred::Responder;
 pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
