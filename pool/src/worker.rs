@@ -278,7 +278,17 @@ async fn register(
 /// serves the functions bound on `builder` on a runtime of its own, and
 /// returns the exit code (printing the error, if any, to stderr).
 pub fn main(builder: ServerBuilder) -> ExitCode {
-    let result = WorkerOptions::from_args(std::env::args().skip(1)).and_then(|options| {
+    main_with_args(builder, std::env::args().skip(1))
+}
+
+/// [`main`] with the worker's arguments given (for a program that is also
+/// something else: `myapp worker --listen ...`).
+pub fn main_with_args<I, S>(builder: ServerBuilder, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let result = WorkerOptions::from_args(args).and_then(|options| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

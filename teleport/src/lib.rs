@@ -11,7 +11,8 @@
 //!   ([`Tree`], [`Array`], [`DType`], [`tree!`]) at the top level, and
 //!   [`to_tree`] and [`from_tree`] to turn your own serde types into trees
 //!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
-//! - the whole of each crate as a module: [`server`], [`client`],
+//! - [`Pool`]: one function mapped over many servers ([`pool`]);
+//! - the whole of each crate as a module: [`server`], [`client`], [`pool`],
 //!   [`protocol`] (the sans-IO core) and [`quic`] (the transport).
 //!
 //! ```no_run
@@ -82,6 +83,7 @@
 //! end-to-end demo and benchmark: `cargo run --release -p teleport -- demo`.
 
 pub use teleport_client as client;
+pub use teleport_pool as pool;
 pub use teleport_protocol as protocol;
 pub use teleport_quic as quic;
 pub use teleport_server as server;
@@ -89,6 +91,7 @@ pub use teleport_server as server;
 pub use teleport_client::{
     BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
+pub use teleport_pool::{BlockingPool, MapStream, Pool, PoolBuilder, PoolError};
 pub use teleport_protocol::{
     from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
     SerdeError, Tree, TreeError,
