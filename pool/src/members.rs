@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::process::Child;
 use std::time::Duration;
 
 use teleport_client::{Client, ClientTls};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::error::PoolError;
@@ -29,8 +31,24 @@ pub(crate) enum Origin {
     /// lost: a worker that comes back registers again.
     Registered,
     /// A worker process the pool started (locally or over ssh). Removed for
-    /// good when the process exits.
-    Process(Arc<Mutex<tokio::process::Child>>),
+    /// good when the process exits (see [`watch_process`]).
+    Process(ProcessHandle),
+}
+
+/// Stops a worker process the pool started: its task owns the child (and
+/// its stdin, which the worker watches), and kills it when told or when this
+/// handle is dropped.
+#[derive(Debug)]
+pub(crate) struct ProcessHandle {
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl ProcessHandle {
+    fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
 }
 
 /// The state of one server.
@@ -318,9 +336,8 @@ impl Shared {
                 if remove(m) {
                     m.removed = true;
                     m.client.close();
-                    if let Origin::Process(child) = &m.origin {
-                        let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
-                        let _ = child.start_kill();
+                    if let Origin::Process(process) = &mut m.origin {
+                        process.kill();
                     }
                     removed += 1;
                 }
@@ -353,6 +370,18 @@ impl Shared {
         self.remove_where(|_| true);
     }
 
+    /// Why `member` went down, if the pool knows better than the client
+    /// (its process exited), also after it was removed.
+    pub(crate) fn known_reason(&self, member: u64) -> Option<String> {
+        let state = self.lock();
+        let m = state.members.iter().find(|m| m.id == member)?;
+        if m.removed {
+            m.last_error.clone()
+        } else {
+            None
+        }
+    }
+
     fn with_member<R>(&self, member: u64, f: impl FnOnce(&mut Member) -> R) -> Option<R> {
         let mut state = self.lock();
         state
@@ -365,30 +394,15 @@ impl Shared {
 
 /// Brings server `member` (back) up: connects after `first_wait`, then with
 /// doubling waits up to the pool's maximum, until it connects or is removed.
-/// A worker process that has exited is removed instead.
 async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
     let mut wait = first_wait;
     loop {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let Some((client, exited)) = shared.with_member(member, |m| {
-            let exited = match &m.origin {
-                Origin::Process(child) => {
-                    let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
-                    matches!(child.try_wait(), Ok(Some(_)) | Err(_))
-                }
-                _ => false,
-            };
-            (m.client.clone(), exited)
-        }) else {
+        let Some(client) = shared.with_member(member, |m| m.client.clone()) else {
             return;
         };
-        if exited {
-            tracing::info!(member, "pool: worker process exited; removed");
-            shared.remove_where(|m| m.id == member);
-            return;
-        }
         match client.connect().await {
             Ok(()) => {
                 shared.with_member(member, |m| {
@@ -413,4 +427,38 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
             (wait * 2).min(shared.settings.backoff_max)
         };
     }
+}
+
+/// Owns worker process `child` of server `member`: removes the server as
+/// soon as the process exits (its calls in flight fail, or go elsewhere if
+/// idempotent, without waiting for the connection to time out), and kills
+/// the process when the handle says so or is dropped.
+pub(crate) fn watch_process(shared: &Arc<Shared>, mut child: Child) -> (ProcessHandle, impl FnOnce(u64)) {
+    let (kill, killed) = oneshot::channel::<()>();
+    let weak = Arc::downgrade(shared);
+    let start = move |member: u64| {
+        tokio::spawn(async move {
+            // `wait` closes the child's stdin, which stops a worker: hold it
+            // here instead, for as long as the worker is to run.
+            let _stdin = child.stdin.take();
+            tokio::select! {
+                status = child.wait() => {
+                    tracing::info!(member, ?status, "pool: worker process exited; removed");
+                    if let Some(shared) = weak.upgrade() {
+                        let why = match status {
+                            Ok(status) => format!("the worker process exited ({status})"),
+                            Err(e) => format!("the worker process is gone ({e})"),
+                        };
+                        shared.with_member(member, |m| m.last_error = Some(why));
+                        shared.remove_where(|m| m.id == member);
+                    }
+                }
+                // Told to stop, or the handle was dropped with its server.
+                _ = killed => {
+                    let _ = child.kill().await;
+                }
+            }
+        });
+    };
+    (ProcessHandle { kill: Some(kill) }, start)
 }

@@ -343,7 +343,9 @@ pub(crate) async fn call_on(
         if !error.is_connection_error() {
             return Err(classify(server, method, error, &options));
         }
-        let reason = connection_reason(&error);
+        let reason = shared
+            .known_reason(lease.member)
+            .unwrap_or_else(|| connection_reason(&error));
         shared.mark_down(lease.member, &reason);
         if attempt >= max_attempts {
             return Err(if idempotent {

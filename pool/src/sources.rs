@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use teleport_client::{ClientTls, Fingerprint, ToAddress};
@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::error::StartError;
-use crate::members::{Origin, Shared};
+use crate::members::{watch_process, Origin, Shared};
 use crate::worker::{parse_announcement, JOIN_METHOD};
 
 /// An `ssh://[user@]host[:port]/N` source.
@@ -199,12 +199,10 @@ pub(crate) async fn start_local(
     });
     for started in futures_util::future::join_all(starts).await {
         let (child, addr, fingerprint, _) = started?;
-        shared.add(
-            format!("local worker {addr} (pid {})", child.id().unwrap_or(0)),
-            addr,
-            ClientTls::pinned(fingerprint),
-            Origin::Process(Arc::new(Mutex::new(child))),
-        );
+        let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
+        let (process, watch) = watch_process(shared, child);
+        let member = shared.add(name, addr, ClientTls::pinned(fingerprint), Origin::Process(process));
+        watch(member);
     }
     Ok(())
 }
@@ -239,16 +237,14 @@ pub(crate) async fn start_ssh(
     for (i, started) in started.into_iter().enumerate() {
         let (child, announced, fingerprint, _) = started?;
         let addr = dial_address(&source.host, announced).await?;
-        shared.add(
-            format!(
-                "ssh://{}/{} worker {i} at {addr}",
-                source.destination(),
-                source.workers
-            ),
-            addr,
-            ClientTls::pinned(fingerprint),
-            Origin::Process(Arc::new(Mutex::new(child))),
+        let name = format!(
+            "ssh://{}/{} worker {i} at {addr}",
+            source.destination(),
+            source.workers
         );
+        let (process, watch) = watch_process(shared, child);
+        let member = shared.add(name, addr, ClientTls::pinned(fingerprint), Origin::Process(process));
+        watch(member);
     }
     Ok(())
 }

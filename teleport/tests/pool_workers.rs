@@ -131,6 +131,7 @@ async fn a_worker_killed_mid_map() {
                 assert!(matches!(e, PoolError::ServerLost { .. }), "{e}");
                 let server = e.server().unwrap();
                 assert!(server.contains(&format!("pid {victim}")), "{e}");
+                assert!(e.to_string().contains("exited"), "{e}");
             }
         }
         // The dead worker's process is gone, so it is out of the pool for good.
