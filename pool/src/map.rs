@@ -224,32 +224,34 @@ impl MapStream {
             });
         }
         Box::pin(async move {
-                let n = chunk.len();
-                let stacked = match stack(&chunk) {
-                    Ok(stacked) => stacked,
-                    Err(error) => {
-                        let error = PoolError::Stack { method, error };
-                        return Outcome::Chunk(vec![Err(error); n]);
-                    }
-                };
-                drop(chunk);
-                let server = lease.name.to_string();
-                let result = match call_on(shared, lease, method.clone(), stacked, options).await {
-                    Ok(result) => result,
-                    Err(error) => return Outcome::Chunk(vec![Err(error); n]),
-                };
-                match split(&result, n) {
-                    Ok(parts) => Outcome::Chunk(parts.into_iter().map(|t| Ok(unstack_scalars(t))).collect()),
-                    Err(error) => Outcome::Chunk(vec![
-                        Err(PoolError::Split {
-                            server,
-                            method,
-                            size: n,
-                            error,
-                        });
-                        n
-                    ]),
+            let n = chunk.len();
+            let stacked = match stack(&chunk) {
+                Ok(stacked) => stacked,
+                Err(error) => {
+                    let error = PoolError::Stack { method, error };
+                    return Outcome::Chunk(vec![Err(error); n]);
                 }
+            };
+            drop(chunk);
+            let server = lease.name.to_string();
+            let result = match call_on(shared, lease, method.clone(), stacked, options).await {
+                Ok(result) => result,
+                Err(error) => return Outcome::Chunk(vec![Err(error); n]),
+            };
+            match split(&result, n) {
+                Ok(parts) => {
+                    Outcome::Chunk(parts.into_iter().map(|t| Ok(unstack_scalars(t))).collect())
+                }
+                Err(error) => Outcome::Chunk(vec![
+                    Err(PoolError::Split {
+                        server,
+                        method,
+                        size: n,
+                        error,
+                    });
+                    n
+                ]),
+            }
         })
     }
 }
@@ -313,10 +315,7 @@ impl Stream for MapStream {
             None => (pending, Some(pending)),
             Some(inputs) => {
                 let (low, high) = inputs.size_hint();
-                (
-                    pending + low,
-                    high.and_then(|h| h.checked_add(pending)),
-                )
+                (pending + low, high.and_then(|h| h.checked_add(pending)))
             }
         }
     }

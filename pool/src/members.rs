@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::process::Child;
 use std::time::Duration;
+use tokio::process::Child;
 
 use teleport_client::{Client, ClientTls};
 use tokio::sync::{oneshot, Notify};
@@ -433,7 +433,10 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
 /// soon as the process exits (its calls in flight fail, or go elsewhere if
 /// idempotent, without waiting for the connection to time out), and kills
 /// the process when the handle says so or is dropped.
-pub(crate) fn watch_process(shared: &Arc<Shared>, mut child: Child) -> (ProcessHandle, impl FnOnce(u64)) {
+pub(crate) fn watch_process(
+    shared: &Arc<Shared>,
+    mut child: Child,
+) -> (ProcessHandle, impl FnOnce(u64)) {
     let (kill, killed) = oneshot::channel::<()>();
     let weak = Arc::downgrade(shared);
     let start = move |member: u64| {

@@ -72,7 +72,7 @@ impl Pool {
         Pool {
             handle: Arc::new(Handle {
                 shared,
-                registration: registration,
+                registration,
                 tasks,
             }),
         }
@@ -179,7 +179,12 @@ impl Pool {
         S::Item: Into<Tree>,
     {
         use futures_util::StreamExt;
-        MapStream::new(self.clone(), method, Box::pin(inputs.map(Into::into)), false)
+        MapStream::new(
+            self.clone(),
+            method,
+            Box::pin(inputs.map(Into::into)),
+            false,
+        )
     }
 
     /// Adds the server at `addr`, trusted by `fingerprint`. It gets calls as
@@ -382,7 +387,12 @@ fn connection_reason(error: &ClientError) -> String {
 }
 
 /// A call's error that is not a lost server, as a [`PoolError`].
-fn classify(server: String, method: String, error: ClientError, options: &CallOptions) -> PoolError {
+fn classify(
+    server: String,
+    method: String,
+    error: ClientError,
+    options: &CallOptions,
+) -> PoolError {
     match error {
         ClientError::Call(CallError::Remote(error)) => PoolError::Remote {
             server,

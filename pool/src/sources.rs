@@ -201,7 +201,12 @@ pub(crate) async fn start_local(
         let (child, addr, fingerprint, _) = started?;
         let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
         let (process, watch) = watch_process(shared, child);
-        let member = shared.add(name, addr, ClientTls::pinned(fingerprint), Origin::Process(process));
+        let member = shared.add(
+            name,
+            addr,
+            ClientTls::pinned(fingerprint),
+            Origin::Process(process),
+        );
         watch(member);
     }
     Ok(())
@@ -243,7 +248,12 @@ pub(crate) async fn start_ssh(
             source.workers
         );
         let (process, watch) = watch_process(shared, child);
-        let member = shared.add(name, addr, ClientTls::pinned(fingerprint), Origin::Process(process));
+        let member = shared.add(
+            name,
+            addr,
+            ClientTls::pinned(fingerprint),
+            Origin::Process(process),
+        );
         watch(member);
     }
     Ok(())
@@ -390,7 +400,14 @@ mod tests {
         assert_eq!(s.port, Some(2222));
         let s = SshSource::parse("ssh://[::1]:22/1").unwrap();
         assert_eq!((s.host.as_str(), s.port), ("::1", Some(22)));
-        for bad in ["maxi/8", "ssh://maxi", "ssh://maxi/0", "ssh://maxi/x", "ssh://@h/1", "ssh:///2"] {
+        for bad in [
+            "maxi/8",
+            "ssh://maxi",
+            "ssh://maxi/0",
+            "ssh://maxi/x",
+            "ssh://@h/1",
+            "ssh:///2",
+        ] {
             let e = SshSource::parse(bad).unwrap_err();
             assert!(e.to_string().contains("ssh://[user@]host[:port]/N"), "{e}");
         }

@@ -122,7 +122,7 @@ pub enum WorkerError {
         /// The pool's address as given.
         pool: String,
         /// What went wrong.
-        error: teleport_client::Error,
+        error: Box<teleport_client::Error>,
     },
     /// Writing the announcement to stdout failed.
     #[error("writing the announcement to stdout: {0}")]
@@ -159,9 +159,10 @@ impl WorkerOptions {
                 "--connect" => options.connect = Some(value("--connect")?),
                 "--pin" => {
                     let text = value("--pin")?;
-                    options.pin = Some(text.parse().map_err(|e| {
-                        WorkerError::Usage(format!("--pin: {e}"))
-                    })?);
+                    options.pin = Some(
+                        text.parse()
+                            .map_err(|e| WorkerError::Usage(format!("--pin: {e}")))?,
+                    );
                 }
                 "--advertise" => options.advertise = Some(value("--advertise")?),
                 "--identity-dir" => options.identity_dir = Some(value("--identity-dir")?.into()),
@@ -255,7 +256,7 @@ async fn register(
 ) -> Result<Client, WorkerError> {
     let failed = |error| WorkerError::Register {
         pool: pool.to_owned(),
-        error,
+        error: Box::new(error),
     };
     let client = Client::builder(pool)
         .pin(pin)

@@ -196,7 +196,10 @@ async fn ordered_map_over_a_finite_input() {
     let results: Vec<_> = timeout(LIMIT, pool.map("slow", 0i64..200).collect())
         .await
         .unwrap();
-    let results: Vec<i64> = results.into_iter().map(|r| r.unwrap().as_int().unwrap()).collect();
+    let results: Vec<i64> = results
+        .into_iter()
+        .map(|r| r.unwrap().as_int().unwrap())
+        .collect();
     assert_eq!(results, (2..202).collect::<Vec<i64>>());
     // Every server took a share.
     for s in &servers {
@@ -211,7 +214,10 @@ async fn unordered_map_over_a_finite_input() {
     let results: Vec<_> = timeout(LIMIT, pool.map_unordered("slow", 0i64..200).collect())
         .await
         .unwrap();
-    let got: BTreeSet<i64> = results.into_iter().map(|r| r.unwrap().as_int().unwrap()).collect();
+    let got: BTreeSet<i64> = results
+        .into_iter()
+        .map(|r| r.unwrap().as_int().unwrap())
+        .collect();
     assert_eq!(got, (2..202).collect::<BTreeSet<i64>>());
 }
 
@@ -250,7 +256,10 @@ async fn maps_over_an_endless_input_and_a_stream() {
     .await
     .unwrap();
     assert_eq!(got.len(), 500);
-    assert!(got.iter().all(|y| (2..2 + 500 + 16).contains(y)), "unordered reads at most the slots ahead");
+    assert!(
+        got.iter().all(|y| (2..2 + 500 + 16).contains(y)),
+        "unordered reads at most the slots ahead"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +288,11 @@ async fn inputs_are_read_only_as_slots_free_up() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(read.load(Ordering::SeqCst), 6, "2 servers x qsize 3");
     for s in &servers {
-        assert_eq!(s.probe.running.load(Ordering::SeqCst), 3, "least outstanding first");
+        assert_eq!(
+            s.probe.running.load(Ordering::SeqCst),
+            3,
+            "least outstanding first"
+        );
     }
     // Open the gate: results flow, and more inputs are read.
     gate.send(true).unwrap();
@@ -316,7 +329,10 @@ async fn dropping_a_map_stops_reading_and_cancels_calls() {
     assert_eq!(cancelled, 8);
     assert_eq!(read.load(Ordering::SeqCst), 8);
     // The pool is fine afterwards.
-    let y = timeout(LIMIT, pool.submit("g", 40i64)).await.unwrap().unwrap();
+    let y = timeout(LIMIT, pool.submit("g", 40i64))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(y.as_int().unwrap(), 42);
 }
 
@@ -334,7 +350,9 @@ async fn a_lost_server_fails_its_calls_or_they_go_elsewhere_if_idempotent() {
         let map = pool.map("gated", 0i64..100).idempotent(idempotent);
         let collector = tokio::spawn(map.collect::<Vec<_>>());
         until("both servers have calls", || {
-            servers.iter().all(|s| s.probe.running.load(Ordering::SeqCst) == 4)
+            servers
+                .iter()
+                .all(|s| s.probe.running.load(Ordering::SeqCst) == 4)
         })
         .await;
         // Kill server 1 with its 4 calls in flight, then let the rest run.
@@ -377,9 +395,15 @@ async fn a_server_joining_mid_map_gets_work() {
     let read = Arc::new(AtomicUsize::new(0));
     let map = pool.map_unordered("gated", counted(&read)).take(40);
     let collector = tokio::spawn(map.collect::<Vec<_>>());
-    until("server 0 is full", || servers[0].probe.running.load(Ordering::SeqCst) == 2).await;
+    until("server 0 is full", || {
+        servers[0].probe.running.load(Ordering::SeqCst) == 2
+    })
+    .await;
     pool.add_server(servers[1].addr(), servers[1].fingerprint());
-    until("server 1 gets calls", || servers[1].probe.running.load(Ordering::SeqCst) == 2).await;
+    until("server 1 gets calls", || {
+        servers[1].probe.running.load(Ordering::SeqCst) == 2
+    })
+    .await;
     gate.send(true).unwrap();
     let results = timeout(LIMIT, collector).await.unwrap().unwrap();
     assert_eq!(results.len(), 40);
@@ -395,7 +419,15 @@ async fn run_on_all_reaches_every_server_once() {
     assert_eq!(results.len(), 3);
     let tags: BTreeSet<String> = results
         .iter()
-        .map(|(_, r)| r.as_ref().unwrap().get("tag").unwrap().as_str().unwrap().to_owned())
+        .map(|(_, r)| {
+            r.as_ref()
+                .unwrap()
+                .get("tag")
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(tags, ["s0", "s1", "s2"].map(String::from).into());
     let names: BTreeSet<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
@@ -406,16 +438,25 @@ async fn run_on_all_reaches_every_server_once() {
 async fn chunks_stack_inputs_and_split_results() {
     let (servers, _gate) = servers(2).await;
     let pool = pool_of(&servers, 2).await;
-    let results: Vec<_> = timeout(LIMIT, pool.map("add2_batch", 0i64..100).chunksize(8).collect())
-        .await
-        .unwrap();
+    let results: Vec<_> = timeout(
+        LIMIT,
+        pool.map("add2_batch", 0i64..100).chunksize(8).collect(),
+    )
+    .await
+    .unwrap();
     let ys: Vec<i64> = results
         .into_iter()
         .map(|r| r.unwrap().as_int().expect("scalars in, scalars out"))
         .collect();
     assert_eq!(ys, (2..102).collect::<Vec<i64>>());
-    let calls: usize = servers.iter().map(|s| s.probe.calls.load(Ordering::SeqCst)).sum();
-    assert!((13..=50).contains(&calls), "{calls} calls for 100 inputs in chunks of 8");
+    let calls: usize = servers
+        .iter()
+        .map(|s| s.probe.calls.load(Ordering::SeqCst))
+        .sum();
+    assert!(
+        (13..=50).contains(&calls),
+        "{calls} calls for 100 inputs in chunks of 8"
+    );
 
     // Arrays stack along a new axis and come back as arrays.
     let inputs: Vec<Tree> = (0..10)
@@ -434,7 +475,10 @@ async fn chunks_stack_inputs_and_split_results() {
     let results: Vec<_> = timeout(LIMIT, pool.map("add2_batch", mixed).chunksize(2).collect())
         .await
         .unwrap();
-    assert!(matches!(&results[0], Err(PoolError::Stack { .. })), "{results:?}");
+    assert!(
+        matches!(&results[0], Err(PoolError::Stack { .. })),
+        "{results:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,7 +486,10 @@ async fn remote_errors_and_timeouts_name_the_server() {
     let (servers, _gate) = servers(1).await;
     let pool = pool_of(&servers, 2).await;
     let name = pool.servers()[0].name.clone();
-    let e = timeout(LIMIT, pool.submit("fail", 1i64)).await.unwrap().unwrap_err();
+    let e = timeout(LIMIT, pool.submit("fail", 1i64))
+        .await
+        .unwrap()
+        .unwrap_err();
     let remote = e.remote().expect("the function's error");
     assert_eq!(remote.type_name, "ValueError");
     assert_eq!(remote.message, "x must be positive");
@@ -451,7 +498,9 @@ async fn remote_errors_and_timeouts_name_the_server() {
 
     let results: Vec<_> = timeout(
         LIMIT,
-        pool.map("nap", 0i64..2).timeout(Duration::from_millis(100)).collect(),
+        pool.map("nap", 0i64..2)
+            .timeout(Duration::from_millis(100))
+            .collect(),
     )
     .await
     .unwrap();
@@ -479,7 +528,10 @@ async fn with_no_server_left_calls_fail_after_the_wait() {
     // The first call may be lost with the server; after that, none is up.
     let _ = timeout(LIMIT, pool.submit("g", 1i64)).await.unwrap();
     until("the server is out", || pool.servers().iter().all(|s| !s.up)).await;
-    let e = timeout(LIMIT, pool.submit("g", 1i64)).await.unwrap().unwrap_err();
+    let e = timeout(LIMIT, pool.submit("g", 1i64))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(e, PoolError::NoServers { .. }), "{e}");
     assert!(e.to_string().contains("down"), "{e}");
 }
@@ -505,8 +557,14 @@ async fn a_name_resolving_to_servers_is_a_source() {
     .await
     .unwrap()
     .unwrap();
-    timeout(LIMIT, pool.wait_for_servers(1, LIMIT)).await.unwrap().unwrap();
-    let y = timeout(LIMIT, pool.submit("g", 1i64)).await.unwrap().unwrap();
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    let y = timeout(LIMIT, pool.submit("g", 1i64))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(y.as_int().unwrap(), 3);
     // Re-resolving keeps the one server (no duplicates).
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -62,11 +62,21 @@ fn add2(x: &Tree) -> Result<Tree, HandlerError> {
         Tree::Array(a) => {
             let shape = a.shape().to_vec();
             let out = match a.dtype() {
-                DType::I64 => {
-                    Array::from_vec(shape, a.as_slice::<i64>()?.iter().map(|v| v.wrapping_add(2)).collect())?
-                }
-                DType::F64 => Array::from_vec(shape, a.as_slice::<f64>()?.iter().map(|v| v + 2.0).collect())?,
-                DType::F32 => Array::from_vec(shape, a.as_slice::<f32>()?.iter().map(|v| v + 2.0).collect())?,
+                DType::I64 => Array::from_vec(
+                    shape,
+                    a.as_slice::<i64>()?
+                        .iter()
+                        .map(|v| v.wrapping_add(2))
+                        .collect(),
+                )?,
+                DType::F64 => Array::from_vec(
+                    shape,
+                    a.as_slice::<f64>()?.iter().map(|v| v + 2.0).collect(),
+                )?,
+                DType::F32 => Array::from_vec(
+                    shape,
+                    a.as_slice::<f32>()?.iter().map(|v| v + 2.0).collect(),
+                )?,
                 other => {
                     return Err(HandlerError::with_type(
                         "TypeError",

@@ -68,7 +68,9 @@ async fn local_workers_are_started_and_stopped_by_the_pool() {
     let pool = within("the pool starts", local_pool(2).qsize(8).start())
         .await
         .unwrap();
-    within("both up", pool.wait_for_servers(2, WAIT)).await.unwrap();
+    within("both up", pool.wait_for_servers(2, WAIT))
+        .await
+        .unwrap();
     let ys: Vec<i64> = within(
         "a map",
         pool.map("add2", 0i64..500)
@@ -103,7 +105,9 @@ async fn a_worker_killed_mid_map() {
         let pool = within("the pool starts", local_pool(2).qsize(4).start())
             .await
             .unwrap();
-        within("both up", pool.wait_for_servers(2, WAIT)).await.unwrap();
+        within("both up", pool.wait_for_servers(2, WAIT))
+            .await
+            .unwrap();
         let pids = worker_pids(&pool).await;
         // 20 ms a call: the kill lands with calls in flight on both workers.
         let inputs = (0..200).map(|_| tree!({"seconds": 0.02}));
@@ -124,7 +128,10 @@ async fn a_worker_killed_mid_map() {
         assert_eq!(results.len(), 200);
         let failed: Vec<&PoolError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
         if idempotent {
-            assert!(failed.is_empty(), "idempotent calls go elsewhere: {failed:?}");
+            assert!(
+                failed.is_empty(),
+                "idempotent calls go elsewhere: {failed:?}"
+            );
         } else {
             assert!(!failed.is_empty() && failed.len() <= 4, "{failed:?}");
             for e in failed {
@@ -152,7 +159,11 @@ fn fake_ssh(dir: &std::path::Path) -> PathBuf {
         ),
     )
     .unwrap();
-    let status = Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
     assert!(status.success());
     script
 }
@@ -173,7 +184,9 @@ async fn workers_over_ssh_with_a_fake_ssh() {
     )
     .await
     .unwrap();
-    within("both up", pool.wait_for_servers(2, WAIT)).await.unwrap();
+    within("both up", pool.wait_for_servers(2, WAIT))
+        .await
+        .unwrap();
     let args = std::fs::read_to_string(dir.join("ssh-args")).unwrap();
     let lines: Vec<&str> = args.lines().collect();
     assert_eq!(lines.len(), 2, "{args}");
@@ -182,10 +195,17 @@ async fn workers_over_ssh_with_a_fake_ssh() {
             line.starts_with("-o BatchMode=yes -p 2222 tester@127.0.0.1 -- "),
             "{line}"
         );
-        assert!(line.ends_with(" worker --listen 0.0.0.0:0 --exit-on-stdin-close"), "{line}");
+        assert!(
+            line.ends_with(" worker --listen 0.0.0.0:0 --exit-on-stdin-close"),
+            "{line}"
+        );
     }
     for server in pool.servers() {
-        assert!(server.name.starts_with("ssh://tester@127.0.0.1/2 worker"), "{}", server.name);
+        assert!(
+            server.name.starts_with("ssh://tester@127.0.0.1/2 worker"),
+            "{}",
+            server.name
+        );
         // Announced 0.0.0.0:PORT, dialled at the ssh host.
         assert_eq!(server.addr.ip().to_string(), "127.0.0.1");
     }
@@ -219,15 +239,25 @@ async fn a_worker_registers_with_connect() {
     .unwrap();
     let (addr, fingerprint) = pool.registration().unwrap();
     let mut child = Command::new(TELEPORT)
-        .args(["worker", "--connect", &addr.to_string(), "--pin", &fingerprint.to_string()])
+        .args([
+            "worker",
+            "--connect",
+            &addr.to_string(),
+            "--pin",
+            &fingerprint.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    within("the worker joins", pool.wait_for_servers(1, WAIT)).await.unwrap();
+    within("the worker joins", pool.wait_for_servers(1, WAIT))
+        .await
+        .unwrap();
     let y = within("a call", pool.submit("add2", 40i64)).await.unwrap();
     assert_eq!(y.as_int().unwrap(), 42);
-    assert!(pool.servers()[0].name.starts_with("registered worker 127.0.0.1:"));
+    assert!(pool.servers()[0]
+        .name
+        .starts_with("registered worker 127.0.0.1:"));
     // The worker stops when its pool goes.
     drop(pool);
     let exited = within("the worker exits with the pool", async {
