@@ -167,7 +167,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     }
     // The pool case: its own worker processes (not with --connect).
     if options.connect.is_none() {
-        let rows = pool::run(options.quick).await?;
+        let rows = pool::run().await?;
         if options.json {
             for line in pool::json_lines(&rows) {
                 println!("{line}");
