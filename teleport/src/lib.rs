@@ -13,8 +13,9 @@
 //!   and back (see [`protocol::serde`]; [`Client::call_as`] uses them);
 //! - [`Peer`]: a process that is server and client at once and calls other
 //!   peers by name, finding them through the peers it knows (see [`peer`]);
+//! - [`Pool`]: one function mapped over many servers ([`pool`]);
 //! - the whole of each crate as a module: [`server`], [`client`], [`peer`],
-//!   [`protocol`] (the sans-IO core), [`quic`] (the transport) and
+//!   [`pool`], [`protocol`] (the sans-IO core), [`quic`] (the transport) and
 //!   [`queue`] (named FIFO queues served as reserved functions).
 //!
 //! ```no_run
@@ -86,6 +87,7 @@
 
 pub use teleport_client as client;
 pub use teleport_peer as peer;
+pub use teleport_pool as pool;
 pub use teleport_protocol as protocol;
 pub use teleport_queue as queue;
 pub use teleport_quic as quic;
@@ -95,6 +97,7 @@ pub use teleport_client::{
     BlockingClient, CallError, CallOptions, Client, ClientBuilder, ClientStats, PendingCall,
 };
 pub use teleport_peer::{Peer, PeerBuilder, PeerError};
+pub use teleport_pool::{BlockingPool, MapStream, Pool, PoolBuilder, PoolError};
 pub use teleport_protocol::{
     from_tree, to_tree, tree, Array, DType, Element, ErrorKind, Limits, Map, RemoteError,
     SerdeError, Tree, TreeError,

@@ -6,6 +6,7 @@ mod builtins;
 mod demo;
 mod json;
 mod queue_cli;
+mod worker;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ enum Command {
     Demo,
     /// Measure Teleport against bare quinn, TLS over TCP, plain TCP and memcpy, on loopback.
     Bench(BenchArgs),
+    /// A server for pools (`teleport::Pool`): the built-in functions and `add2`.
+    Worker(worker::WorkerArgs),
     /// The servers `teleport bench` measures, in a process of their own.
     #[command(hide = true)]
     BenchServer {
@@ -164,6 +167,7 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Worker(args) => worker::run(args).await,
             Command::BenchServer {
                 role,
                 identity_dir,

@@ -14,6 +14,7 @@
 mod cases;
 mod measure;
 mod model;
+mod pool;
 mod process;
 mod references;
 mod report;
@@ -187,6 +188,17 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         }
     } else {
         print!("{}", report::tables(&rows));
+    }
+    // The pool case: its own worker processes (not with --connect).
+    if options.connect.is_none() {
+        let rows = pool::run().await?;
+        if options.json {
+            for line in pool::json_lines(&rows) {
+                println!("{line}");
+            }
+        } else {
+            print!("\n{}", pool::table(&rows));
+        }
     }
     if let Some(quinn) = &stacks.quinn {
         quinn.close().await;

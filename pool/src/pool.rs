@@ -1,0 +1,425 @@
+//! The pool handle: single calls, calls on every server, adding and removing
+//! servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use teleport_client::{CallError, CallOptions, ClientTls, Error as ClientError, PendingCall};
+use teleport_protocol::Tree;
+
+use crate::error::PoolError;
+use crate::members::{Lease, Origin, Shared};
+use crate::{MapStream, PoolBuilder};
+
+/// A pool of servers that bind the same functions. Cheap to clone; every
+/// clone shares the servers. When the last clone is dropped (or on
+/// [`close`](Pool::close)) the pool closes its connections and stops the
+/// worker processes it started.
+///
+/// Start one with [`Pool::builder`].
+#[derive(Clone, Debug)]
+pub struct Pool {
+    handle: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    /// The endpoint workers register at, kept alive with the pool.
+    registration: Option<teleport_server::Server>,
+    /// Background tasks of the pool's sources (re-resolving names), stopped
+    /// with it.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.shared.close();
+    }
+}
+
+/// One server of a pool as [`Pool::servers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerInfo {
+    /// How the pool names it in errors: its address, or the worker command
+    /// that started it and its address.
+    pub name: String,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// True while it takes calls.
+    pub up: bool,
+    /// Calls it has outstanding now.
+    pub outstanding: usize,
+}
+
+impl Pool {
+    /// A builder for a pool: add sources of servers, then
+    /// [`start`](PoolBuilder::start).
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::new()
+    }
+
+    pub(crate) fn from_parts(
+        shared: Arc<Shared>,
+        registration: Option<teleport_server::Server>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Pool {
+        Pool {
+            handle: Arc::new(Handle {
+                shared,
+                registration,
+                tasks,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// Calls `method` on `args` on the server with the fewest outstanding
+    /// calls, waiting for a free slot if every server has `qsize`. Starts
+    /// when first polled; dropping the future cancels the call.
+    pub async fn submit(&self, method: &str, args: impl Into<Tree>) -> Result<Tree, PoolError> {
+        let options = self.default_options(method);
+        call(self.shared().clone(), method.into(), args.into(), options).await
+    }
+
+    /// Like [`submit`](Self::submit), with `options` (timeout, idempotence)
+    /// instead of the pool's defaults for `method`.
+    pub async fn submit_with(
+        &self,
+        method: &str,
+        args: impl Into<Tree>,
+        options: CallOptions,
+    ) -> Result<Tree, PoolError> {
+        call(self.shared().clone(), method.into(), args.into(), options).await
+    }
+
+    /// Runs `method` on `args` once on every server that is up now, all at
+    /// once, and returns each server's name with its result, in the order of
+    /// [`servers`](Self::servers). Lost calls are not re-sent elsewhere:
+    /// each result is that server's.
+    pub async fn run_on_all(
+        &self,
+        method: &str,
+        args: impl Into<Tree>,
+    ) -> Vec<(String, Result<Tree, PoolError>)> {
+        let args = args.into();
+        let options = self.default_options(method).idempotent(false);
+        let shared = self.shared();
+        let calls: Vec<_> = shared
+            .up_members()
+            .into_iter()
+            .filter_map(|member| shared.lease_on(member))
+            .map(|lease| {
+                let name = lease.name.to_string();
+                let call = call_on(
+                    shared.clone(),
+                    lease,
+                    method.to_owned(),
+                    args.clone(),
+                    options,
+                );
+                async move { (name, call.await) }
+            })
+            .collect();
+        futures_util::future::join_all(calls).await
+    }
+
+    /// Maps `method` over `inputs` (any iterator, possibly endless): a
+    /// [`Stream`](futures_util::Stream) of the results in input order. An
+    /// input is taken from the iterator only when a server has a free slot,
+    /// so memory stays bounded however long the iterator is. Dropping the
+    /// stream stops reading inputs and cancels the calls in flight.
+    ///
+    /// The iterator's `next` is called from the task polling the stream: an
+    /// iterator that blocks (reading a file) blocks that task; use
+    /// [`map_stream`](Self::map_stream) for inputs that arrive asynchronously.
+    pub fn map<I>(&self, method: &str, inputs: I) -> MapStream
+    where
+        I: IntoIterator,
+        I::Item: Into<Tree> + 'static,
+        I::IntoIter: Send + 'static,
+    {
+        let inputs = futures_util::stream::iter(inputs.into_iter().map(Into::into));
+        MapStream::new(self.clone(), method, Box::pin(inputs), true)
+    }
+
+    /// [`map`](Self::map) yielding results as they finish, not in input order.
+    pub fn map_unordered<I>(&self, method: &str, inputs: I) -> MapStream
+    where
+        I: IntoIterator,
+        I::Item: Into<Tree> + 'static,
+        I::IntoIter: Send + 'static,
+    {
+        let inputs = futures_util::stream::iter(inputs.into_iter().map(Into::into));
+        MapStream::new(self.clone(), method, Box::pin(inputs), false)
+    }
+
+    /// [`map`](Self::map) over a [`Stream`](futures_util::Stream) of inputs.
+    pub fn map_stream<S>(&self, method: &str, inputs: S) -> MapStream
+    where
+        S: futures_util::Stream + Send + 'static,
+        S::Item: Into<Tree>,
+    {
+        use futures_util::StreamExt;
+        MapStream::new(self.clone(), method, Box::pin(inputs.map(Into::into)), true)
+    }
+
+    /// [`map_unordered`](Self::map_unordered) over a [`Stream`](futures_util::Stream).
+    pub fn map_stream_unordered<S>(&self, method: &str, inputs: S) -> MapStream
+    where
+        S: futures_util::Stream + Send + 'static,
+        S::Item: Into<Tree>,
+    {
+        use futures_util::StreamExt;
+        MapStream::new(
+            self.clone(),
+            method,
+            Box::pin(inputs.map(Into::into)),
+            false,
+        )
+    }
+
+    /// Adds the server at `addr`, trusted by `fingerprint`. It gets calls as
+    /// soon as it is connected (calls waiting for a slot go to it at once).
+    pub fn add_server(&self, addr: SocketAddr, fingerprint: teleport_client::Fingerprint) {
+        self.shared().add(
+            addr.to_string(),
+            addr,
+            ClientTls::pinned(fingerprint),
+            Origin::Given,
+        );
+    }
+
+    /// Takes the server at `addr` out of the pool: it gets no new calls, its
+    /// calls in flight fail or go elsewhere as a lost server's do, and a
+    /// worker process the pool started there is stopped. Returns whether
+    /// there was one.
+    pub fn remove_server(&self, addr: SocketAddr) -> bool {
+        self.shared().remove_where(|m| m.addr == addr) > 0
+    }
+
+    /// The servers of the pool and their state now.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        self.shared()
+            .snapshot()
+            .into_iter()
+            .map(|(name, addr, up, outstanding)| ServerInfo {
+                name,
+                addr,
+                up,
+                outstanding,
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` servers are up, or `timeout` passes (then
+    /// fails, saying what each server is doing).
+    pub async fn wait_for_servers(&self, n: usize, timeout: Duration) -> Result<(), PoolError> {
+        let shared = self.shared();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut notified = std::pin::pin!(shared.changed.notified());
+            notified.as_mut().enable();
+            if shared.is_closed() {
+                return Err(PoolError::Closed);
+            }
+            if shared.up_members().len() >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(PoolError::NoServers {
+                    method: format!("(waiting for {n} servers)"),
+                    waited: timeout,
+                    servers: shared.describe(),
+                });
+            }
+        }
+    }
+
+    /// Where workers register (`teleport worker --connect ADDR --pin FP`)
+    /// and the fingerprint to pin, if the pool accepts workers
+    /// ([`PoolBuilder::accept_workers`]).
+    pub fn registration(&self) -> Option<(SocketAddr, teleport_client::Fingerprint)> {
+        self.handle
+            .registration
+            .as_ref()
+            .map(|server| (server.local_addr(), server.fingerprint()))
+    }
+
+    /// Each server's slots (`qsize`).
+    pub fn qsize(&self) -> usize {
+        self.shared().settings.qsize
+    }
+
+    /// Closes the pool: calls in flight fail with a connection error, new
+    /// ones with [`PoolError::Closed`], and the worker processes the pool
+    /// started are stopped.
+    pub fn close(&self) {
+        self.shared().close();
+    }
+
+    /// The options a call of `method` gets by default: the pool's call
+    /// timeout, and whether the method was marked idempotent.
+    pub(crate) fn default_options(&self, method: &str) -> CallOptions {
+        let shared = self.shared();
+        let mut options = CallOptions::new().idempotent(shared.is_idempotent(method));
+        if let Some(timeout) = shared.settings.call_timeout {
+            options = options.timeout(timeout);
+        }
+        options
+    }
+}
+
+/// A pending call that is cancelled when dropped: dropping a map stream or a
+/// `submit` future stops its calls on the servers.
+struct CancelOnDrop(PendingCall);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        // A call that already returned its result has no id left: no-op.
+        self.0.cancel();
+    }
+}
+
+/// One call through the pool: a slot, the call, and what to do when the
+/// server is lost.
+pub(crate) async fn call(
+    shared: Arc<Shared>,
+    method: String,
+    args: Tree,
+    options: CallOptions,
+) -> Result<Tree, PoolError> {
+    let lease = match shared.try_acquire()? {
+        Some(lease) => lease,
+        None => shared.clone().acquire(&method).await?,
+    };
+    call_on(shared, lease, method, args, options).await
+}
+
+/// [`call`] on a slot already held.
+pub(crate) async fn call_on(
+    shared: Arc<Shared>,
+    mut lease: Lease,
+    method: String,
+    args: Tree,
+    options: CallOptions,
+) -> Result<Tree, PoolError> {
+    let idempotent = options.idempotent.unwrap_or(false);
+    // The pool re-sends lost calls itself, to other servers; the client must
+    // fail them at once rather than hold them for its own next connection.
+    let options = options.idempotent(false);
+    let max_attempts = if idempotent {
+        shared.settings.max_attempts.max(1)
+    } else {
+        1
+    };
+    // The arguments are kept for a re-send only when one can happen (a clone
+    // of a tree shares its array buffers).
+    let mut args = Some(args);
+    let mut attempt = 1;
+    loop {
+        let this_args = if attempt < max_attempts {
+            args.clone().expect("kept for re-sending")
+        } else {
+            args.take().expect("kept until the last attempt")
+        };
+        let pending = CancelOnDrop(lease.client.call_with_options(
+            method.as_str(),
+            this_args,
+            options,
+        ));
+        let result = {
+            let mut pending = pending;
+            (&mut pending.0).await
+        };
+        let error = match result {
+            Ok(tree) => return Ok(tree),
+            Err(error) => error,
+        };
+        let server = lease.name.to_string();
+        if !error.is_connection_error() {
+            return Err(classify(server, method, error, &options));
+        }
+        let reason = shared
+            .known_reason(lease.member)
+            .unwrap_or_else(|| connection_reason(&error));
+        shared.mark_down(lease.member, &reason);
+        if attempt >= max_attempts {
+            return Err(if idempotent {
+                PoolError::Exhausted {
+                    server,
+                    method,
+                    attempts: attempt,
+                    reason,
+                }
+            } else {
+                PoolError::ServerLost {
+                    server,
+                    method,
+                    reason,
+                }
+            });
+        }
+        tracing::debug!(%server, %method, attempt, "pool: re-sending a lost idempotent call");
+        drop(lease);
+        lease = match shared.try_acquire()? {
+            Some(lease) => lease,
+            None => shared.clone().acquire(&method).await?,
+        };
+        attempt += 1;
+    }
+}
+
+/// What a client error says about the connection, for [`PoolError::ServerLost`].
+fn connection_reason(error: &ClientError) -> String {
+    match error {
+        ClientError::Call(e) => e.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A call's error that is not a lost server, as a [`PoolError`].
+fn classify(
+    server: String,
+    method: String,
+    error: ClientError,
+    options: &CallOptions,
+) -> PoolError {
+    match error {
+        ClientError::Call(CallError::Remote(error)) => PoolError::Remote {
+            server,
+            method,
+            error,
+        },
+        ClientError::Call(CallError::DeadlineExceeded { timeout }) => PoolError::Timeout {
+            server,
+            method,
+            timeout,
+        },
+        ClientError::Call(error) => PoolError::Call {
+            server,
+            method,
+            error,
+        },
+        ClientError::Unobserved { error, .. } => PoolError::Call {
+            server,
+            method,
+            error,
+        },
+        other => PoolError::Call {
+            server,
+            method,
+            error: CallError::ProtocolViolation {
+                message: format!("{other} (timeout {:?})", options.timeout),
+            },
+        },
+    }
+}

@@ -1,0 +1,424 @@
+//! Where a pool's servers come from: worker processes it starts (locally or
+//! over ssh), names it resolves again and again, and workers that register.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use teleport_client::{ClientTls, Fingerprint, ToAddress};
+use teleport_protocol::{tree, Tree};
+use teleport_server::{Context, HandlerError, Server};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::error::StartError;
+use crate::members::{watch_process, Origin, Shared};
+use crate::worker::{parse_announcement, JOIN_METHOD};
+
+/// An `ssh://[user@]host[:port]/N` source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SshSource {
+    pub(crate) user: Option<String>,
+    pub(crate) host: String,
+    pub(crate) port: Option<u16>,
+    pub(crate) workers: usize,
+}
+
+impl SshSource {
+    pub(crate) fn parse(input: &str) -> Result<SshSource, StartError> {
+        let bad = |why: &str| StartError::SshSource {
+            input: input.to_owned(),
+            why: why.to_owned(),
+        };
+        let rest = input
+            .strip_prefix("ssh://")
+            .ok_or_else(|| bad("it does not start with ssh://"))?;
+        let (authority, count) = rest
+            .rsplit_once('/')
+            .ok_or_else(|| bad("the number of workers is missing"))?;
+        let workers: usize = count
+            .parse()
+            .map_err(|_| bad("the number of workers after the last / is not a number"))?;
+        if workers == 0 {
+            return Err(bad("the number of workers is 0"));
+        }
+        let (user, host_port) = match authority.rsplit_once('@') {
+            Some((user, rest)) if !user.is_empty() => (Some(user.to_owned()), rest),
+            Some(_) => return Err(bad("the user before @ is empty")),
+            None => (None, authority),
+        };
+        let (host, port) = split_host_port(host_port).map_err(|why| bad(&why))?;
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        Ok(SshSource {
+            user,
+            host,
+            port,
+            workers,
+        })
+    }
+
+    /// `[user@]host`, as ssh takes it.
+    fn destination(&self) -> String {
+        match &self.user {
+            Some(user) => format!("{user}@{}", self.host),
+            None => self.host.clone(),
+        }
+    }
+}
+
+/// `host`, `host:22`, `[::1]`, `[::1]:22`.
+fn split_host_port(text: &str) -> Result<(String, Option<u16>), String> {
+    let parse_port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("the port {p:?} is not a number from 0 to 65535"))
+    };
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "an IPv6 address misses its ]".to_owned())?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(parse_port(p)?),
+            None if after.is_empty() => None,
+            None => return Err(format!("unexpected {after:?} after the address")),
+        };
+        return Ok((host.to_owned(), port));
+    }
+    match text.split_once(':') {
+        Some((host, port)) => Ok((host.to_owned(), Some(parse_port(port)?))),
+        None => Ok((text.to_owned(), None)),
+    }
+}
+
+/// Quotes `word` for the remote shell ssh hands its command to.
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%+,".contains(&b))
+    {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// A worker command to start: the program, its arguments, and how errors name it.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerCommand {
+    pub(crate) program: OsString,
+    pub(crate) args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    fn display(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Starts a worker process and reads its announcement. The child keeps its
+/// stdin open (the worker stops when it closes) and is killed when dropped.
+async fn start_worker(
+    command: WorkerCommand,
+    wait: Duration,
+) -> Result<(Child, SocketAddr, Fingerprint, String), StartError> {
+    let shown = command.display();
+    let mut child = Command::new(&command.program)
+        .args(&command.args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| StartError::Spawn {
+            command: shown.clone(),
+            error,
+        })?;
+    let stdout = child.stdout.take().ok_or_else(|| StartError::Announce {
+        command: shown.clone(),
+        what: "its stdout is not a pipe".to_owned(),
+    })?;
+    let mut lines = BufReader::new(stdout).lines();
+    let announce = |what: String| StartError::Announce {
+        command: shown.clone(),
+        what,
+    };
+    let read = tokio::time::timeout(wait, async {
+        // Skip what a login shell or ssh banner may print before it.
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    if let Some(found) = parse_announcement(&line) {
+                        return Ok(found);
+                    }
+                    tracing::debug!(line, "pool: worker output before its announcement");
+                }
+                Ok(None) => return Err("it exited (its stdout closed)".to_owned()),
+                Err(e) => return Err(format!("reading its stdout: {e}")),
+            }
+        }
+    })
+    .await;
+    let (addr, fingerprint) = match read {
+        Ok(Ok(found)) => found,
+        Ok(Err(what)) => {
+            let status = child.try_wait().ok().flatten();
+            let what = match status {
+                Some(status) => format!("{what}, {status}"),
+                None => what,
+            };
+            return Err(announce(what));
+        }
+        Err(_) => return Err(announce(format!("nothing within {wait:?}"))),
+    };
+    // Keep reading what it prints, so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr, fingerprint, shown))
+}
+
+/// Starts `n` local worker processes concurrently and adds them.
+pub(crate) async fn start_local(
+    shared: &Arc<Shared>,
+    command: &WorkerCommand,
+    n: usize,
+) -> Result<(), StartError> {
+    let starts = (0..n).map(|_| {
+        let mut command = command.clone();
+        command.args.extend(
+            ["--listen", "127.0.0.1:0", "--exit-on-stdin-close"]
+                .iter()
+                .map(OsString::from),
+        );
+        start_worker(command, shared.settings.connect_timeout)
+    });
+    for started in futures_util::future::join_all(starts).await {
+        let (child, addr, fingerprint, _) = started?;
+        let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
+        let (process, watch) = watch_process(shared, child);
+        let member = shared.add(
+            name,
+            addr,
+            ClientTls::pinned(fingerprint),
+            Origin::Process(process),
+        );
+        watch(member);
+    }
+    Ok(())
+}
+
+/// Starts the workers of an ssh source through `ssh` and adds them.
+pub(crate) async fn start_ssh(
+    shared: &Arc<Shared>,
+    ssh: &WorkerCommand,
+    remote: &[String],
+    listen: &str,
+    source: &SshSource,
+) -> Result<(), StartError> {
+    let mut remote_words: Vec<String> = remote.iter().map(|w| shell_quote(w)).collect();
+    remote_words.extend(
+        ["--listen", listen, "--exit-on-stdin-close"]
+            .iter()
+            .map(|w| shell_quote(w)),
+    );
+    let remote_line = remote_words.join(" ");
+    let starts = (0..source.workers).map(|_| {
+        let mut command = ssh.clone();
+        if let Some(port) = source.port {
+            command.args.push("-p".into());
+            command.args.push(port.to_string().into());
+        }
+        command.args.push(source.destination().into());
+        command.args.push("--".into());
+        command.args.push(remote_line.clone().into());
+        start_worker(command, shared.settings.connect_timeout)
+    });
+    let started = futures_util::future::join_all(starts).await;
+    for (i, started) in started.into_iter().enumerate() {
+        let (child, announced, fingerprint, _) = started?;
+        let addr = dial_address(&source.host, announced).await?;
+        let name = format!(
+            "ssh://{}/{} worker {i} at {addr}",
+            source.destination(),
+            source.workers
+        );
+        let (process, watch) = watch_process(shared, child);
+        let member = shared.add(
+            name,
+            addr,
+            ClientTls::pinned(fingerprint),
+            Origin::Process(process),
+        );
+        watch(member);
+    }
+    Ok(())
+}
+
+/// Where to dial a worker on `host` that announced `announced`: a worker
+/// listening on every interface (`0.0.0.0`, `::`) is reached at `host`.
+async fn dial_address(host: &str, announced: SocketAddr) -> Result<SocketAddr, StartError> {
+    if !announced.ip().is_unspecified() {
+        return Ok(announced);
+    }
+    let address = if host.contains(':') {
+        format!("[{host}]:{}", announced.port())
+    } else {
+        format!("{host}:{}", announced.port())
+    };
+    let resolved = address.to_address()?.resolve_for_client().await?;
+    Ok(resolved[0])
+}
+
+/// Resolves `name` (`host:port`) now and adds the addresses that are new;
+/// takes out the servers whose address it no longer resolves to.
+pub(crate) async fn refresh_name(shared: &Arc<Shared>, name: &Arc<str>, tls: &ClientTls) {
+    let resolved = match name.to_address() {
+        Ok(address) => address.resolve_for_client().await,
+        Err(e) => Err(e),
+    };
+    let addrs = match resolved {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            // A name that does not resolve for a moment (a DNS hiccup, a
+            // service scaled to zero) keeps the servers it had.
+            tracing::warn!(%name, error = %e, "pool: resolving failed; keeping the servers");
+            return;
+        }
+    };
+    let known = shared.resolved_addrs(name);
+    for addr in &addrs {
+        if !known.contains(addr) {
+            tracing::info!(%name, %addr, "pool: new server");
+            shared.add(
+                format!("{addr} ({name})"),
+                *addr,
+                tls.clone(),
+                Origin::Resolved { name: name.clone() },
+            );
+        }
+    }
+    let gone = shared.remove_where(|m| {
+        matches!(&m.origin, Origin::Resolved { name: n } if n == name) && !addrs.contains(&m.addr)
+    });
+    if gone > 0 {
+        tracing::info!(%name, gone, "pool: servers no longer resolved; removed");
+    }
+}
+
+/// The task that re-resolves `name` every `period`.
+pub(crate) fn resolve_periodically(
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    tls: ClientTls,
+    period: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // The first tick is immediate; start() resolved already.
+        loop {
+            ticker.tick().await;
+            if shared.is_closed() {
+                return;
+            }
+            refresh_name(&shared, &name, &tls).await;
+        }
+    })
+}
+
+/// The endpoint `teleport worker --connect` registers at: a Teleport server
+/// with one function, [`JOIN_METHOD`], that adds the worker as a server.
+pub(crate) async fn registration_server(
+    shared: &Arc<Shared>,
+    listen: &str,
+    identity: Option<teleport_client::Identity>,
+) -> Result<Server, StartError> {
+    let weak = Arc::downgrade(shared);
+    let join = move |args: Tree, ctx: Context| {
+        let weak = weak.clone();
+        async move {
+            let shared = weak
+                .upgrade()
+                .ok_or_else(|| HandlerError::with_type("PoolClosed", "the pool was closed"))?;
+            let port = u16::try_from(args.get("port")?.as_int()?)
+                .map_err(|_| HandlerError::with_type("ValueError", "port is not a UDP port"))?;
+            let fingerprint: Fingerprint = args
+                .get("fingerprint")?
+                .as_str()?
+                .parse()
+                .map_err(|e| HandlerError::with_type("ValueError", format!("{e}")))?;
+            let addr = match args.get("host")? {
+                Tree::None => SocketAddr::new(ctx.peer_addr().ip(), port),
+                host => dial_address(host.as_str()?, SocketAddr::from(([0, 0, 0, 0], port)))
+                    .await
+                    .map_err(|e| HandlerError::with_type("ValueError", e.to_string()))?,
+            };
+            tracing::info!(%addr, "pool: worker registered");
+            shared.add(
+                format!("registered worker {addr}"),
+                addr,
+                ClientTls::pinned(fingerprint),
+                Origin::Registered,
+            );
+            Ok(tree!({"addr": (addr.to_string())}))
+        }
+    };
+    let mut builder = Server::builder().bind(JOIN_METHOD, join);
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    if let Some(token) = &shared.settings.token {
+        builder = builder.token(token.clone());
+    }
+    Ok(builder.listen(listen).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_sources_parse() {
+        let s = SshSource::parse("ssh://maxi/8").unwrap();
+        assert_eq!(
+            s,
+            SshSource {
+                user: None,
+                host: "maxi".into(),
+                port: None,
+                workers: 8
+            }
+        );
+        let s = SshSource::parse("ssh://ann@10.0.0.7:2222/2").unwrap();
+        assert_eq!(s.user.as_deref(), Some("ann"));
+        assert_eq!(s.host, "10.0.0.7");
+        assert_eq!(s.port, Some(2222));
+        let s = SshSource::parse("ssh://[::1]:22/1").unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("::1", Some(22)));
+        for bad in [
+            "maxi/8",
+            "ssh://maxi",
+            "ssh://maxi/0",
+            "ssh://maxi/x",
+            "ssh://@h/1",
+            "ssh:///2",
+        ] {
+            let e = SshSource::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("ssh://[user@]host[:port]/N"), "{e}");
+        }
+    }
+
+    #[test]
+    fn remote_words_are_quoted() {
+        assert_eq!(shell_quote("teleport"), "teleport");
+        assert_eq!(shell_quote("0.0.0.0:0"), "0.0.0.0:0");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}

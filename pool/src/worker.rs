@@ -1,0 +1,306 @@
+//! The worker side: a server process for pools, with the application's own
+//! functions.
+//!
+//! An application binds its functions and hands the builder to [`main`] (or
+//! [`serve`] from its own runtime); the pool starts that program as its
+//! worker ([`PoolBuilder::worker_command`](crate::PoolBuilder::worker_command)):
+//!
+//! ```no_run
+//! use teleport_server::Server;
+//! use teleport_protocol::{tree, Tree};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let functions = Server::builder()
+//!         .bind("g", |x: Tree| async move { Ok(tree!((x.as_int()? + 2))) });
+//!     // --listen ADDR, or --connect ADDR --pin FP; see `WorkerOptions`.
+//!     teleport_pool::worker::main(functions)
+//! }
+//! ```
+//!
+//! A worker started with `--listen` prints one line,
+//! `teleport worker listening on ADDR fingerprint FP`, which is how a pool
+//! that started it learns where it is and which certificate to pin.
+//!
+//! With `--connect ADDR --pin FP` the worker registers with a pool that
+//! listens ([`PoolBuilder::accept_workers`](crate::PoolBuilder::accept_workers)):
+//! it still listens itself, tells the pool its port and fingerprint, and the
+//! pool dials it back. The pool must therefore be able to reach the worker
+//! (UDP to its port): `--connect` saves telling the pool where workers are,
+//! it does not get through a firewall in front of the worker. It stops when
+//! its connection to the pool ends.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use teleport_client::{Client, Fingerprint, Identity};
+use teleport_protocol::{tree, Tree};
+use teleport_server::ServerBuilder;
+
+/// The method a pool's registration endpoint binds.
+pub const JOIN_METHOD: &str = "teleport.pool.join";
+
+/// What a worker announces on stdout before the address.
+pub(crate) const ANNOUNCE_PREFIX: &str = "teleport worker listening on ";
+/// Between the address and the fingerprint in the announcement.
+pub(crate) const ANNOUNCE_FINGERPRINT: &str = " fingerprint ";
+
+/// The line a worker listening at `addr` with certificate `fingerprint`
+/// prints.
+pub fn announcement(addr: SocketAddr, fingerprint: Fingerprint) -> String {
+    format!("{ANNOUNCE_PREFIX}{addr}{ANNOUNCE_FINGERPRINT}{fingerprint}")
+}
+
+/// The address and fingerprint in a worker's announcement line.
+pub fn parse_announcement(line: &str) -> Option<(SocketAddr, Fingerprint)> {
+    let rest = line.trim().strip_prefix(ANNOUNCE_PREFIX)?;
+    let (addr, fingerprint) = rest.split_once(ANNOUNCE_FINGERPRINT)?;
+    Some((addr.parse().ok()?, fingerprint.parse().ok()?))
+}
+
+/// How a worker runs: where it listens, and the pool it registers with.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// Where to listen (`--listen`, default `127.0.0.1:0`: a free port on
+    /// loopback).
+    pub listen: String,
+    /// A pool's registration endpoint to register with (`--connect`).
+    pub connect: Option<String>,
+    /// The fingerprint of that endpoint's certificate (`--pin`).
+    pub pin: Option<Fingerprint>,
+    /// The host name or address the pool should dial back (`--advertise`);
+    /// default: the address the pool sees the registration come from.
+    pub advertise: Option<String>,
+    /// Stop when stdin closes (`--exit-on-stdin-close`): how a pool that
+    /// started the worker, locally or over ssh, takes it down with itself.
+    pub exit_on_stdin_close: bool,
+    /// Keep the self-signed certificate in this directory, so the
+    /// fingerprint stays the same across restarts (`--identity-dir`).
+    pub identity_dir: Option<PathBuf>,
+    /// A shared token clients must present (`--token`, or `TELEPORT_TOKEN`).
+    pub token: Option<String>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            listen: "127.0.0.1:0".to_owned(),
+            connect: None,
+            pin: None,
+            advertise: None,
+            exit_on_stdin_close: false,
+            identity_dir: None,
+            token: std::env::var("TELEPORT_TOKEN").ok(),
+        }
+    }
+}
+
+/// What the worker's command line or its serving went wrong with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The command line is not one a worker takes.
+    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--advertise HOST] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN]")]
+    Usage(String),
+    /// The server could not be started.
+    #[error(transparent)]
+    Server(#[from] teleport_server::ServerError),
+    /// The certificate in `--identity-dir` could not be read or made.
+    #[error("the identity in {dir}: {error}")]
+    Identity {
+        /// The directory.
+        dir: PathBuf,
+        /// What went wrong.
+        error: String,
+    },
+    /// Registering with the pool failed.
+    #[error("registering with the pool at {pool}: {error}")]
+    Register {
+        /// The pool's address as given.
+        pool: String,
+        /// What went wrong.
+        error: Box<teleport_client::Error>,
+    },
+    /// Writing the announcement to stdout failed.
+    #[error("writing the announcement to stdout: {0}")]
+    Stdout(#[source] std::io::Error),
+    /// The runtime could not be started.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl WorkerOptions {
+    /// Parses a worker's arguments (without the program name).
+    pub fn from_args<I, S>(args: I) -> Result<WorkerOptions, WorkerError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut options = WorkerOptions::default();
+        let mut args = args.into_iter().map(Into::into);
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => {
+                    (flag.to_owned(), Some(value.to_owned()))
+                }
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| WorkerError::Usage(format!("{name} needs a value")))
+            };
+            match flag.as_str() {
+                "--listen" => options.listen = value("--listen")?,
+                "--connect" => options.connect = Some(value("--connect")?),
+                "--pin" => {
+                    let text = value("--pin")?;
+                    options.pin = Some(
+                        text.parse()
+                            .map_err(|e| WorkerError::Usage(format!("--pin: {e}")))?,
+                    );
+                }
+                "--advertise" => options.advertise = Some(value("--advertise")?),
+                "--identity-dir" => options.identity_dir = Some(value("--identity-dir")?.into()),
+                "--token" => options.token = Some(value("--token")?),
+                "--exit-on-stdin-close" => options.exit_on_stdin_close = true,
+                other => return Err(WorkerError::Usage(format!("unknown argument {other:?}"))),
+            }
+        }
+        if options.connect.is_some() != options.pin.is_some() {
+            return Err(WorkerError::Usage(
+                "--connect and --pin go together (the pool prints both)".to_owned(),
+            ));
+        }
+        Ok(options)
+    }
+}
+
+/// Serves the functions bound on `builder` as `options` say, until stopped:
+/// by Ctrl-C, by stdin closing (with `exit_on_stdin_close`), or by the end
+/// of the connection to the pool it registered with (with `connect`).
+/// Prints the announcement line first.
+pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(), WorkerError> {
+    let mut builder = builder;
+    if let Some(dir) = &options.identity_dir {
+        let identity = load_identity(dir)?;
+        builder = builder.identity(identity);
+    }
+    if let Some(token) = &options.token {
+        builder = builder.token(token.clone());
+    }
+    let server = builder.listen(options.listen.as_str()).await?;
+    let line = announcement(server.local_addr(), server.fingerprint());
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}").map_err(WorkerError::Stdout)?;
+        stdout.flush().map_err(WorkerError::Stdout)?;
+    }
+    let registration = match (&options.connect, options.pin) {
+        (Some(pool), Some(pin)) => Some(register(pool, pin, &server, &options).await?),
+        _ => None,
+    };
+    let pool_gone = async {
+        match &registration {
+            Some(client) => {
+                let reason = client.closed().await;
+                tracing::info!(reason, "worker: the pool's connection ended; stopping");
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let stdin_closed = async {
+        if options.exit_on_stdin_close {
+            use tokio::io::AsyncReadExt;
+            let mut sink = [0u8; 256];
+            let mut stdin = tokio::io::stdin();
+            while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = stdin_closed => {}
+        () = pool_gone => {}
+    }
+    server.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+fn load_identity(dir: &std::path::Path) -> Result<Identity, WorkerError> {
+    let error = |e: &dyn std::fmt::Display| WorkerError::Identity {
+        dir: dir.to_owned(),
+        error: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| error(&e))?;
+    Identity::load_or_create_self_signed(
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        ["localhost".to_owned()],
+    )
+    .map_err(|e| error(&e))
+}
+
+/// Tells the pool at `pool` where this worker listens; the returned client's
+/// connection is the worker's tie to the pool.
+async fn register(
+    pool: &str,
+    pin: Fingerprint,
+    server: &teleport_server::Server,
+    options: &WorkerOptions,
+) -> Result<Client, WorkerError> {
+    let failed = |error| WorkerError::Register {
+        pool: pool.to_owned(),
+        error: Box::new(error),
+    };
+    let client = Client::builder(pool)
+        .pin(pin)
+        .reconnect(false)
+        .agent(concat!("teleport-worker ", env!("CARGO_PKG_VERSION")))
+        .connect()
+        .await
+        .map_err(failed)?;
+    let host = options.advertise.clone().map_or(Tree::None, Tree::from);
+    let args = tree!({
+        "port": (i64::from(server.local_addr().port())),
+        "fingerprint": (server.fingerprint().to_string()),
+        "host": (host),
+    });
+    client.call(JOIN_METHOD, args).await.map_err(failed)?;
+    Ok(client)
+}
+
+/// A worker's `main`: parses the command line (see [`WorkerOptions`]),
+/// serves the functions bound on `builder` on a runtime of its own, and
+/// returns the exit code (printing the error, if any, to stderr).
+pub fn main(builder: ServerBuilder) -> ExitCode {
+    main_with_args(builder, std::env::args().skip(1))
+}
+
+/// [`main`] with the worker's arguments given (for a program that is also
+/// something else: `myapp worker --listen ...`).
+pub fn main_with_args<I, S>(builder: ServerBuilder, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let result = WorkerOptions::from_args(args).and_then(|options| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(WorkerError::Runtime)?;
+        runtime.block_on(serve(builder, options))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The pool with worker processes: `teleport worker` started and stopped by
+//! the pool, a worker killed with SIGKILL mid-map, workers started through a
+//! fake `ssh` (a script that runs the remote command here: no sshd is
+//! installed on CI), and a worker that registers with `--connect`.
+//!
+//! Every wait is bounded.
+
+#![cfg(unix)]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use teleport::{tree, Pool, PoolError, Tree};
+
+const WAIT: Duration = Duration::from_secs(20);
+const TELEPORT: &str = env!("CARGO_BIN_EXE_teleport");
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+/// True while process `pid` runs (a zombie has stopped running).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => !status
+            .lines()
+            .any(|l| l.starts_with("State:") && (l.contains('Z') || l.contains('X'))),
+        Err(_) => false,
+    }
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// The pids of the pool's workers, from `info` on each.
+async fn worker_pids(pool: &Pool) -> Vec<u32> {
+    let results = within("info on every worker", pool.run_on_all("info", ())).await;
+    results
+        .into_iter()
+        .map(|(name, r)| {
+            let info = r.unwrap_or_else(|e| panic!("info on {name}: {e}"));
+            info.get("pid").unwrap().as_int().unwrap() as u32
+        })
+        .collect()
+}
+
+fn local_pool(n: usize) -> teleport::PoolBuilder {
+    Pool::builder()
+        .worker_command(TELEPORT, ["worker"])
+        .local_workers(n)
+        .connect_timeout(Duration::from_secs(10))
+        .server_wait(Duration::from_secs(5))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_workers_are_started_and_stopped_by_the_pool() {
+    let pool = within("the pool starts", local_pool(2).qsize(8).start())
+        .await
+        .unwrap();
+    within("both up", pool.wait_for_servers(2, WAIT))
+        .await
+        .unwrap();
+    let ys: Vec<i64> = within(
+        "a map",
+        pool.map("add2", 0i64..500)
+            .map(|r| r.unwrap().as_int().unwrap())
+            .collect(),
+    )
+    .await;
+    assert_eq!(ys, (2..502).collect::<Vec<i64>>());
+    let chunked: Vec<i64> = within(
+        "a chunked map",
+        pool.map("add2", 0i64..500)
+            .chunksize(16)
+            .map(|r| r.unwrap().as_int().unwrap())
+            .collect(),
+    )
+    .await;
+    assert_eq!(chunked, (2..502).collect::<Vec<i64>>());
+    let pids = worker_pids(&pool).await;
+    assert_eq!(pids.len(), 2);
+    assert_ne!(pids[0], pids[1]);
+    assert!(pids.iter().all(|&p| alive(p)));
+    drop(pool);
+    wait_until("the workers exit with the pool", || {
+        pids.iter().all(|&p| !alive(p))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_map() {
+    for idempotent in [true, false] {
+        let pool = within("the pool starts", local_pool(2).qsize(4).start())
+            .await
+            .unwrap();
+        within("both up", pool.wait_for_servers(2, WAIT))
+            .await
+            .unwrap();
+        let pids = worker_pids(&pool).await;
+        // 20 ms a call: the kill lands with calls in flight on both workers.
+        let inputs = (0..200).map(|_| tree!({"seconds": 0.02}));
+        let map = pool.map("sleep", inputs).idempotent(idempotent);
+        let collector = tokio::spawn(map.collect::<Vec<_>>());
+        wait_until("both workers busy", || {
+            pool.servers().iter().all(|s| s.outstanding == 4)
+        })
+        .await;
+        let victim = pids[1];
+        let status = Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let results: Vec<Result<Tree, PoolError>> =
+            within("the map ends", collector).await.unwrap();
+        assert_eq!(results.len(), 200);
+        let failed: Vec<&PoolError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        if idempotent {
+            assert!(
+                failed.is_empty(),
+                "idempotent calls go elsewhere: {failed:?}"
+            );
+        } else {
+            assert!(!failed.is_empty() && failed.len() <= 4, "{failed:?}");
+            for e in failed {
+                assert!(matches!(e, PoolError::ServerLost { .. }), "{e}");
+                let server = e.server().unwrap();
+                assert!(server.contains(&format!("pid {victim}")), "{e}");
+                assert!(e.to_string().contains("exited"), "{e}");
+            }
+        }
+        // The dead worker's process is gone, so it is out of the pool for good.
+        wait_until("the killed worker is removed", || pool.servers().len() == 1).await;
+    }
+}
+
+/// A fake `ssh`: records its arguments, drops the options and the
+/// destination, and runs the remote command with `sh -c` here.
+fn fake_ssh(dir: &std::path::Path) -> PathBuf {
+    let script = dir.join("fake-ssh");
+    let log = dir.join("ssh-args");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> '{}'\nwhile [ $# -gt 0 ]; do case \"$1\" in --) shift; break;; *) shift;; esac; done\nexec sh -c \"$*\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    script
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_over_ssh_with_a_fake_ssh() {
+    let dir = std::env::temp_dir().join(format!("teleport-pool-ssh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ssh = fake_ssh(&dir);
+    let pool = within(
+        "the pool starts",
+        Pool::builder()
+            .ssh("ssh://tester@127.0.0.1:2222/2")
+            .ssh_command(&ssh, ["-o", "BatchMode=yes"])
+            .remote_worker_command([TELEPORT, "worker"])
+            .connect_timeout(Duration::from_secs(10))
+            .start(),
+    )
+    .await
+    .unwrap();
+    within("both up", pool.wait_for_servers(2, WAIT))
+        .await
+        .unwrap();
+    let args = std::fs::read_to_string(dir.join("ssh-args")).unwrap();
+    let lines: Vec<&str> = args.lines().collect();
+    assert_eq!(lines.len(), 2, "{args}");
+    for line in lines {
+        assert!(
+            line.starts_with("-o BatchMode=yes -p 2222 tester@127.0.0.1 -- "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" worker --listen 0.0.0.0:0 --exit-on-stdin-close"),
+            "{line}"
+        );
+    }
+    for server in pool.servers() {
+        assert!(
+            server.name.starts_with("ssh://tester@127.0.0.1/2 worker"),
+            "{}",
+            server.name
+        );
+        // Announced 0.0.0.0:PORT, dialled at the ssh host.
+        assert_eq!(server.addr.ip().to_string(), "127.0.0.1");
+    }
+    let ys: Vec<i64> = within(
+        "a map",
+        pool.map_unordered("add2", 0i64..100)
+            .map(|r| r.unwrap().as_int().unwrap())
+            .collect(),
+    )
+    .await;
+    assert_eq!(ys.len(), 100);
+    let pids = worker_pids(&pool).await;
+    drop(pool);
+    wait_until("the ssh workers exit with the pool", || {
+        pids.iter().all(|&p| !alive(p))
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_registers_with_connect() {
+    let pool = within(
+        "the pool starts",
+        Pool::builder()
+            .accept_workers("127.0.0.1:0", None)
+            .server_wait(Duration::from_secs(5))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let (addr, fingerprint) = pool.registration().unwrap();
+    let mut child = Command::new(TELEPORT)
+        .args([
+            "worker",
+            "--connect",
+            &addr.to_string(),
+            "--pin",
+            &fingerprint.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    within("the worker joins", pool.wait_for_servers(1, WAIT))
+        .await
+        .unwrap();
+    let y = within("a call", pool.submit("add2", 40i64)).await.unwrap();
+    assert_eq!(y.as_int().unwrap(), 42);
+    assert!(pool.servers()[0]
+        .name
+        .starts_with("registered worker 127.0.0.1:"));
+    // The worker stops when its pool goes.
+    drop(pool);
+    let exited = within("the worker exits with the pool", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exited.success(), "{exited}");
+}
