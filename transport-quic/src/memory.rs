@@ -1,8 +1,9 @@
 //! Where received messages are written, and the budget their memory is
 //! charged to.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use teleport_protocol::wire::{DataAllocator, DataBuffer};
 use tokio::sync::Notify;
@@ -71,6 +72,15 @@ fn map(len: usize) -> Option<memmap2::MmapMut> {
 /// be given back and stops reading meanwhile, so QUIC flow control stops the
 /// sender; a message that could never fit (larger than the budget) fails at
 /// its header with [`TransportError::MemoryBudget`](crate::TransportError::MemoryBudget).
+///
+/// Data sections still arriving are *claims*: each declared its size at its
+/// header. While the claims together fit the budget, every one may grow. When
+/// they do not (eight 256 MiB arrays arriving at once on a connection with a
+/// 1 GiB budget), growing them all in step would leave each holding part of
+/// the budget and waiting for the rest, for ever. So a claim grows only while
+/// the claims can still all complete in some order, each with what the others
+/// give back once they complete and their arrays are dropped (the banker's
+/// rule): some arrive at full speed, the others wait, none deadlocks.
 #[derive(Debug)]
 pub struct MemoryBudget {
     name: &'static str,
@@ -78,8 +88,34 @@ pub struct MemoryBudget {
     used: AtomicUsize,
     parent: Option<Arc<MemoryBudget>>,
     /// Shared by a budget and all its children: woken whenever any of them
-    /// gives memory back.
+    /// gives memory back or a claim ends.
     freed: Arc<Notify>,
+    /// The data sections charged here that are still arriving.
+    claims: Mutex<Claims>,
+    /// Shared by a budget and all its children: grants are decided one at a
+    /// time, so each sees every claim as it is.
+    grants: Arc<Mutex<()>>,
+}
+
+/// A data section still arriving: what it declared and what it holds.
+#[derive(Debug)]
+struct Claim {
+    need: usize,
+    held: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    open: HashMap<u64, Arc<Claim>>,
+    /// The sum of the open claims' `need`.
+    declared: usize,
+}
+
+/// Ids of claims, unique in the process.
+static NEXT_CLAIM: AtomicU64 = AtomicU64::new(0);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemoryBudget {
@@ -92,6 +128,8 @@ impl MemoryBudget {
             used: AtomicUsize::new(0),
             parent: None,
             freed: Arc::new(Notify::new()),
+            claims: Mutex::default(),
+            grants: Arc::default(),
         })
     }
 
@@ -104,6 +142,8 @@ impl MemoryBudget {
             used: AtomicUsize::new(0),
             parent: Some(self.clone()),
             freed: self.freed.clone(),
+            claims: Mutex::default(),
+            grants: self.grants.clone(),
         })
     }
 
@@ -131,21 +171,71 @@ impl MemoryBudget {
         best
     }
 
+    /// This budget and its parents, nearest first.
+    fn chain(&self) -> impl Iterator<Item = &MemoryBudget> {
+        std::iter::successors(Some(self), |b| b.parent.as_deref())
+    }
+
+    #[cfg(test)]
     fn try_reserve(&self, n: usize) -> bool {
-        let fits = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.limit)
-            })
-            .is_ok();
-        if !fits {
-            return false;
-        }
-        if let Some(parent) = &self.parent {
-            if !parent.try_reserve(n) {
-                self.used.fetch_sub(n, Ordering::AcqRel);
+        self.try_grant(n, None)
+    }
+
+    /// Reserves `n` bytes for `claim` (or for no claim) if they fit every
+    /// budget of the chain and, for a claim, leave the claims of each able
+    /// to complete (see the type's docs).
+    fn try_grant(&self, n: usize, claim: Option<&(u64, Arc<Claim>)>) -> bool {
+        let _one_at_a_time = lock(&self.grants);
+        for budget in self.chain() {
+            let used = budget.used.load(Ordering::Acquire);
+            if used.checked_add(n).is_none_or(|total| total > budget.limit) {
                 return false;
             }
+            if let Some((id, _)) = claim {
+                if !budget.safe_after(*id, n) {
+                    return false;
+                }
+            }
+        }
+        for budget in self.chain() {
+            budget.used.fetch_add(n, Ordering::AcqRel);
+        }
+        if let Some((_, claim)) = claim {
+            // Under the lock, so the next grant sees it.
+            claim.held.fetch_add(n, Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Whether, with `n` more bytes held by claim `id`, the open claims here
+    /// can all still complete in some order: the one needing least first,
+    /// each adding what it holds to what is free once its arrays are gone.
+    fn safe_after(&self, id: u64, n: usize) -> bool {
+        let claims = lock(&self.claims);
+        if claims.declared <= self.limit {
+            // They all fit at once.
+            return true;
+        }
+        let mut held_by_claims = 0usize;
+        let mut remaining: Vec<(usize, usize)> = claims
+            .open
+            .iter()
+            .map(|(claim_id, claim)| {
+                let mut held = claim.held.load(Ordering::Acquire);
+                if *claim_id == id {
+                    held = held.saturating_add(n);
+                }
+                held_by_claims = held_by_claims.saturating_add(held);
+                (claim.need.saturating_sub(held), held)
+            })
+            .collect();
+        remaining.sort_unstable();
+        let mut free = self.limit.saturating_sub(held_by_claims);
+        for (needs, holds) in remaining {
+            if needs > free {
+                return false;
+            }
+            free = free.saturating_add(holds);
         }
         true
     }
@@ -162,13 +252,13 @@ impl MemoryBudget {
         }
     }
 
-    /// Reserves `n` bytes, waiting until they fit.
-    async fn reserve(&self, n: usize) {
+    /// Reserves `n` bytes for `claim`, waiting until they may be granted.
+    async fn reserve(&self, n: usize, claim: Option<&(u64, Arc<Claim>)>) {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.try_reserve(n) {
+            if self.try_grant(n, claim) {
                 return;
             }
             freed.await;
@@ -183,11 +273,62 @@ impl MemoryBudget {
 pub(crate) struct Reservation {
     budget: Arc<MemoryBudget>,
     held: AtomicUsize,
+    /// While the data section arrives: its claim, open in every budget of
+    /// the chain.
+    claim: Mutex<Option<(u64, Arc<Claim>)>>,
 }
 
 impl Reservation {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Reservation {
+        Reservation {
+            budget,
+            held: AtomicUsize::new(0),
+            claim: Mutex::new(None),
+        }
+    }
+
     pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// The data section declared `need` bytes: from now until
+    /// [`end_claim`](Self::end_claim) it grows only as the budgets' claims
+    /// allow. Once per reservation.
+    pub(crate) fn claim(&self, need: usize) {
+        let mut slot = lock(&self.claim);
+        if slot.is_some() {
+            return;
+        }
+        let id = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+        let claim = Arc::new(Claim {
+            need,
+            held: AtomicUsize::new(self.held()),
+        });
+        let _one_at_a_time = lock(&self.budget.grants);
+        for budget in self.budget.chain() {
+            let mut claims = lock(&budget.claims);
+            claims.open.insert(id, claim.clone());
+            claims.declared = claims.declared.saturating_add(need);
+        }
+        *slot = Some((id, claim));
+    }
+
+    /// The data section has arrived (or will not): its claim ends, and
+    /// claims waiting behind it may grow.
+    pub(crate) fn end_claim(&self) {
+        let Some((id, claim)) = lock(&self.claim).take() else {
+            return;
+        };
+        {
+            let _one_at_a_time = lock(&self.budget.grants);
+            for budget in self.budget.chain() {
+                let mut claims = lock(&budget.claims);
+                if claims.open.remove(&id).is_some() {
+                    claims.declared = claims.declared.saturating_sub(claim.need);
+                }
+            }
+        }
+        self.budget.freed.notify_waiters();
     }
 
     /// Grows the reservation to `total` bytes, waiting for memory if needed.
@@ -197,8 +338,9 @@ impl Reservation {
             return;
         }
         let extra = total - held;
-        if !self.budget.try_reserve(extra) {
-            self.budget.reserve(extra).await;
+        let claim = lock(&self.claim).clone();
+        if !self.budget.try_grant(extra, claim.as_ref()) {
+            self.budget.reserve(extra, claim.as_ref()).await;
         }
         self.held.fetch_add(extra, Ordering::Relaxed);
     }
@@ -206,6 +348,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        self.end_claim();
         self.budget.release(*self.held.get_mut());
     }
 }
@@ -272,10 +415,7 @@ impl<B: AsMut<[u8]>> AsMut<[u8]> for Charged<B> {
 
 impl DataAllocator for BudgetedMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
-        let reservation = Arc::new(Reservation {
-            budget: self.budget.clone(),
-            held: AtomicUsize::new(0),
-        });
+        let reservation = Arc::new(Reservation::new(self.budget.clone()));
         *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation.clone());
         if len >= LARGE_DATA {
             if let Some(buf) = map(len) {
@@ -336,7 +476,7 @@ mod tests {
         assert_eq!(server.reserved(), 100);
         let waiting = tokio::spawn({
             let b = b.clone();
-            async move { b.reserve(30).await }
+            async move { b.reserve(30, None).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
@@ -347,6 +487,63 @@ mod tests {
             (80, 30, 50)
         );
         assert_eq!(b.tightest(), (80, "connection"));
+    }
+
+    /// Two data sections of 80 bytes arriving at once on a budget of 100:
+    /// grown in step, each would hold 50 and wait for the other for ever.
+    #[tokio::test]
+    async fn claims_that_do_not_fit_together_complete_one_after_the_other() {
+        use futures_util::FutureExt;
+        let connection = MemoryBudget::new("server", 1000).child("connection", 100);
+        let a = Reservation::new(connection.clone());
+        let b = Reservation::new(connection.clone());
+        a.claim(80);
+        b.claim(80);
+        a.grow_to(50).now_or_never().expect("fits");
+        // b's 50 would leave neither able to finish: it waits.
+        let b_grows = tokio::spawn({
+            let b = Arc::new(b);
+            let handle = b.clone();
+            async move {
+                handle.grow_to(50).await;
+                handle.grow_to(80).await;
+                b
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!b_grows.is_finished());
+        a.grow_to(80).now_or_never().expect("a can always finish");
+        a.end_claim();
+        tokio::task::yield_now().await;
+        assert!(!b_grows.is_finished(), "a's arrays still hold its memory");
+        drop(a);
+        let b = tokio::time::timeout(std::time::Duration::from_secs(5), b_grows)
+            .await
+            .expect("b finishes once a is gone")
+            .unwrap();
+        assert_eq!(connection.reserved(), 80);
+        drop(b);
+        assert_eq!(connection.reserved(), 0);
+    }
+
+    /// Claims that fit together grow in step, whatever their order.
+    #[test]
+    fn claims_that_fit_together_grow_freely() {
+        use futures_util::FutureExt;
+        let budget = MemoryBudget::new("connection", 100);
+        let claims: Vec<_> = (0..4)
+            .map(|_| {
+                let r = Reservation::new(budget.clone());
+                r.claim(25);
+                r
+            })
+            .collect();
+        for step in [10, 20, 25] {
+            for r in &claims {
+                r.grow_to(step).now_or_never().expect("fits");
+            }
+        }
+        assert_eq!(budget.reserved(), 100);
     }
 
     #[test]

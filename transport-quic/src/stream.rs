@@ -174,6 +174,9 @@ impl RecvStream {
                     limit,
                 });
             }
+            if let Some(reservation) = &self.reservation {
+                reservation.claim(charge(total, total));
+            }
         }
         Ok(())
     }
@@ -238,8 +241,11 @@ impl RecvStream {
                 let consumed = before - input.len();
                 let _ = self.leftover.split_to(consumed);
                 if let Some(message) = result? {
-                    // Its buffer holds the reservation from now on.
-                    self.reservation = None;
+                    // Its buffer holds the reservation from now on; it
+                    // claims nothing more.
+                    if let Some(reservation) = self.reservation.take() {
+                        reservation.end_claim();
+                    }
                     return Ok(Some(message));
                 }
                 self.claim_reservation()?;
