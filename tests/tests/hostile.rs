@@ -453,3 +453,38 @@ async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
     })
     .await;
 }
+
+/// The same with flow-control windows small against the arrays: the calls
+/// waiting for memory fill their stream windows with data nobody reads, and
+/// without more credit that data would take the whole connection window and
+/// starve the call the budget lets through (and the client's pings with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_memory_do_not_starve_the_others_of_flow_control_credit() {
+    let mut transport = teleport_quic::TransportConfig::default();
+    transport.stream_receive_window = 2 * MIB as u64;
+    transport.receive_window = 4 * MIB as u64;
+    let fixture = Fixture::start_with(|b| {
+        b.connection_receive_memory(20 * MIB)
+            .transport(transport.clone())
+    })
+    .await;
+    let client = within(
+        "connecting",
+        fixture.client_builder().transport(transport).connect(),
+    )
+    .await
+    .unwrap();
+    let calls: Vec<_> = (0..8u8)
+        .map(|i| {
+            let array = Array::new(DType::U8, [8 * MIB], vec![i; 8 * MIB]).unwrap();
+            (
+                array.clone(),
+                tokio::spawn(client.call("echo", tree!((array)))),
+            )
+        })
+        .collect();
+    for (sent, call) in calls {
+        let back = within("an echo", call).await.unwrap().unwrap();
+        assert_eq!(back, tree!((sent)));
+    }
+}

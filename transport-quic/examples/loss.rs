@@ -182,6 +182,8 @@ fn link(args: &Args, rtt_ms: u64, loss_percent: f64) -> LinkConfig {
 
 fn transport(args: &Args, cc: Cc) -> TransportConfig {
     let mut transport = TransportConfig::default();
+    // The relay stands for a path between hosts: internet-sized packets.
+    transport.loopback_udp_payload = None;
     transport.congestion = match cc {
         Cc::Quinn(cc) => cc,
         // Set on the client's quinn config by `sender`.

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
@@ -117,6 +118,7 @@ pub struct Listener {
     /// size differs ([`TransportConfig::for_peer`]).
     loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
+    windows: Windows,
     released: Arc<Mutex<Option<Released>>>,
     buffers: SocketBuffers,
 }
@@ -141,6 +143,7 @@ impl Listener {
             endpoint,
             loopback,
             limits,
+            windows: Windows::of(transport),
             released: Arc::new(Mutex::new(Some(released))),
             buffers,
         })
@@ -169,6 +172,7 @@ impl Listener {
             inner: incoming,
             loopback: self.loopback.clone(),
             limits: self.limits.clone(),
+            windows: self.windows,
         })
     }
 
@@ -206,6 +210,7 @@ pub struct Incoming {
     inner: quinn::Incoming,
     loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
+    windows: Windows,
 }
 
 impl Incoming {
@@ -226,6 +231,7 @@ impl Incoming {
         Ok(Connecting {
             inner: connecting,
             limits: self.limits,
+            windows: self.windows,
         })
     }
 
@@ -242,6 +248,7 @@ impl Incoming {
 pub struct Connecting {
     inner: quinn::Connecting,
     limits: Limits,
+    windows: Windows,
 }
 
 impl Connecting {
@@ -259,6 +266,7 @@ impl IntoFuture for Connecting {
         Handshake {
             inner: self.inner,
             limits: Some(self.limits),
+            windows: self.windows,
         }
     }
 }
@@ -268,6 +276,7 @@ impl IntoFuture for Connecting {
 pub struct Handshake {
     inner: quinn::Connecting,
     limits: Option<Limits>,
+    windows: Windows,
 }
 
 impl Future for Handshake {
@@ -276,7 +285,7 @@ impl Future for Handshake {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let connection = std::task::ready!(Pin::new(&mut self.inner).poll(cx))?;
         let limits = self.limits.take().unwrap_or_default();
-        Poll::Ready(Ok(Connection::new(connection, limits)))
+        Poll::Ready(Ok(Connection::new(connection, limits, self.windows)))
     }
 }
 
@@ -351,7 +360,11 @@ impl Connector {
                 reason: e.to_string(),
             })?;
         let connection = connecting.await?;
-        Ok(Connection::new(connection, self.limits.clone()))
+        Ok(Connection::new(
+            connection,
+            self.limits.clone(),
+            Windows::of(&self.transport),
+        ))
     }
 }
 
@@ -360,15 +373,36 @@ impl Connector {
 pub struct Connection {
     inner: quinn::Connection,
     limits: Limits,
+    windows: Windows,
     memory: Option<Arc<MemoryBudget>>,
+    /// With a memory budget: the flow-control credit of calls waiting for it.
+    credit: Option<Arc<WaitingCredit>>,
+}
+
+/// A connection's flow-control windows, as configured.
+#[derive(Clone, Copy, Debug)]
+struct Windows {
+    connection: u64,
+    stream: u64,
+}
+
+impl Windows {
+    fn of(transport: &TransportConfig) -> Windows {
+        Windows {
+            connection: transport.receive_window,
+            stream: transport.stream_receive_window,
+        }
+    }
 }
 
 impl Connection {
-    fn new(inner: quinn::Connection, limits: Limits) -> Connection {
+    fn new(inner: quinn::Connection, limits: Limits, windows: Windows) -> Connection {
         Connection {
             inner,
             limits,
+            windows,
             memory: None,
+            credit: None,
         }
     }
 
@@ -377,29 +411,46 @@ impl Connection {
     /// arrive, a stream whose next bytes do not fit waits (and so does its
     /// sender, through flow control), and a message larger than the budget
     /// fails at its header with [`TransportError::MemoryBudget`].
+    ///
+    /// A stream waiting for memory is not read, but its sender may still fill
+    /// its stream's window (up to `stream_receive_window`), and that unread
+    /// data counts against the connection's window: a few waiting calls
+    /// could take all of it and starve the very call the budget lets
+    /// through. So while calls wait, the connection's window grows by one
+    /// stream window per waiting call, up to the budget's size; that data
+    /// waits in the transport's buffers.
     pub fn with_memory_budget(mut self, budget: Arc<MemoryBudget>) -> Connection {
+        self.credit = Some(Arc::new(WaitingCredit {
+            connection: self.inner.clone(),
+            windows: self.windows,
+            most: budget.limit() as u64,
+            waiting: Mutex::new(0),
+        }));
         self.memory = Some(budget);
         self
+    }
+
+    fn recv_stream(&self, recv: quinn::RecvStream) -> RecvStream {
+        RecvStream::new(
+            recv,
+            self.limits.clone(),
+            self.memory.as_ref(),
+            self.credit.clone(),
+        )
     }
 
     /// Opens a new stream in both directions. Waits while the peer's limit on
     /// concurrent streams is reached.
     pub async fn open_stream(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (send, recv) = self.inner.open_bi().await?;
-        Ok((
-            SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
-        ))
+        Ok((SendStream::new(send), self.recv_stream(recv)))
     }
 
     /// Opens a new stream if the peer's limit allows it now, without waiting.
     pub fn try_open_stream(&self) -> Option<Result<(SendStream, RecvStream), TransportError>> {
         let opened = self.inner.open_bi().now_or_never()?;
         Some(match opened {
-            Ok((send, recv)) => Ok((
-                SendStream::new(send),
-                RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
-            )),
+            Ok((send, recv)) => Ok((SendStream::new(send), self.recv_stream(recv))),
             Err(e) => Err(e.into()),
         })
     }
@@ -407,10 +458,7 @@ impl Connection {
     /// Waits for the peer to open a stream. Fails once the connection is gone.
     pub async fn accept_stream(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (send, recv) = self.inner.accept_bi().await?;
-        Ok((
-            SendStream::new(send),
-            RecvStream::new(recv, self.limits.clone(), self.memory.as_ref()),
-        ))
+        Ok((SendStream::new(send), self.recv_stream(recv)))
     }
 
     /// The peer's address.
@@ -465,4 +513,42 @@ impl Connection {
 
 fn close_code(code: CloseCode) -> quinn::VarInt {
     quinn::VarInt::from_u64(code.code()).unwrap_or(quinn::VarInt::MAX)
+}
+
+/// The extra flow-control credit of a connection's calls waiting for
+/// receive memory (see [`Connection::with_memory_budget`]).
+#[derive(Debug)]
+pub(crate) struct WaitingCredit {
+    connection: quinn::Connection,
+    windows: Windows,
+    /// The most extra credit: the connection's memory budget.
+    most: u64,
+    waiting: Mutex<u64>,
+}
+
+impl WaitingCredit {
+    /// One more call waits, until the guard is dropped.
+    pub(crate) fn waiting(self: &Arc<Self>) -> WaitingGuard {
+        self.change(1);
+        WaitingGuard(self.clone())
+    }
+
+    fn change(&self, by: i64) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        *waiting = waiting.saturating_add_signed(by);
+        let extra = waiting.saturating_mul(self.windows.stream).min(self.most);
+        let window = self.windows.connection.saturating_add(extra);
+        self.connection
+            .set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
+    }
+}
+
+/// A call waiting for receive memory; dropped when it stops waiting.
+#[derive(Debug)]
+pub(crate) struct WaitingGuard(Arc<WaitingCredit>);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.change(-1);
+    }
 }

@@ -331,6 +331,21 @@ impl Reservation {
         self.budget.freed.notify_waiters();
     }
 
+    /// Grows the reservation to `total` bytes if that may be granted now.
+    pub(crate) fn try_grow_to(&self, total: usize) -> bool {
+        let held = self.held();
+        if total <= held {
+            return true;
+        }
+        let extra = total - held;
+        let claim = lock(&self.claim).clone();
+        if !self.budget.try_grant(extra, claim.as_ref()) {
+            return false;
+        }
+        self.held.fetch_add(extra, Ordering::Relaxed);
+        true
+    }
+
     /// Grows the reservation to `total` bytes, waiting for memory if needed.
     pub(crate) async fn grow_to(&self, total: usize) {
         let held = self.held();

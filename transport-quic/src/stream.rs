@@ -7,6 +7,7 @@ use futures_util::FutureExt;
 use teleport_protocol::wire::CallHeader;
 use teleport_protocol::{encode, Decoder, Limits, Message, StreamCode};
 
+use crate::endpoint::WaitingCredit;
 use crate::memory::{charge, BudgetedMemory, LargeMessageMemory, MemoryBudget, Reservation};
 use crate::TransportError;
 
@@ -132,6 +133,8 @@ pub struct RecvStream {
     memory: Option<Arc<BudgetedMemory>>,
     /// The reservation of the data section arriving now.
     reservation: Option<Arc<Reservation>>,
+    /// Flow-control credit for while this stream waits for memory.
+    credit: Option<Arc<WaitingCredit>>,
 }
 
 impl RecvStream {
@@ -139,6 +142,7 @@ impl RecvStream {
         inner: quinn::RecvStream,
         limits: Limits,
         budget: Option<&Arc<MemoryBudget>>,
+        credit: Option<Arc<WaitingCredit>>,
     ) -> RecvStream {
         let memory = budget.map(|b| Arc::new(BudgetedMemory::new(b.clone())));
         let decoder = Decoder::new(limits);
@@ -152,6 +156,7 @@ impl RecvStream {
             leftover: Bytes::new(),
             memory,
             reservation: None,
+            credit,
         }
     }
 
@@ -201,7 +206,11 @@ impl RecvStream {
             return Ok(usize::MAX);
         };
         let end = filled.saturating_add(available).min(total);
-        reservation.grow_to(charge(end, total)).await;
+        let target = charge(end, total);
+        if !reservation.try_grow_to(target) {
+            let _waiting = self.credit.as_ref().map(|credit| credit.waiting());
+            reservation.grow_to(target).await;
+        }
         Ok(reservation.held().min(total).saturating_sub(filled))
     }
 
