@@ -86,7 +86,8 @@ mod link;
 mod peer;
 
 pub use builder::{
-    PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_TIMEOUT,
+    PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_MAX_PEERS,
+    DEFAULT_TIMEOUT,
 };
 pub use error::{PeerError, Refusal, RefusalKind};
 pub use greeting::{HELLO, LOOKUP, REFUSE, RESERVED_PREFIX};
