@@ -153,9 +153,13 @@ async fn a_greeting_must_carry_the_certificate_its_connection_presented() {
         let bare = async {
             let client = Client::builder(addr(&b))
                 .pin(b.fingerprint())
+                .connect_timeout(Duration::from_secs(1))
                 .connect()
                 .await?;
-            client.call(HELLO, greeting("anon", own, &[])).await
+            let args = greeting("anon", own, &[]);
+            client
+                .call_with_timeout(HELLO, args, Duration::from_secs(1))
+                .await
         };
         let outcome = bare.await;
         assert!(
