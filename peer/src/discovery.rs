@@ -28,7 +28,9 @@ impl Inner {
     /// rounds with backoff until `deadline`, connecting to known peers as
     /// needed; without (a question passed on for another peer), asks only
     /// peers this one has a link up to, at most `lookup_fanout` of them,
-    /// once, and opens no connection.
+    /// once, and opens no connection. `Ok(None)`: while this peer searched,
+    /// the name became known here directly (a greeting, a connection to an
+    /// address kept up): look in the directory again.
     pub(crate) async fn find(
         self: &Arc<Self>,
         name: &str,
@@ -36,7 +38,7 @@ impl Inner {
         hops: u32,
         path: Vec<String>,
         retry: bool,
-    ) -> Result<PeerInfo, PeerError> {
+    ) -> Result<Option<PeerInfo>, PeerError> {
         let started = Instant::now();
         let mut asked = 0;
         let mut last_error: Option<String> = None;
@@ -54,7 +56,7 @@ impl Inner {
                 while let Some(answer) = asks.next().await {
                     asked += 1;
                     match answer {
-                        Ok(Some(info)) => return Ok(info),
+                        Ok(Some(info)) => return Ok(Some(info)),
                         Ok(None) => {}
                         Err(error) => last_error = Some(error),
                     }
@@ -71,6 +73,12 @@ impl Inner {
             }
             tokio::time::sleep(backoff.min(deadline - now)).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            let known_here = lock(&self.directory)
+                .get(name)
+                .is_some_and(|e| !e.lost && (e.link.is_some() || !e.info.addrs.is_empty()));
+            if known_here {
+                return Ok(None);
+            }
         }
     }
 
@@ -203,6 +211,7 @@ impl Inner {
                 self.find(&request.name, deadline, hops - 1, path, false)
                     .await
                     .ok()
+                    .flatten()
             }
             None => None,
         };

@@ -771,7 +771,7 @@ impl Inner {
                     last_error: None,
                 }));
             }
-            let info = self
+            let found = self
                 .find(
                     name,
                     deadline,
@@ -780,6 +780,9 @@ impl Inner {
                     true,
                 )
                 .await?;
+            let Some(info) = found else {
+                continue; // known here now: link_known takes it
+            };
             let gate = self.gate(name);
             let Ok(_turn) = tokio::time::timeout_at(deadline.into(), gate.lock()).await else {
                 continue;
