@@ -94,11 +94,8 @@ impl Link {
     /// is lost), or until `deadline`.
     pub(crate) async fn left_up(&self, deadline: Instant) {
         let mut rx = self.state.subscribe();
-        let _ = tokio::time::timeout_at(
-            deadline.into(),
-            rx.wait_for(|s| *s != LinkState::Up),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout_at(deadline.into(), rx.wait_for(|s| *s != LinkState::Up)).await;
     }
 
     /// Waits while the link reconnects, until `deadline`.

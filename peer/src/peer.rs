@@ -883,9 +883,11 @@ impl Inner {
                 PeerError::Untrusted { reason, .. } => {
                     (RefusalKind::Untrusted, UNTRUSTED_TYPE, reason.clone())
                 }
-                PeerError::DirectoryFull { .. } => {
-                    (RefusalKind::Untrusted, DIRECTORY_FULL_TYPE, error.to_string())
-                }
+                PeerError::DirectoryFull { .. } => (
+                    RefusalKind::Untrusted,
+                    DIRECTORY_FULL_TYPE,
+                    error.to_string(),
+                ),
                 other => (RefusalKind::Untrusted, UNTRUSTED_TYPE, other.to_string()),
             };
             let message = format!(

@@ -173,7 +173,11 @@ async fn a_greeting_must_carry_the_certificate_its_connection_presented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_directory_is_bounded_and_forgets_peers_that_left() {
     bounded(async {
-        let b = builder("b").max_peers(3).listen("127.0.0.1:0").await.unwrap();
+        let b = builder("b")
+            .max_peers(3)
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
         let mut clients = Vec::new();
         for i in 0..3 {
             let (client, own) = stranger(&b).await;
@@ -214,7 +218,11 @@ async fn questions_are_bounded_by_the_asked_peers_own_settings() {
     bounded(async {
         // b passes no question on (max_hops 0) whatever it is asked; c,
         // linked from b, knows d.
-        let b = builder("b").max_hops(0).listen("127.0.0.1:0").await.unwrap();
+        let b = builder("b")
+            .max_hops(0)
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
         let c = peer("c").await;
         let d = peer("d").await;
         b.connect(addr(&c)).await.unwrap();
@@ -227,7 +235,10 @@ async fn questions_are_bounded_by_the_asked_peers_own_settings() {
         // A path too long is refused, not cut.
         let path: Vec<String> = (0..17).map(|i| format!("p{i}")).collect();
         let question = to_tree(&lookup("d", 1, path)).unwrap();
-        assert_eq!(remote_type(client.call(LOOKUP, question).await), "BadLookup");
+        assert_eq!(
+            remote_type(client.call(LOOKUP, question).await),
+            "BadLookup"
+        );
 
         // e passes questions on, but only to peers it has a link to: f
         // greeted it (f connected to e), e has no link to f, and f knows g.
@@ -309,9 +320,7 @@ async fn concurrent_first_calls_to_a_peer_found_by_name_all_succeed() {
         let c = peer("C").await;
         a.connect(addr(&b)).await.unwrap();
         c.connect(addr(&b)).await.unwrap();
-        let calls: Vec<_> = (0..4)
-            .map(|_| a.call("C", "whoami", Tree::None))
-            .collect();
+        let calls: Vec<_> = (0..4).map(|_| a.call("C", "whoami", Tree::None)).collect();
         for call in calls {
             assert_eq!(call.await.unwrap(), tree!({"name": "C"}));
         }
@@ -325,7 +334,10 @@ async fn calling_its_own_name_is_a_clear_error() {
     bounded(async {
         let a = peer("A").await;
         let error = a.call("A", "whoami", Tree::None).await.unwrap_err();
-        assert!(matches!(&error, PeerError::OwnName(name) if name == "A"), "{error}");
+        assert!(
+            matches!(&error, PeerError::OwnName(name) if name == "A"),
+            "{error}"
+        );
     })
     .await;
 }
