@@ -20,6 +20,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default of [`PeerBuilder::liveness_timeout`]: 3 s.
 pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default of [`PeerBuilder::max_peers`]: 1,024.
+pub const DEFAULT_MAX_PEERS: usize = 1024;
 
 /// Settings and functions of a peer. Start from [`Peer::builder`].
 pub struct PeerBuilder {
@@ -37,6 +39,8 @@ pub struct PeerBuilder {
     lookup_timeout: Duration,
     lookup_fanout: usize,
     max_hops: u32,
+    max_peers: usize,
+    client_auth: ClientAuth,
     configure_client: Option<Arc<ConfigureClient>>,
 }
 
@@ -70,6 +74,8 @@ impl PeerBuilder {
             lookup_timeout: Duration::from_secs(2),
             lookup_fanout: 3,
             max_hops: 2,
+            max_peers: DEFAULT_MAX_PEERS,
+            client_auth: ClientAuth::AnyCertificate,
             configure_client: None,
         }
     }
@@ -139,10 +145,18 @@ impl PeerBuilder {
         self
     }
 
-    /// Require certificates of the peers that connect (mutual TLS); every
-    /// peer presents its own certificate.
+    /// Which certificates of the peers that connect this peer's server
+    /// accepts at the TLS level. A peer's server always requires a
+    /// certificate (every peer presents its own), because a greeting must
+    /// come with the certificate it names: the default,
+    /// [`ClientAuth::AnyCertificate`], accepts any and checks it against
+    /// the greeting; [`ClientAuth::Fingerprints`] or [`ClientAuth::Roots`]
+    /// narrow it further. [`ClientAuth::None`] means the default here.
     pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
-        self.server = self.server.client_auth(client_auth);
+        self.client_auth = match client_auth {
+            ClientAuth::None => ClientAuth::AnyCertificate,
+            other => other,
+        };
         self
     }
 
@@ -182,9 +196,20 @@ impl PeerBuilder {
     }
 
     /// How many times a question may be passed on by the peers asked (0:
-    /// only the peers this one knows answer). Default 2.
+    /// only the peers this one knows answer). Default 2. It also bounds the
+    /// questions this peer passes on for others, whatever they ask for.
     pub fn max_hops(mut self, hops: u32) -> Self {
         self.max_hops = hops;
+        self
+    }
+
+    /// How many peers this peer remembers (those that greeted it, those it
+    /// found or connected to). When full, a peer neither connected nor
+    /// linked is forgotten to make room; if every one is, a new greeting is
+    /// refused ([`PeerError::DirectoryFull`]). Default
+    /// [`DEFAULT_MAX_PEERS`].
+    pub fn max_peers(mut self, max: usize) -> Self {
+        self.max_peers = max.max(1);
         self
     }
 
@@ -251,6 +276,7 @@ impl PeerBuilder {
             lookup_timeout: self.lookup_timeout,
             lookup_fanout: self.lookup_fanout,
             max_hops: self.max_hops,
+            max_peers: self.max_peers,
             configure_client: self.configure_client,
         };
         let inner = Arc::new(Inner::new(
@@ -264,9 +290,9 @@ impl PeerBuilder {
         let server = self
             .server
             .identity(identity)
+            .client_auth(self.client_auth)
             .bind(HELLO, move |args: Tree, ctx: Context| {
-                let inner = hello.clone();
-                async move { inner.on_hello(args, ctx).await }
+                hello.clone().on_hello(args, ctx)
             })
             .bind(LOOKUP, move |args: Tree, ctx: Context| {
                 lookup.clone().on_lookup(args, ctx)

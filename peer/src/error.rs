@@ -134,6 +134,21 @@ pub enum PeerError {
     /// The peer was shut down.
     #[error("the peer was shut down")]
     Closed,
+    /// A call named this peer's own name: a peer does not call itself over
+    /// the network (call the function directly instead).
+    #[error("{0:?} is this peer's own name: a peer does not call itself")]
+    OwnName(String),
+    /// This peer's directory of known peers is full
+    /// ([`PeerBuilder::max_peers`](crate::PeerBuilder::max_peers)) and no
+    /// entry can be evicted (every one is connected): raise the limit, or
+    /// make the cohort smaller.
+    #[error(
+        "this peer already knows {limit} peers, its limit (PeerBuilder::max_peers), and none          of them can be forgotten"
+    )]
+    DirectoryFull {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl PeerError {
@@ -219,3 +234,5 @@ impl std::fmt::Display for Refusal {
 pub(crate) const NAME_CLASH_TYPE: &str = "NameClash";
 /// The same for an untrusted identity.
 pub(crate) const UNTRUSTED_TYPE: &str = "Untrusted";
+/// The error type of a greeting refused because the directory is full.
+pub(crate) const DIRECTORY_FULL_TYPE: &str = "DirectoryFull";

@@ -62,21 +62,28 @@
 //! - connecting to an address ([`Peer::connect`]): the pinned certificate
 //!   of the name that answers; an unpinned name only with
 //!   [`PeerBuilder::accept_any`] (trust on first use), never by default;
-//! - a peer that greets this one (it connected here; the server's token and
-//!   client authentication apply, as to any client): the certificate it
-//!   greets with. Calls to it are pinned to that certificate, so a peer that
-//!   claims another's certificate cannot answer them;
+//! - a peer that greets this one (it connected here; the server's token
+//!   applies, and its TLS handshake must present a client certificate):
+//!   the certificate it presented, which must be the one its greeting
+//!   names ([`Context::peer_fingerprint`]). Calls to it are pinned to that
+//!   certificate too;
 //! - a peer found by discovery: the certificate the peer that answered
 //!   knows it by (trust on introduction: a cohort trusts its members'
 //!   introductions).
 //!
-//! Names are unique in a cohort: a greeting under a name this peer knows
-//! with another certificate is refused ([`PeerError::NameClash`], on both
+//! Names are unique among the peers each peer knows (there is no
+//! cohort-wide registry): a greeting under a name this peer knows with
+//! another certificate is refused ([`PeerError::NameClash`], on both
 //! sides) while the holder of the name still answers; once the holder is
 //! gone (its connection lost and not back within the
 //! [liveness timeout](PeerBuilder::liveness_timeout), or it does not answer
 //! when asked), a new certificate may take the name: that is how a
 //! restarted peer is found again.
+//!
+//! Everything another peer can make this one hold is bounded (the number
+//! of peers known, [`PeerBuilder::max_peers`]; one name per connection;
+//! liveness probes; questions passed on); `docs/peers.md` lists the bounds
+//! and what a hostile peer can and cannot do.
 
 mod builder;
 mod discovery;
@@ -86,7 +93,8 @@ mod link;
 mod peer;
 
 pub use builder::{
-    PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_TIMEOUT,
+    PeerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_MAX_PEERS,
+    DEFAULT_TIMEOUT,
 };
 pub use error::{PeerError, Refusal, RefusalKind};
 pub use greeting::{HELLO, LOOKUP, REFUSE, RESERVED_PREFIX};

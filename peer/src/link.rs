@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::error::{PeerError, NAME_CLASH_TYPE, UNTRUSTED_TYPE};
 use crate::greeting::{Greeting, PeerInfo, HELLO};
-use crate::peer::Inner;
+use crate::peer::{deadline_in, Inner};
 
 /// Whether a link takes calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +90,14 @@ impl Link {
         self.client.close();
     }
 
+    /// Waits until the link is no longer up (its task noticed the connection
+    /// is lost), or until `deadline`.
+    pub(crate) async fn left_up(&self, deadline: Instant) {
+        let mut rx = self.state.subscribe();
+        let _ =
+            tokio::time::timeout_at(deadline.into(), rx.wait_for(|s| *s != LinkState::Up)).await;
+    }
+
     /// Waits while the link reconnects, until `deadline`.
     pub(crate) async fn settled(&self, deadline: Instant) -> LinkState {
         let mut rx = self.state.subscribe();
@@ -127,7 +135,7 @@ pub(crate) async fn establish(
         if remaining.is_zero() {
             break;
         }
-        let client = inner.client_builder(target, trust, remaining).build();
+        let client = inner.client_builder(target, trust).build();
         let connected = tokio::time::timeout(remaining, client.connect()).await;
         match connected {
             Ok(Ok(())) => {}
@@ -290,26 +298,48 @@ pub(crate) async fn watch(inner: Weak<Inner>, link: Arc<Link>) {
     }
 }
 
-/// Connects to `address` again and again, backing off up to 5 s, until a
-/// peer answers there or this peer closes: what keeps a connection made
-/// with [`Peer::connect`](crate::Peer::connect) up.
+/// The longest wait between attempts while an address does not answer.
+const KEEP_UP_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between attempts while the peer there refuses this one
+/// (a name clash, an untrusted certificate): that takes a person to fix.
+const KEEP_UP_REFUSED_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Connects to `address` again and again, backing off up to 5 s (60 s while
+/// the peer there refuses this one), until a peer answers there or this peer
+/// closes: what keeps a connection made with
+/// [`Peer::connect`](crate::Peer::connect) up.
 async fn keep_up(inner: Weak<Inner>, address: Address) {
     let mut backoff = Duration::from_millis(50);
+    let mut refused_before = false;
     loop {
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
         let Some(peer) = inner.upgrade() else { return };
         if peer.is_closed() {
             return;
         }
-        let deadline = Instant::now() + peer.settings.connect_timeout;
+        let deadline = deadline_in(peer.settings.connect_timeout);
         match peer.connect_address(address.clone(), deadline).await {
             Ok(name) => {
                 tracing::info!(%address, peer = %name, "connected to the address again");
                 return;
             }
+            Err(error @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
+                // Said once, not every attempt.
+                if !refused_before {
+                    tracing::warn!(
+                        %address,
+                        %error,
+                        "the peer at an address this peer keeps up refuses it (or is not \
+                         trusted); trying again every {KEEP_UP_REFUSED_BACKOFF:?}"
+                    );
+                }
+                refused_before = true;
+                backoff = (backoff * 4).min(KEEP_UP_REFUSED_BACKOFF);
+            }
             Err(error) => {
                 tracing::debug!(%address, %error, "the address does not answer yet; trying again");
+                refused_before = false;
+                backoff = (backoff * 2).min(KEEP_UP_MAX_BACKOFF);
             }
         }
     }

@@ -5,18 +5,21 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use teleport_client::{Client, ClientBuilder, ClientTls};
 use teleport_protocol::{from_tree, to_tree, Tree};
 use teleport_quic::{Address, Fingerprint, Identity, ToAddress};
+
 use teleport_server::{Context, HandlerError, Server};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use crate::error::{PeerError, Refusal, RefusalKind, NAME_CLASH_TYPE, UNTRUSTED_TYPE};
+use crate::error::{
+    PeerError, Refusal, RefusalKind, DIRECTORY_FULL_TYPE, NAME_CLASH_TYPE, UNTRUSTED_TYPE,
+};
 use crate::greeting::{Greeting, PeerInfo, RefuseNotice, REFUSE};
 use crate::link::{self, Established, Link, LinkState, Origin};
 use crate::PeerBuilder;
@@ -60,6 +63,7 @@ pub(crate) struct Settings {
     pub(crate) lookup_timeout: Duration,
     pub(crate) lookup_fanout: usize,
     pub(crate) max_hops: u32,
+    pub(crate) max_peers: usize,
     pub(crate) configure_client: Option<Arc<ConfigureClient>>,
 }
 
@@ -74,6 +78,91 @@ pub(crate) struct Entry {
     /// Its connection was lost and did not come back: the name must be found
     /// again, and another identity may take it.
     pub(crate) lost: bool,
+    /// The connection to this peer's server its greeting came over, while
+    /// that connection lasts (the number of [`Context::connection_id`]).
+    pub(crate) greeted_on: Option<u64>,
+}
+
+impl Entry {
+    /// Whether the directory may forget this entry to make room: nothing of
+    /// this peer's uses it (no link) and the peer is not connected here.
+    fn evictable(&self) -> bool {
+        self.lost || (self.link.is_none() && self.greeted_on.is_none())
+    }
+}
+
+/// A name being checked for a certificate ([`Inner::check_name`]): while
+/// it is held, other certificates claiming the name are refused, so that
+/// two claims cannot both pass the check. Dropping it ends the claim.
+pub(crate) struct Claim<'a> {
+    inner: &'a Inner,
+    name: String,
+    fingerprint: Fingerprint,
+    /// The certificate of a holder found gone, which this claim may replace.
+    replaces: Option<Fingerprint>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut claims = lock(&self.inner.claims);
+        if let Some((_, count)) = claims.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                claims.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl Claim<'_> {
+    /// Puts `entry` in the directory under the claimed name, if the name is
+    /// still free for it: held by nobody, by the same certificate, by one
+    /// lost, or by the holder the check found gone. Makes room by forgetting
+    /// an evictable entry when the directory is full. Returns the entry it
+    /// replaced.
+    fn commit(
+        &self,
+        directory: &mut HashMap<String, Entry>,
+        entry: Entry,
+    ) -> Result<Option<Entry>, PeerError> {
+        debug_assert_eq!(entry.info.name, self.name);
+        match directory.get(&self.name) {
+            Some(held)
+                if held.info.fingerprint != self.fingerprint
+                    && !held.lost
+                    && Some(held.info.fingerprint) != self.replaces =>
+            {
+                return Err(PeerError::NameClash {
+                    name: self.name.clone(),
+                    refused_by: "this peer".into(),
+                    message: format!(
+                        "the peer with certificate {} took the name while the claim of {} \
+                         was being checked",
+                        held.info.fingerprint, self.fingerprint
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => {
+                let limit = self.inner.settings.max_peers;
+                if directory.len() >= limit {
+                    let victim = directory
+                        .iter()
+                        .filter(|(_, e)| e.evictable())
+                        .min_by_key(|(_, e)| !e.lost)
+                        .map(|(n, _)| n.clone());
+                    match victim {
+                        Some(victim) => {
+                            tracing::debug!(peer = %victim, "forgot a peer to make room");
+                            directory.remove(&victim);
+                        }
+                        None => return Err(PeerError::DirectoryFull { limit }),
+                    }
+                }
+            }
+        }
+        Ok(directory.insert(self.name.clone(), entry))
+    }
 }
 
 /// The state all of a peer's tasks share.
@@ -86,8 +175,18 @@ pub(crate) struct Inner {
     advertised: Mutex<Vec<SocketAddr>>,
     pub(crate) directory: Mutex<HashMap<String, Entry>>,
     /// One opening of a link per name at a time, so that concurrent calls to
-    /// a peer not yet connected make one connection.
-    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// a peer not yet connected make one connection. Weak: a gate lives while
+    /// a call holds or waits for it, and the map forgets dead ones.
+    gates: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// Names being checked, with the certificate claiming each and how many
+    /// checks of it run ([`Claim`]).
+    claims: Mutex<HashMap<String, (Fingerprint, usize)>>,
+    /// When the holder of a name last answered a liveness probe: within the
+    /// liveness timeout, another claim is refused without asking again.
+    probed: Mutex<HashMap<String, Instant>>,
+    /// The name each connection to this peer's server greeted with: one name
+    /// per connection. Forgotten when the connection ends.
+    greeted_by: Mutex<HashMap<u64, String>>,
     refusals: Mutex<VecDeque<Refusal>>,
     pub(crate) runtime: Handle,
     closed: AtomicBool,
@@ -126,6 +225,9 @@ impl Inner {
             advertised: Mutex::new(Vec::new()),
             directory: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
+            probed: Mutex::new(HashMap::new()),
+            greeted_by: Mutex::new(HashMap::new()),
             refusals: Mutex::new(VecDeque::new()),
             runtime,
             closed: AtomicBool::new(false),
@@ -167,12 +269,7 @@ impl Inner {
     /// The builder of a link's client: pinned as `trust` says, presenting
     /// this peer's certificate, with the cohort's token, reconnected by the
     /// link's own task (so it knows when a connection is lost).
-    pub(crate) fn client_builder(
-        &self,
-        target: &Address,
-        trust: &ClientTls,
-        connect_timeout: Duration,
-    ) -> ClientBuilder {
+    pub(crate) fn client_builder(&self, target: &Address, trust: &ClientTls) -> ClientBuilder {
         let mut builder = Client::builder(target.clone());
         if let Some(configure) = &self.settings.configure_client {
             builder = configure(builder);
@@ -188,7 +285,16 @@ impl Inner {
             // Lookups that lose the race for an answer are dropped; their
             // failures must not fail the next call on the link.
             .raise_unobserved_errors(false)
-            .connect_timeout(connect_timeout.max(Duration::from_millis(1)));
+            // The settings', not the time left when the link was made: the
+            // link's task reconnects with this client for as long as it lives
+            // (bounded by the liveness timeout there); a first connection is
+            // bounded by its caller's deadline.
+            .connect_timeout(
+                self.settings
+                    .connect_timeout
+                    .max(self.settings.liveness_timeout)
+                    .max(Duration::from_millis(1)),
+            );
         if let Some(token) = &self.settings.token {
             builder = builder.token(token.clone());
         }
@@ -196,10 +302,24 @@ impl Inner {
     }
 
     fn gate(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.gates)
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+        let mut gates = lock(&self.gates);
+        // Only gates some call holds or waits for stay: the map is as large
+        // as the number of names being connected to now.
+        gates.retain(|_, gate| gate.strong_count() > 0);
+        if let Some(gate) = gates.get(name).and_then(Weak::upgrade) {
+            return gate;
+        }
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        gates.insert(name.to_owned(), Arc::downgrade(&gate));
+        gate
+    }
+
+    /// The link to `name`, if there is one and it is up.
+    pub(crate) fn up_link(&self, name: &str) -> Option<Arc<Link>> {
+        lock(&self.directory)
+            .get(name)
+            .and_then(|e| e.link.clone())
+            .filter(|l| l.state() == LinkState::Up)
     }
 
     pub(crate) fn record_refusal(&self, refusal: Refusal) {
@@ -212,10 +332,13 @@ impl Inner {
     }
 
     /// Whether `info` may hold its name here: not this peer's own name, not
-    /// pinned to another fingerprint, and not held by another identity that
-    /// still answers (one whose connection was lost for good may be
-    /// replaced: that is how a restarted peer takes its name back).
-    pub(crate) async fn check_name(&self, info: &PeerInfo) -> Result<(), PeerError> {
+    /// pinned to another fingerprint, not claimed by another certificate
+    /// right now, and not held by another identity that still answers (one
+    /// whose connection was lost for good may be replaced: that is how a
+    /// restarted peer takes its name back). The returned claim keeps other
+    /// certificates off the name until the entry is put in the directory
+    /// with [`Claim::commit`], which checks again under the lock.
+    pub(crate) async fn check_name(&self, info: &PeerInfo) -> Result<Claim<'_>, PeerError> {
         let clash = |message: String| PeerError::NameClash {
             name: info.name.clone(),
             refused_by: "this peer".into(),
@@ -240,25 +363,61 @@ impl Inner {
                 });
             }
         }
+        let mut claim = {
+            let mut claims = lock(&self.claims);
+            match claims.get_mut(&info.name) {
+                Some((other, _)) if *other != info.fingerprint => {
+                    return Err(clash(format!(
+                        "the certificate {other} is claiming it right now; refused the \
+                         certificate {}",
+                        info.fingerprint
+                    )));
+                }
+                Some((_, count)) => *count += 1,
+                None => {
+                    claims.insert(info.name.clone(), (info.fingerprint, 1));
+                }
+            }
+            Claim {
+                inner: self,
+                name: info.name.clone(),
+                fingerprint: info.fingerprint,
+                replaces: None,
+            }
+        };
         let holder = lock(&self.directory)
             .get(&info.name)
             .filter(|e| e.info.fingerprint != info.fingerprint && !e.lost)
             .map(|e| (e.info.clone(), e.link.clone()));
         let Some((held, link)) = holder else {
-            return Ok(());
+            return Ok(claim);
         };
-        if self.holder_alive(&held, link).await {
-            return Err(clash(format!(
+        let refused = || {
+            clash(format!(
                 "it is held by the peer with certificate {} at {:?}, which still answers; \
                  refused the certificate {}",
                 held.fingerprint, held.addrs, info.fingerprint
-            )));
+            ))
+        };
+        // A holder that answered lately is not asked again: claims cannot
+        // make this peer connect out at their pace.
+        let liveness = self.settings.liveness_timeout;
+        let answered = lock(&self.probed).get(&info.name).copied();
+        if answered.is_some_and(|at| at.elapsed() < liveness) {
+            return Err(refused());
+        }
+        if self.holder_alive(&held, link).await {
+            let mut probed = lock(&self.probed);
+            probed.retain(|_, at| at.elapsed() < liveness);
+            probed.insert(info.name.clone(), Instant::now());
+            return Err(refused());
         }
         tracing::info!(
             name = %info.name,
             "the peer that held this name no longer answers; a new identity takes it"
         );
-        Ok(())
+        claim.replaces = Some(held.fingerprint);
+        Ok(claim)
     }
 
     /// Whether the peer in `held` still answers under its name, asked
@@ -278,7 +437,7 @@ impl Inner {
             return false;
         }
         let trust = ClientTls::pinned(held.fingerprint);
-        match link::establish(self, &targets, &trust, Instant::now() + liveness).await {
+        match link::establish(self, &targets, &trust, deadline_in(liveness)).await {
             Ok(established) => {
                 established.client.close();
                 established.info.name == held.name
@@ -287,23 +446,59 @@ impl Inner {
         }
     }
 
-    /// Puts a greeted connection in the directory and starts its task.
-    fn install(self: &Arc<Self>, established: Established, origin: Origin) -> Arc<Link> {
+    /// Puts a greeted connection in the directory and starts its task. A
+    /// link that is up to the same certificate stays (the new connection is
+    /// closed and the one there returned): calls on it must not fail because
+    /// a second connection was made meanwhile.
+    fn install(
+        self: &Arc<Self>,
+        claim: &Claim<'_>,
+        established: Established,
+        origin: Origin,
+    ) -> Result<Arc<Link>, PeerError> {
         let Established { client, info, .. } = established;
+        let mut directory = lock(&self.directory);
+        let existing = directory.get(&info.name);
+        if let Some(up) = existing
+            .filter(|e| e.info.fingerprint == info.fingerprint)
+            .and_then(|e| e.link.clone())
+            .filter(|l| l.state() == LinkState::Up)
+        {
+            drop(directory);
+            client.close();
+            return Ok(up);
+        }
+        // A link replaced keeps its promise to keep an address up.
+        let origin = match (origin, existing.and_then(|e| e.link.as_ref())) {
+            (Origin::Learned, Some(old)) if matches!(old.origin, Origin::Address(_)) => {
+                old.origin.clone()
+            }
+            (origin, _) => origin,
+        };
+        let greeted_on = existing
+            .filter(|e| e.info.fingerprint == info.fingerprint)
+            .and_then(|e| e.greeted_on);
         let link = Arc::new(Link::new(
             info.name.clone(),
             info.fingerprint,
             client,
             origin,
         ));
-        let replaced = lock(&self.directory).insert(
-            info.name.clone(),
-            Entry {
-                info,
-                link: Some(link.clone()),
-                lost: false,
-            },
-        );
+        let entry = Entry {
+            info,
+            link: Some(link.clone()),
+            lost: false,
+            greeted_on,
+        };
+        let replaced = match claim.commit(&mut directory, entry) {
+            Ok(replaced) => replaced,
+            Err(error) => {
+                drop(directory);
+                link.close();
+                return Err(error);
+            }
+        };
+        drop(directory);
         if let Some(old) = replaced.and_then(|e| e.link) {
             old.close();
         }
@@ -312,7 +507,7 @@ impl Inner {
         }
         self.runtime
             .spawn(link::watch(Arc::downgrade(self), link.clone()));
-        link
+        Ok(link)
     }
 
     /// The directory forgets a link lost for good (if it is still the one
@@ -399,7 +594,8 @@ impl Inner {
             }
             established
         };
-        self.admit(established, Origin::Address(address)).await
+        let link = self.admit(established, Origin::Address(address)).await?;
+        Ok(link.name.clone())
     }
 
     /// Checks the name of a greeted connection and installs it, or refuses
@@ -408,12 +604,15 @@ impl Inner {
         self: &Arc<Self>,
         mut established: Established,
         origin: Origin,
-    ) -> Result<String, PeerError> {
-        if let Err(error) = self.check_name(&established.info).await {
-            self.tell_refused(&established, &error).await;
-            established.client.close();
-            return Err(error);
-        }
+    ) -> Result<Arc<Link>, PeerError> {
+        let claim = match self.check_name(&established.info).await {
+            Ok(claim) => claim,
+            Err(error) => {
+                self.tell_refused(&established, &error).await;
+                established.client.close();
+                return Err(error);
+            }
+        };
         if established.info.addrs.is_empty() {
             if let teleport_quic::Host::Ip(ip) = established.target.host {
                 // A peer that listens where it was reached, though its
@@ -424,9 +623,7 @@ impl Inner {
                     .push(SocketAddr::new(ip, established.target.port));
             }
         }
-        let name = established.info.name.clone();
-        self.install(established, origin);
-        Ok(name)
+        self.install(&claim, established, origin)
     }
 
     /// Tells the other side of a refused connection why (`_peer.refuse`), so
@@ -501,7 +698,7 @@ impl Inner {
                     if !still_unlinked {
                         continue; // another call made the link meanwhile
                     }
-                    let bounded = deadline.min(Instant::now() + self.settings.liveness_timeout);
+                    let bounded = deadline.min(deadline_in(self.settings.liveness_timeout));
                     match self.open_learned(&info, bounded).await {
                         Ok(link) => return Ok(Some(link)),
                         Err(
@@ -542,11 +739,7 @@ impl Inner {
                 ),
             });
         }
-        self.admit(established, Origin::Learned).await?;
-        lock(&self.directory)
-            .get(&info.name)
-            .and_then(|e| e.link.clone())
-            .ok_or(PeerError::Closed)
+        self.admit(established, Origin::Learned).await
     }
 
     /// A link to the peer called `name`: known, or found through the peers
@@ -578,7 +771,7 @@ impl Inner {
                     last_error: None,
                 }));
             }
-            let info = self
+            let found = self
                 .find(
                     name,
                     deadline,
@@ -587,10 +780,17 @@ impl Inner {
                     true,
                 )
                 .await?;
+            let Some(info) = found else {
+                continue; // known here now: link_known takes it
+            };
             let gate = self.gate(name);
             let Ok(_turn) = tokio::time::timeout_at(deadline.into(), gate.lock()).await else {
                 continue;
             };
+            // Another call may have made the link while this one waited.
+            if let Some(link) = self.up_link(name) {
+                return Ok(link);
+            }
             match self.open_learned(&info, deadline).await {
                 Ok(link) => return Ok(link),
                 Err(e @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
@@ -616,7 +816,10 @@ impl Inner {
         args: Tree,
         timeout: Duration,
     ) -> Result<Tree, PeerError> {
-        let deadline = Instant::now() + timeout;
+        if peer == self.name {
+            return Err(PeerError::OwnName(peer));
+        }
+        let deadline = deadline_in(timeout);
         let timed_out = |while_doing: &str| PeerError::TimedOut {
             peer: peer.clone(),
             method: method.clone(),
@@ -640,11 +843,15 @@ impl Inner {
             {
                 Ok(reply) => return Ok(reply),
                 // Never sent (the link was lost just before): safe to send
-                // again once the peer is found again.
+                // again once the peer is found again. The link may still read
+                // up until its task notices: wait for that, not spin.
                 Err(teleport_client::Error::NotConnected { .. })
                 | Err(teleport_client::Error::Call(teleport_client::CallError::NotConnected {
                     ..
-                })) => continue,
+                })) => {
+                    link.left_up(deadline).await;
+                    continue;
+                }
                 Err(error) => {
                     return Err(PeerError::Call {
                         peer,
@@ -656,18 +863,19 @@ impl Inner {
         }
     }
 
-    /// `_peer.hello`: another peer connected and introduces itself.
-    pub(crate) async fn on_hello(&self, args: Tree, ctx: Context) -> Result<Tree, HandlerError> {
+    /// `_peer.hello`: another peer connected and introduces itself. The
+    /// fingerprint it greets with must be the certificate it presented in
+    /// the TLS handshake, and a connection greets under one name only.
+    pub(crate) async fn on_hello(
+        self: Arc<Self>,
+        args: Tree,
+        ctx: Context,
+    ) -> Result<Tree, HandlerError> {
         let bad = |message: String| HandlerError::with_type("BadGreeting", message);
         let greeting: Greeting = from_tree(args).map_err(|e| bad(e.to_string()))?;
         let info = greeting.check(Some(ctx.peer_addr().ip())).map_err(bad)?;
         let reply = || to_tree(&Greeting::of(&self.own_info())).map_err(|e| bad(e.to_string()));
-        if info.name == self.name && info.fingerprint == self.fingerprint {
-            // This peer connected to itself: the caller sees its own name
-            // come back and refuses.
-            return reply();
-        }
-        if let Err(error) = self.check_name(&info).await {
+        let refuse = |error: PeerError| {
             let (kind, type_name, message) = match &error {
                 PeerError::NameClash { message, .. } => {
                     (RefusalKind::NameClash, NAME_CLASH_TYPE, message.clone())
@@ -675,6 +883,11 @@ impl Inner {
                 PeerError::Untrusted { reason, .. } => {
                     (RefusalKind::Untrusted, UNTRUSTED_TYPE, reason.clone())
                 }
+                PeerError::DirectoryFull { .. } => (
+                    RefusalKind::Untrusted,
+                    DIRECTORY_FULL_TYPE,
+                    error.to_string(),
+                ),
                 other => (RefusalKind::Untrusted, UNTRUSTED_TYPE, other.to_string()),
             };
             let message = format!(
@@ -689,14 +902,83 @@ impl Inner {
                 refused_by: "this peer".into(),
                 message: message.clone(),
             });
-            return Err(HandlerError::with_type(type_name, message));
+            HandlerError::with_type(type_name, message)
+        };
+        match ctx.peer_fingerprint() {
+            Some(seen) if seen == info.fingerprint => {}
+            seen => {
+                return Err(refuse(PeerError::Untrusted {
+                    name: info.name.clone(),
+                    fingerprint: info.fingerprint.to_string(),
+                    reason: match seen {
+                        Some(seen) => format!(
+                            "the greeting claims the certificate {}, but the connection \
+                             presented {seen}",
+                            info.fingerprint
+                        ),
+                        None => "the connection presented no certificate".into(),
+                    },
+                }))
+            }
         }
-        self.note_greeting(info);
+        if info.name == self.name && info.fingerprint == self.fingerprint {
+            // This peer connected to itself: the caller sees its own name
+            // come back and refuses.
+            return reply();
+        }
+        let connection = ctx.connection_id();
+        {
+            let mut greeted_by = lock(&self.greeted_by);
+            match greeted_by.get(&connection) {
+                Some(name) if *name != info.name => {
+                    return Err(bad(format!(
+                        "this connection greeted as {name:?} already; one connection, one name"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    greeted_by.insert(connection, info.name.clone());
+                    drop(greeted_by);
+                    self.forget_connection_when_closed(&ctx);
+                }
+            }
+        }
+        let claim = self.check_name(&info).await.map_err(&refuse)?;
+        self.note_greeting(&claim, info.clone(), connection)
+            .map_err(&refuse)?;
+        drop(claim);
         reply()
     }
 
-    /// Remembers who greeted this peer, and where it listens.
-    fn note_greeting(&self, info: PeerInfo) {
+    /// When the connection of `ctx` ends, forgets the name it greeted with,
+    /// and that the entry it made is connected.
+    fn forget_connection_when_closed(self: &Arc<Self>, ctx: &Context) {
+        let connection = ctx.connection_id();
+        let closed = ctx.connection_closed();
+        let inner = Arc::downgrade(self);
+        self.runtime.spawn(async move {
+            closed.await;
+            let Some(inner) = inner.upgrade() else { return };
+            let name = lock(&inner.greeted_by).remove(&connection);
+            if let Some(name) = name {
+                if let Some(entry) = lock(&inner.directory).get_mut(&name) {
+                    if entry.greeted_on == Some(connection) {
+                        entry.greeted_on = None;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Remembers who greeted this peer, and where it listens. The greeting's
+    /// certificate was checked against the connection's, so a greeting under
+    /// the same certificate is the peer itself, telling where it is now.
+    fn note_greeting(
+        &self,
+        claim: &Claim<'_>,
+        info: PeerInfo,
+        connection: u64,
+    ) -> Result<(), PeerError> {
         let mut directory = lock(&self.directory);
         let closed = match directory.get_mut(&info.name) {
             Some(entry) if entry.info.fingerprint == info.fingerprint => {
@@ -704,46 +986,62 @@ impl Inner {
                     entry.info.addrs = info.addrs;
                 }
                 entry.lost = false;
+                entry.greeted_on = Some(connection);
                 None
             }
-            _ => directory
-                .insert(
-                    info.name.clone(),
-                    Entry {
-                        info,
-                        link: None,
-                        lost: false,
-                    },
-                )
-                .and_then(|old| old.link),
+            _ => {
+                let entry = Entry {
+                    info,
+                    link: None,
+                    lost: false,
+                    greeted_on: Some(connection),
+                };
+                claim
+                    .commit(&mut directory, entry)?
+                    .and_then(|old| old.link)
+            }
         };
         drop(directory);
         if let Some(old) = closed {
             old.close();
         }
+        Ok(())
     }
 
-    /// `_peer.refuse`: a peer this one connected to refused it.
+    /// `_peer.refuse`: a peer this one connected to refused it. The notice is
+    /// recorded; it changes no link (anyone who can connect can send one).
+    /// Only an entry that the refusing peer's own greeting made (the
+    /// connection presented its certificate) and that no link uses is
+    /// forgotten: this peer would only be refused again there.
     pub(crate) async fn on_refuse(&self, args: Tree, ctx: Context) -> Result<Tree, HandlerError> {
-        let notice: RefuseNotice =
-            from_tree(args).map_err(|e| HandlerError::with_type("BadRefusal", e.to_string()))?;
+        let bad = |message: String| HandlerError::with_type("BadRefusal", message);
+        let notice: RefuseNotice = from_tree(args).map_err(|e| bad(e.to_string()))?;
+        for name in [&notice.refused_by, &notice.name] {
+            crate::greeting::check_name(name).map_err(bad)?;
+        }
         let kind = if notice.kind == NAME_CLASH_TYPE {
             RefusalKind::NameClash
         } else {
             RefusalKind::Untrusted
         };
-        // It will not take calls from this peer: forget it.
-        let forgotten = lock(&self.directory).remove(&notice.refused_by);
-        if let Some(link) = forgotten.and_then(|e| e.link) {
-            link.close();
+        if let Some(seen) = ctx.peer_fingerprint() {
+            let mut directory = lock(&self.directory);
+            let from_it = directory
+                .get(&notice.refused_by)
+                .is_some_and(|e| e.info.fingerprint == seen && e.link.is_none());
+            if from_it {
+                directory.remove(&notice.refused_by);
+            }
         }
+        let mut message = notice.message;
+        message.truncate(1024);
         self.record_refusal(Refusal {
             kind,
             name: notice.name,
             fingerprint: Some(self.fingerprint),
             from: Some(ctx.peer_addr()),
             refused_by: notice.refused_by,
-            message: notice.message,
+            message,
         });
         Ok(Tree::None)
     }
@@ -752,6 +1050,16 @@ impl Inner {
 /// Socket addresses as addresses to connect to.
 pub(crate) fn addresses(addrs: &[SocketAddr]) -> Vec<Address> {
     addrs.iter().filter_map(|a| a.to_address().ok()).collect()
+}
+
+/// The instant `timeout` from now, or one far in the future if that is not
+/// representable (a timeout of `Duration::MAX` means "no timeout").
+pub(crate) fn deadline_in(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        // A century: far enough to be no deadline, near enough for timers.
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -820,7 +1128,7 @@ impl Peer {
     /// clash with a name this peer knows ([`PeerError::NameClash`]).
     pub async fn connect(&self, addr: impl ToAddress) -> Result<String, PeerError> {
         let address = addr.to_address()?;
-        let deadline = Instant::now() + self.inner.settings.connect_timeout;
+        let deadline = deadline_in(self.inner.settings.connect_timeout);
         self.inner.connect_address(address, deadline).await
     }
 

@@ -3,7 +3,7 @@
 //! timeouts, blocking calls and callbacks.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use teleport_peer::{Function, Identity, Peer, PeerBuilder, PeerError, RefusalKind};
 use teleport_protocol::{tree, Tree};
@@ -157,14 +157,8 @@ async fn a_restarted_peer_is_found_again() {
         assert_ne!(addr(&restarted), old_addr);
         restarted.connect(addr(&b)).await.unwrap();
 
-        let started = Instant::now();
         let reply = a.call("C", "whoami", Tree::None).await.unwrap();
         assert_eq!(field(&reply, "tag"), "second");
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
         let to_c = a.peers().into_iter().find(|p| p.name == "C").unwrap();
         assert_eq!(to_c.fingerprint, restarted.fingerprint());
         // And the restarted peer calls A back by name.
@@ -262,40 +256,27 @@ async fn calls_time_out() {
         let caller = peer("caller").await;
         caller.connect(addr(&slow)).await.unwrap();
 
-        // A per-call timeout.
-        let started = Instant::now();
+        // A per-call timeout (the function sleeps 20 s; the test's bound is
+        // 30 s in all, so the timeouts below are what ended the calls).
         let error = caller
             .call_with_timeout("slow", "sleep", Tree::None, Duration::from_millis(200))
             .await
             .unwrap_err();
         assert!(error.is_timeout(), "{error}");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
 
         // The default timeout (moolib's set_timeout).
         caller.set_timeout(Duration::from_millis(300));
         assert_eq!(caller.timeout(), Duration::from_millis(300));
-        let started = Instant::now();
         let error = caller.call("slow", "sleep", Tree::None).await.unwrap_err();
         assert!(error.is_timeout(), "{error}");
-        assert!(started.elapsed() < Duration::from_secs(2));
 
         // A name nobody knows: discovery gives up at the timeout.
-        let started = Instant::now();
         let error = caller
             .call("nobody", "whoami", Tree::None)
             .await
             .unwrap_err();
         assert!(error.is_not_found(), "{error}");
         assert!(error.to_string().contains("\"nobody\""), "{error}");
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
-            "{waited:?}"
-        );
     })
     .await;
 }
@@ -389,7 +370,11 @@ async fn trust_is_pinned_by_name_or_refused() {
             .listen("127.0.0.1:0")
             .await
             .unwrap();
-        assert!(outsider.connect(addr(&guarded)).await.is_err());
+        let error = outsider.connect(addr(&guarded)).await.unwrap_err();
+        assert!(
+            matches!(&error, PeerError::Connect { .. }) && error.to_string().contains("token"),
+            "{error}"
+        );
 
         // Reserved names cannot be defined; default names are unique.
         let error = Peer::builder()
@@ -404,6 +389,83 @@ async fn trust_is_pinned_by_name_or_refused() {
         );
         assert_ne!(x.name(), y.name());
         assert!(x.name().starts_with("peer-"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_is_kept_up_past_the_liveness_timeout() {
+    bounded(async {
+        let identity = Identity::self_signed(["localhost"]).unwrap();
+        let b = builder("B", "first")
+            .identity(identity.clone())
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
+        let port = addr(&b).port();
+        let a = peer("A").await;
+        a.connect(addr(&b)).await.unwrap();
+        b.shutdown(Duration::from_millis(100)).await;
+        drop(b);
+        // Gone for longer than A's liveness timeout (500 ms): A's link is
+        // dropped, and A goes on connecting to the address.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!a.peers().iter().any(|p| p.name == "B" && p.connected));
+        let b = builder("B", "second")
+            .identity(identity)
+            .listen(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let reply = a.call("B", "whoami", Tree::None).await.unwrap();
+        assert_eq!(field(&reply, "tag"), "second");
+        drop(b);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_introduction_against_a_pin_and_max_hops_zero_find_nothing() {
+    bounded(async {
+        let b = peer("B").await;
+        let c = peer("C").await;
+        c.connect(addr(&b)).await.unwrap();
+        // A pins C to another certificate: B's introduction of C is refused.
+        let other = Identity::self_signed(["localhost"]).unwrap();
+        let a = builder("A", "first")
+            .trust("C", other.fingerprint())
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
+        a.connect(addr(&b)).await.unwrap();
+        let error = a
+            .call_with_timeout("C", "whoami", Tree::None, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(error.is_not_found(), "{error}");
+        assert!(error.to_string().contains("pins"), "{error}");
+
+        // D asks with max_hops 0: B knows only E's neighbour F, not E.
+        let e = peer("E").await;
+        let f = peer("F").await;
+        b.connect(addr(&f)).await.unwrap();
+        e.connect(addr(&f)).await.unwrap();
+        let d = builder("D", "first")
+            .max_hops(0)
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
+        d.connect(addr(&b)).await.unwrap();
+        let error = d
+            .call_with_timeout("E", "whoami", Tree::None, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(error.is_not_found(), "{error}");
+        // With hops left (the default, 2), B passes the question on to F.
+        let g = peer("G").await;
+        g.connect(addr(&b)).await.unwrap();
+        let reply = g.call("E", "whoami", Tree::None).await.unwrap();
+        assert_eq!(field(&reply, "name"), "E");
+        drop((c, e, f));
     })
     .await;
 }

@@ -162,7 +162,10 @@ impl ServerBuilder {
         self
     }
 
-    /// Require client certificates (mutual TLS).
+    /// Require client certificates (mutual TLS): pinned ones, ones a CA
+    /// issued, or any (`ClientAuth::AnyCertificate`). Functions see the
+    /// caller's certificate as
+    /// [`Context::peer_fingerprint`](crate::Context::peer_fingerprint).
     pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
         self.client_auth = client_auth;
         self

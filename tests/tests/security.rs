@@ -312,3 +312,39 @@ async fn a_hello_of_another_protocol_version_is_refused_with_the_reason() {
         tree!(1)
     );
 }
+
+#[tokio::test]
+async fn functions_see_the_fingerprint_of_the_client_certificate() {
+    let fixture = Fixture::start_with(|b| {
+        b.client_auth(ClientAuth::AnyCertificate).bind(
+            "whoami",
+            |_: Tree, ctx: teleport_server::Context| async move {
+                Ok(tree!((ctx.peer_fingerprint().map(|f| f.to_string()))))
+            },
+        )
+    })
+    .await;
+    // Any certificate is accepted, and the function sees which.
+    let identity = Identity::self_signed(["client"]).unwrap();
+    let expected = identity.fingerprint().to_string();
+    let client = within(
+        "connect",
+        fixture.client_builder().identity(identity).connect(),
+    )
+    .await
+    .unwrap();
+    let seen = within("call", client.call("whoami", tree!(null)))
+        .await
+        .unwrap();
+    assert_eq!(seen, tree!((Some(expected))));
+    // A client without a certificate is refused at the TLS level.
+    let outcome = within("no certificate", async {
+        let client = fixture.client_builder().connect().await?;
+        client.call("whoami", tree!(null)).await
+    })
+    .await;
+    assert!(
+        matches!(&outcome, Err(e) if e.remote().is_none()),
+        "a client without a certificate got through: {outcome:?}"
+    );
+}

@@ -398,6 +398,13 @@ pub enum ClientAuth {
     Fingerprints(Vec<Fingerprint>),
     /// Only clients presenting a certificate issued by a CA in this store.
     Roots(Arc<RootCertStore>),
+    /// Clients presenting any certificate. Nothing about the certificate is
+    /// trusted, but the handshake signature is verified, so the client holds
+    /// the certificate's key: the server learns who the client is
+    /// ([`Connection::peer_fingerprint`](crate::Connection::peer_fingerprint))
+    /// and decides itself what to make of it (named peers check it against
+    /// the fingerprint a peer greets with).
+    AnyCertificate,
 }
 
 impl ClientAuth {
@@ -445,7 +452,13 @@ impl ServerTls {
             ClientAuth::None => builder.with_no_client_auth(),
             ClientAuth::Fingerprints(pins) => {
                 builder.with_client_cert_verifier(Arc::new(PinnedClientVerifier {
-                    pins: pins.clone(),
+                    pins: Some(pins.clone()),
+                    provider,
+                }))
+            }
+            ClientAuth::AnyCertificate => {
+                builder.with_client_cert_verifier(Arc::new(PinnedClientVerifier {
+                    pins: None,
                     provider,
                 }))
             }
@@ -543,7 +556,8 @@ impl ServerCertVerifier for ServerVerifier {
 /// Requires a client certificate with one of the pinned fingerprints.
 #[derive(Debug)]
 struct PinnedClientVerifier {
-    pins: Vec<Fingerprint>,
+    /// `None`: any certificate ([`ClientAuth::AnyCertificate`]).
+    pins: Option<Vec<Fingerprint>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -558,10 +572,9 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if is_pinned(&self.pins, end_entity) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(pinned_error(end_entity, "client"))
+        match &self.pins {
+            Some(pins) if !is_pinned(pins, end_entity) => Err(pinned_error(end_entity, "client")),
+            _ => Ok(ClientCertVerified::assertion()),
         }
     }
 

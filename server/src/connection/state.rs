@@ -171,6 +171,9 @@ impl Conn {
             return false;
         }
         self.shared.stats.connection_accepted();
+        if let Some(fingerprint) = transport.peer_fingerprint() {
+            self.life.set_peer_fingerprint(fingerprint);
+        }
         state.transport = Some(transport);
         !state.ended
     }

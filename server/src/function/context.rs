@@ -3,9 +3,10 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use teleport_quic::Fingerprint;
 use tokio::sync::Notify;
 
 /// The call a function serves: who made it, until when the caller waits, and
@@ -59,6 +60,9 @@ pub(crate) struct ConnectionLife {
     id: u64,
     ended: AtomicBool,
     notify: Notify,
+    /// The client certificate's fingerprint, set once the handshake is done
+    /// (before any call can arrive) if the client presented one.
+    peer_fingerprint: OnceLock<Fingerprint>,
 }
 
 impl ConnectionLife {
@@ -67,7 +71,13 @@ impl ConnectionLife {
             id,
             ended: AtomicBool::new(false),
             notify: Notify::new(),
+            peer_fingerprint: OnceLock::new(),
         })
+    }
+
+    /// Records the certificate the client presented in the handshake.
+    pub(crate) fn set_peer_fingerprint(&self, fingerprint: Fingerprint) {
+        let _ = self.peer_fingerprint.set(fingerprint);
     }
 
     /// Marks the connection ended and wakes whoever awaits it; once.
@@ -171,6 +181,17 @@ impl Context {
         self.inner.peer
     }
 
+    /// The SHA-256 fingerprint of the certificate the caller presented in
+    /// the TLS handshake, or `None` if it presented none. Clients present a
+    /// certificate only when the server asks for one, that is with
+    /// [`ServerBuilder::client_auth`](crate::ServerBuilder::client_auth) set
+    /// (`ClientAuth::AnyCertificate` asks for any certificate and leaves the
+    /// decision to the function). The handshake proves the caller holds the
+    /// certificate's key, so the fingerprint identifies it.
+    pub fn peer_fingerprint(&self) -> Option<Fingerprint> {
+        self.inner.connection.peer_fingerprint.get().copied()
+    }
+
     /// The agent string the client sent in its `Hello` (the client's
     /// `ClientConfig::agent`; `teleport_protocol::client::DEFAULT_AGENT` for
     /// this crate's client).
@@ -229,6 +250,7 @@ impl fmt::Debug for Context {
         f.debug_struct("Context")
             .field("peer_addr", &self.inner.peer)
             .field("agent", &self.inner.agent)
+            .field("peer_fingerprint", &self.peer_fingerprint())
             .field("deadline", &self.inner.deadline)
             .field("cancelled", &self.is_cancelled())
             .field("connection_id", &self.inner.connection.id)
