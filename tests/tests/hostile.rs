@@ -427,14 +427,8 @@ async fn garbage_bombs_and_stream_floods_get_errors_and_a_good_client_is_served(
     assert!(fixture.server.receive_memory() <= 64 * (64 << 10));
 }
 
-/// Eight 8 MiB echoes at once on one connection whose budget holds 20 MiB:
-/// grown in step, every upload would hold part of the budget and wait for
-/// the rest for ever. They complete, some waiting for others, and the budget
-/// is never exceeded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
-    let fixture = Fixture::start_with(|b| b.connection_receive_memory(20 * MIB)).await;
-    let client = fixture.client().await;
+/// Eight 8 MiB echoes made at once on `client`'s connection, each checked.
+async fn eight_echoes_at_once(client: &teleport_client::Client) {
     let calls: Vec<_> = (0..8u8)
         .map(|i| {
             let array = Array::new(DType::U8, [8 * MIB], vec![i; 8 * MIB]).unwrap();
@@ -448,6 +442,17 @@ async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
         let back = within("an echo", call).await.unwrap().unwrap();
         assert_eq!(back, tree!((sent)));
     }
+}
+
+/// Eight 8 MiB echoes at once on one connection whose budget holds 20 MiB:
+/// grown in step, every upload would hold part of the budget and wait for
+/// the rest for ever. They complete, some waiting for others, and the budget
+/// is never exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
+    let fixture = Fixture::start_with(|b| b.connection_receive_memory(20 * MIB)).await;
+    let client = fixture.client().await;
+    eight_echoes_at_once(&client).await;
     common::wait_until("all memory given back", || {
         fixture.server.receive_memory() == 0
     })
@@ -474,17 +479,5 @@ async fn calls_waiting_for_memory_do_not_starve_the_others_of_flow_control_credi
     )
     .await
     .unwrap();
-    let calls: Vec<_> = (0..8u8)
-        .map(|i| {
-            let array = Array::new(DType::U8, [8 * MIB], vec![i; 8 * MIB]).unwrap();
-            (
-                array.clone(),
-                tokio::spawn(client.call("echo", tree!((array)))),
-            )
-        })
-        .collect();
-    for (sent, call) in calls {
-        let back = within("an echo", call).await.unwrap().unwrap();
-        assert_eq!(back, tree!((sent)));
-    }
+    eight_echoes_at_once(&client).await;
 }
