@@ -179,6 +179,8 @@ impl Driver {
             connections: counts.connections,
             bytes_sent: traffic.bytes_sent,
             bytes_received: traffic.bytes_received,
+            packets_lost: traffic.packets_lost,
+            congestion_events: traffic.congestion_events,
         }
     }
 

@@ -28,6 +28,10 @@ pub struct ClientStats {
     pub bytes_sent: u64,
     /// UDP payload bytes received (QUIC overhead included).
     pub bytes_received: u64,
+    /// Packets this client sent that were declared lost and retransmitted.
+    pub packets_lost: u64,
+    /// Times the client's congestion controller cut its sending window.
+    pub congestion_events: u64,
 }
 
 impl fmt::Display for ClientStats {
@@ -35,7 +39,8 @@ impl fmt::Display for ClientStats {
         write!(
             f,
             "calls: {} started, {} ok, {} failed, {} resent, {} in flight, {} queued; \
-             {} ({} connections); bytes: {} out, {} in",
+             {} ({} connections); bytes: {} out, {} in; packets lost: {} \
+             ({} congestion events)",
             self.calls_started,
             self.calls_succeeded,
             self.calls_failed,
@@ -49,7 +54,9 @@ impl fmt::Display for ClientStats {
             },
             self.connections,
             self.bytes_sent,
-            self.bytes_received
+            self.bytes_received,
+            self.packets_lost,
+            self.congestion_events
         )
     }
 }

@@ -84,6 +84,8 @@ impl Counters {
             receive_memory: 0,
             bytes_received: traffic.bytes_received,
             bytes_sent: traffic.bytes_sent,
+            packets_lost: traffic.packets_lost,
+            congestion_events: traffic.congestion_events,
         }
     }
 }
@@ -120,6 +122,10 @@ pub struct ServerStats {
     pub bytes_received: u64,
     /// UDP payload bytes sent (QUIC overhead included).
     pub bytes_sent: u64,
+    /// Packets the server sent that were declared lost and retransmitted.
+    pub packets_lost: u64,
+    /// Times the server's congestion controllers cut their sending windows.
+    pub congestion_events: u64,
 }
 
 impl ServerStats {
@@ -156,7 +162,7 @@ impl fmt::Display for ServerStats {
         }
         write!(
             f,
-            ", {} stopped, {} running; connections: {} open, {} accepted, {} refused; receive memory: {}; bytes: {} in, {} out",
+            ", {} stopped, {} running; connections: {} open, {} accepted, {} refused; receive memory: {}; bytes: {} in, {} out; packets lost: {} ({} congestion events)",
             self.calls_stopped,
             self.in_flight,
             self.connections_open,
@@ -164,7 +170,9 @@ impl fmt::Display for ServerStats {
             self.connections_refused,
             self.receive_memory,
             self.bytes_received,
-            self.bytes_sent
+            self.bytes_sent,
+            self.packets_lost,
+            self.congestion_events
         )
     }
 }
@@ -187,6 +195,8 @@ mod tests {
         c.connection_ended(Traffic {
             bytes_sent: 10,
             bytes_received: 20,
+            packets_lost: 3,
+            congestion_events: 1,
         });
         let s = c.snapshot(
             1,
@@ -194,6 +204,8 @@ mod tests {
             Traffic {
                 bytes_sent: 1,
                 bytes_received: 2,
+                packets_lost: 4,
+                congestion_events: 2,
             },
         );
         assert_eq!(s.calls_received, 3);
@@ -203,6 +215,7 @@ mod tests {
         assert_eq!(s.calls_stopped, 1);
         assert_eq!((s.in_flight, s.connections_open), (1, 2));
         assert_eq!((s.bytes_sent, s.bytes_received), (11, 22));
+        assert_eq!((s.packets_lost, s.congestion_events), (7, 3));
         let line = s.to_string();
         assert!(
             line.contains("3 received, 1 ok, 2 failed (Handler 2)"),

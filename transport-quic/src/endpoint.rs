@@ -14,6 +14,7 @@ use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
 use crate::memory::MemoryBudget;
+use crate::recycle::{KeptMemory, Recycler};
 use crate::socket::{enlarge_buffers, ObservedSocket, Released, SocketBuffers, SOCKET_BUFFER};
 use crate::{
     ClientTls, Fingerprint, RecvStream, SendStream, ServerTls, TransportConfig, TransportError,
@@ -101,12 +102,20 @@ pub struct Traffic {
     pub bytes_sent: u64,
     /// UDP payload bytes received.
     pub bytes_received: u64,
+    /// Packets this side sent that QUIC declared lost (and so retransmitted
+    /// what they carried): on a clean path, 0.
+    pub packets_lost: u64,
+    /// Times the congestion controller cut its window for a loss or a
+    /// congestion mark: each one slows the sender for a while.
+    pub congestion_events: u64,
 }
 
 impl std::ops::AddAssign for Traffic {
     fn add_assign(&mut self, other: Traffic) {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
+        self.packets_lost += other.packets_lost;
+        self.congestion_events += other.congestion_events;
     }
 }
 
@@ -118,7 +127,7 @@ pub struct Listener {
     /// size differs ([`TransportConfig::for_peer`]).
     loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
-    windows: Windows,
+    per_connection: PerConnection,
     released: Arc<Mutex<Option<Released>>>,
     buffers: SocketBuffers,
 }
@@ -143,7 +152,7 @@ impl Listener {
             endpoint,
             loopback,
             limits,
-            windows: Windows::of(transport),
+            per_connection: PerConnection::of(transport),
             released: Arc::new(Mutex::new(Some(released))),
             buffers,
         })
@@ -172,7 +181,7 @@ impl Listener {
             inner: incoming,
             loopback: self.loopback.clone(),
             limits: self.limits.clone(),
-            windows: self.windows,
+            per_connection: self.per_connection.clone(),
         })
     }
 
@@ -210,7 +219,7 @@ pub struct Incoming {
     inner: quinn::Incoming,
     loopback: Option<Arc<quinn::ServerConfig>>,
     limits: Limits,
-    windows: Windows,
+    per_connection: PerConnection,
 }
 
 impl Incoming {
@@ -231,7 +240,7 @@ impl Incoming {
         Ok(Connecting {
             inner: connecting,
             limits: self.limits,
-            windows: self.windows,
+            per_connection: self.per_connection.clone(),
         })
     }
 
@@ -248,7 +257,7 @@ impl Incoming {
 pub struct Connecting {
     inner: quinn::Connecting,
     limits: Limits,
-    windows: Windows,
+    per_connection: PerConnection,
 }
 
 impl Connecting {
@@ -266,7 +275,7 @@ impl IntoFuture for Connecting {
         Handshake {
             inner: self.inner,
             limits: Some(self.limits),
-            windows: self.windows,
+            per_connection: self.per_connection.clone(),
         }
     }
 }
@@ -276,7 +285,7 @@ impl IntoFuture for Connecting {
 pub struct Handshake {
     inner: quinn::Connecting,
     limits: Option<Limits>,
-    windows: Windows,
+    per_connection: PerConnection,
 }
 
 impl Future for Handshake {
@@ -285,7 +294,11 @@ impl Future for Handshake {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let connection = std::task::ready!(Pin::new(&mut self.inner).poll(cx))?;
         let limits = self.limits.take().unwrap_or_default();
-        Poll::Ready(Ok(Connection::new(connection, limits, self.windows)))
+        Poll::Ready(Ok(Connection::new(
+            connection,
+            limits,
+            &self.per_connection,
+        )))
     }
 }
 
@@ -299,6 +312,7 @@ pub struct Connector {
     /// For the endpoints: their largest UDP payload and batch size.
     transport: TransportConfig,
     limits: Limits,
+    per_connection: PerConnection,
     /// One endpoint per address family, made on first use.
     v4: Mutex<Option<quinn::Endpoint>>,
     v6: Mutex<Option<quinn::Endpoint>>,
@@ -321,6 +335,7 @@ impl Connector {
             loopback_config,
             transport: transport.clone(),
             limits,
+            per_connection: PerConnection::of(transport),
             v4: Mutex::new(None),
             v6: Mutex::new(None),
         })
@@ -363,7 +378,7 @@ impl Connector {
         Ok(Connection::new(
             connection,
             self.limits.clone(),
-            Windows::of(&self.transport),
+            &self.per_connection,
         ))
     }
 }
@@ -377,6 +392,25 @@ pub struct Connection {
     memory: Option<Arc<MemoryBudget>>,
     /// With a memory budget: the flow-control credit of calls waiting for it.
     credit: Option<Arc<WaitingCredit>>,
+    /// Large receive mappings kept for this connection's next messages.
+    recycler: Arc<Recycler>,
+}
+
+/// What every connection of an endpoint starts from: its windows, and the
+/// bound on the receive memory its connections keep for reuse.
+#[derive(Clone, Debug)]
+struct PerConnection {
+    windows: Windows,
+    kept: Arc<KeptMemory>,
+}
+
+impl PerConnection {
+    fn of(transport: &TransportConfig) -> PerConnection {
+        PerConnection {
+            windows: Windows::of(transport),
+            kept: KeptMemory::new(transport.recycled_receive_memory),
+        }
+    }
 }
 
 /// A connection's flow-control windows, as configured.
@@ -396,13 +430,14 @@ impl Windows {
 }
 
 impl Connection {
-    fn new(inner: quinn::Connection, limits: Limits, windows: Windows) -> Connection {
+    fn new(inner: quinn::Connection, limits: Limits, settings: &PerConnection) -> Connection {
         Connection {
             inner,
             limits,
-            windows,
+            windows: settings.windows,
             memory: None,
             credit: None,
+            recycler: Recycler::new(settings.kept.clone()),
         }
     }
 
@@ -436,6 +471,7 @@ impl Connection {
             self.limits.clone(),
             self.memory.as_ref(),
             self.credit.clone(),
+            &self.recycler,
         )
     }
 
@@ -485,12 +521,15 @@ impl Connection {
     }
 
     /// Bytes this connection sent and received so far, as UDP payload (QUIC
-    /// headers, retransmissions and acknowledgements included).
+    /// headers, retransmissions and acknowledgements included), and the
+    /// packets it lost.
     pub fn traffic(&self) -> Traffic {
         let stats = self.inner.stats();
         Traffic {
             bytes_sent: stats.udp_tx.bytes,
             bytes_received: stats.udp_rx.bytes,
+            packets_lost: stats.path.lost_packets,
+            congestion_events: stats.path.congestion_events,
         }
     }
 

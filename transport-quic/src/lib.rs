@@ -26,6 +26,7 @@ pub mod driver;
 mod endpoint;
 mod error;
 mod memory;
+mod recycle;
 pub mod reference;
 mod socket;
 mod stream;

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use teleport_protocol::wire::{DataAllocator, DataBuffer};
 use tokio::sync::Notify;
 
+use crate::recycle::{Mapping, Recycler};
+
 /// Data sections of at least this many bytes are received into their own
 /// anonymous mapping instead of the heap.
 pub(crate) const LARGE_DATA: usize = 8 << 20;
@@ -16,7 +18,7 @@ pub(crate) const LARGE_DATA: usize = 8 << 20;
 /// first [`HUGE_PAGE`] bytes arrive...
 const SMALL_STEP: usize = 64 << 10;
 /// ... and in steps of a huge page after that.
-const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// Receives large data sections into fresh anonymous memory, asking the kernel
 /// for transparent huge pages.
@@ -29,23 +31,45 @@ const HUGE_PAGE: usize = 2 << 20;
 /// 64-byte aligned; it is returned to the kernel when the last array of the
 /// message is dropped.
 ///
-/// The mapping has the declared size but is only address space: pages become
-/// memory as the bytes that fill them arrive. Its first 2 MiB keep small pages,
-/// so a call that declares a gigabyte and sends one byte costs 4 KiB, not a
-/// 2 MiB huge page.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct LargeMessageMemory;
+/// A fresh mapping has the declared size but is only address space: pages
+/// become memory as the bytes that fill them arrive. Its first 2 MiB keep
+/// small pages, so a call that declares a gigabyte and sends one byte costs
+/// 4 KiB, not a 2 MiB huge page. Once the message's arrays are dropped, the
+/// mapping goes to the connection's [`Recycler`] for its next message of
+/// about that size.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LargeMessageMemory {
+    recycler: Option<Arc<Recycler>>,
+}
+
+impl LargeMessageMemory {
+    pub(crate) fn new(recycler: Option<Arc<Recycler>>) -> LargeMessageMemory {
+        LargeMessageMemory { recycler }
+    }
+}
 
 impl DataAllocator for LargeMessageMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
         if len < LARGE_DATA {
             return None;
         }
-        map(len).map(|m| Box::new(m) as Box<dyn DataBuffer>)
+        large_mapping(len, self.recycler.as_ref()).map(|m| Box::new(m) as Box<dyn DataBuffer>)
     }
 }
 
+/// A kept mapping of the connection's if one fits, else a fresh one.
+fn large_mapping(len: usize, recycler: Option<&Arc<Recycler>>) -> Option<Mapping> {
+    let map = match recycler.and_then(|r| r.take(len)) {
+        Some(map) => map,
+        None => map(len)?,
+    };
+    Some(Mapping::new(map, len, recycler))
+}
+
+/// A fresh anonymous mapping of at least `len` bytes, rounded up to whole
+/// huge pages (so a kept one fits the next message of about its size).
 fn map(len: usize) -> Option<memmap2::MmapMut> {
+    let len = len.checked_next_multiple_of(HUGE_PAGE)?;
     // On failure the decoder falls back to the heap.
     let map = memmap2::MmapOptions::new().len(len).map_anon().ok()?;
     #[cfg(target_os = "linux")]
@@ -388,13 +412,18 @@ pub(crate) fn charge(end: usize, total: usize) -> usize {
 #[derive(Debug)]
 pub(crate) struct BudgetedMemory {
     budget: Arc<MemoryBudget>,
+    recycler: Option<Arc<Recycler>>,
     made: Mutex<Option<Arc<Reservation>>>,
 }
 
 impl BudgetedMemory {
-    pub(crate) fn new(budget: Arc<MemoryBudget>) -> BudgetedMemory {
+    pub(crate) fn new(
+        budget: Arc<MemoryBudget>,
+        recycler: Option<Arc<Recycler>>,
+    ) -> BudgetedMemory {
         BudgetedMemory {
             budget,
+            recycler,
             made: Mutex::new(None),
         }
     }
@@ -433,9 +462,21 @@ impl DataAllocator for BudgetedMemory {
         let reservation = Arc::new(Reservation::new(self.budget.clone()));
         *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation.clone());
         if len >= LARGE_DATA {
-            if let Some(buf) = map(len) {
+            let recycler = self.recycler.as_ref();
+            // A kept mapping is memory already: it is charged whole, now, or
+            // not used, so what a stalled section holds is always charged.
+            let kept = recycler.and_then(|r| {
+                let map = r.take(len)?;
+                if reservation.try_grow_to(map.len()) {
+                    Some(map)
+                } else {
+                    r.keep(map);
+                    None
+                }
+            });
+            if let Some(map) = kept.or_else(|| map(len)) {
                 return Some(Box::new(Charged {
-                    buf,
+                    buf: Mapping::new(map, len, recycler),
                     range: 0..len,
                     _reservation: reservation,
                 }));
@@ -461,13 +502,45 @@ mod tests {
 
     #[test]
     fn large_buffers_are_mapped_aligned_and_small_ones_left_to_the_heap() {
-        assert!(LargeMessageMemory.allocate(1024).is_none());
-        let mut buf = LargeMessageMemory.allocate(LARGE_DATA).expect("a mapping");
+        assert!(LargeMessageMemory::default().allocate(1024).is_none());
+        let mut buf = LargeMessageMemory::default()
+            .allocate(LARGE_DATA)
+            .expect("a mapping");
         let mem = (*buf).as_mut();
         assert_eq!(mem.len(), LARGE_DATA);
         assert_eq!(mem.as_ptr() as usize % 64, 0);
         mem[LARGE_DATA - 1] = 7;
         assert_eq!((*buf).as_ref()[LARGE_DATA - 1], 7);
+    }
+
+    #[test]
+    fn a_kept_mapping_is_charged_whole_when_reused_or_not_used() {
+        use crate::recycle::KeptMemory;
+        let budget = MemoryBudget::new("server", 16 << 20);
+        let recycler = Recycler::new(KeptMemory::new(1 << 30));
+        let memory = BudgetedMemory::new(budget.clone(), Some(recycler.clone()));
+        let first = memory.allocate(LARGE_DATA).expect("a buffer");
+        let address = (*first).as_ref().as_ptr();
+        drop((first, memory.take()));
+        assert_eq!(budget.reserved(), 0);
+        assert_eq!(recycler.kept_bytes(), LARGE_DATA);
+
+        // Reused: the same memory, charged whole before a byte arrives.
+        let again = memory.allocate(LARGE_DATA).expect("a buffer");
+        assert_eq!((*again).as_ref().as_ptr(), address);
+        assert_eq!(budget.reserved(), LARGE_DATA);
+        drop((again, memory.take()));
+        assert_eq!(budget.reserved(), 0);
+
+        // When the budget cannot take it whole, a fresh mapping is used and
+        // the kept one stays kept.
+        assert!(budget.try_reserve(12 << 20));
+        let fresh = memory.allocate(LARGE_DATA).expect("a buffer");
+        assert_ne!((*fresh).as_ref().as_ptr(), address);
+        assert_eq!(budget.reserved(), 12 << 20);
+        assert_eq!(recycler.kept_bytes(), LARGE_DATA);
+        drop((fresh, memory.take()));
+        budget.release(12 << 20);
     }
 
     #[test]
@@ -564,7 +637,7 @@ mod tests {
     #[test]
     fn budgeted_buffers_are_aligned_and_give_their_memory_back() {
         let budget = MemoryBudget::new("server", 1 << 30);
-        let memory = BudgetedMemory::new(budget.child("connection", 1 << 30));
+        let memory = BudgetedMemory::new(budget.child("connection", 1 << 30), None);
         for len in [1, 1000, LARGE_DATA] {
             let buf = memory.allocate(len).expect("a buffer");
             assert_eq!((*buf).as_ref().len(), len);

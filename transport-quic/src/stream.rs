@@ -9,6 +9,7 @@ use teleport_protocol::{encode, Decoder, Limits, Message, StreamCode};
 
 use crate::endpoint::WaitingCredit;
 use crate::memory::{charge, BudgetedMemory, LargeMessageMemory, MemoryBudget, Reservation};
+use crate::recycle::Recycler;
 use crate::TransportError;
 
 /// A message encoded for sending: its gather list, and how much of it is written.
@@ -143,12 +144,14 @@ impl RecvStream {
         limits: Limits,
         budget: Option<&Arc<MemoryBudget>>,
         credit: Option<Arc<WaitingCredit>>,
+        recycler: &Arc<Recycler>,
     ) -> RecvStream {
-        let memory = budget.map(|b| Arc::new(BudgetedMemory::new(b.clone())));
+        let recycler = Some(recycler.clone());
+        let memory = budget.map(|b| Arc::new(BudgetedMemory::new(b.clone(), recycler.clone())));
         let decoder = Decoder::new(limits);
         let decoder = match &memory {
             Some(memory) => decoder.with_allocator(memory.clone()),
-            None => decoder.with_allocator(Arc::new(LargeMessageMemory)),
+            None => decoder.with_allocator(Arc::new(LargeMessageMemory::new(recycler))),
         };
         RecvStream {
             inner,

@@ -20,8 +20,6 @@ const GIB: usize = 1 << 30;
 /// A case keeps at most this much payload in flight at once (each side may
 /// hold it twice): 1 GiB with 8 in flight would need 8-16 GiB per process.
 const MAX_IN_FLIGHT_BYTES: usize = 2 * GIB;
-/// Large-array cases up to this size get one untimed call first.
-const WARM_UP_UP_TO: usize = 16 * MIB;
 
 /// Which cases, and for how long each.
 #[derive(Clone, Debug)]
@@ -143,9 +141,11 @@ async fn large(
         let moved = op.bytes_moved(bytes);
 
         let links = vec![Link::Teleport(stacks.teleport.clone()); k];
-        if bytes <= WARM_UP_UP_TO {
-            links[0].call(op, payload).await?;
-        }
+        // One untimed call first, on every stack: the figures are of calls
+        // that follow others (the first large one into a fresh process also
+        // pays for the memory it is the first to touch; see "Reused receive
+        // memory" in docs/performance.md).
+        links[0].call(op, payload).await?;
         let me = std::process::id();
         if let Some(pid) = stacks.server_pid {
             reset_peak(pid)?;
@@ -174,9 +174,7 @@ async fn large(
             if links.len() < k {
                 continue;
             }
-            if bytes <= WARM_UP_UP_TO {
-                links[0].call(op, payload).await?;
-            }
+            links[0].call(op, payload).await?;
             let sample = drive_op(links, k, op, payload, plan.at_least).await?;
             let reference = Some(sample.gbps(moved));
             references.push(Reference {
