@@ -72,11 +72,14 @@
 //! - `client`: [`QueueClient`].
 
 mod client;
+mod config;
 mod service;
 mod state;
 pub mod wire;
 
 pub use client::{Lease, Leased, QueueClient, QueueError, Stacked, DEFAULT_CALL_GRACE};
-pub use service::{
-    QueueConfig, QueueInfo, QueueService, DEFAULT_CAPACITY, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUES,
+pub use config::{
+    QueueConfig, QueueConfigError, DEFAULT_CAPACITY, DEFAULT_MAX_BATCH, DEFAULT_MAX_CAPACITY,
+    DEFAULT_MAX_CLOSED_NAMES, DEFAULT_MAX_QUEUES, DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_TOTAL_BYTES,
 };
+pub use service::{QueueInfo, QueueService};

@@ -35,7 +35,7 @@ async fn until(
 }
 
 async fn serve(config: QueueConfig) -> (Server, QueueService) {
-    let queues = QueueService::with_config(config);
+    let queues = QueueService::with_config(config).expect("valid settings");
     let server = queues
         .install(Server::builder())
         .bind("echo", |args: Tree| async move { Ok(args) })
@@ -102,7 +102,7 @@ async fn many_producers_and_consumers_get_every_item_once_in_order() {
     const CONSUMERS: usize = 4;
     const ITEMS: i64 = 150;
     // A small capacity, so producers wait for the consumers as well.
-    let (server, _queues) = serve(QueueConfig::default().with_default_capacity(Some(8))).await;
+    let (server, _queues) = serve(QueueConfig::default().with_default_capacity(8)).await;
     let mut producers = Vec::new();
     for producer in 0..PRODUCERS {
         let client = connect(&server).await;
@@ -231,7 +231,7 @@ async fn a_full_queue_refuses_or_holds_its_pushers() {
         assert_eq!(got, Some(tree!(expected)));
     }
     let info = within("len", client.len("small")).await.unwrap();
-    assert_eq!((info.len, info.capacity, info.closed), (0, Some(2), false));
+    assert_eq!((info.len, info.capacity, info.closed), (0, 2, false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
