@@ -103,6 +103,9 @@ pub(crate) struct State {
     pushing: BTreeSet<String>,
     /// Bytes of every queued and leased item.
     total_bytes: usize,
+    /// Bytes left the service since the last dispatch: waiting pushes of
+    /// other queues may fit now.
+    freed: bool,
     /// Numbers for waiters and leases; never reused.
     next_id: u64,
 }
@@ -291,6 +294,7 @@ impl State {
             closed_order: VecDeque::new(),
             pushing: BTreeSet::new(),
             total_bytes: 0,
+            freed: false,
             next_id: 0,
         }
     }
@@ -477,6 +481,7 @@ impl State {
             None => {
                 let bytes: usize = items.iter().map(|item| item.bytes).sum();
                 self.total_bytes -= bytes;
+                self.freed = true;
                 if let Some(queue) = self.queues.get_mut(name) {
                     queue.bytes -= bytes;
                 }
@@ -664,6 +669,7 @@ impl State {
                 Settle::Ack => {
                     queue.bytes -= bytes;
                     self.total_bytes -= bytes;
+                    self.freed = true;
                 }
             }
         }
@@ -708,21 +714,13 @@ impl State {
     /// queue can no longer serve. Memory freed here may let in the waiting
     /// pushes of other queues (the service-wide byte limit): those move too.
     pub(crate) fn dispatch(&mut self, name: &str) {
-        let before = self.total_bytes;
         self.dispatch_one(name);
-        if self.total_bytes >= before {
-            return;
-        }
-        // Until a round moves nothing: pushes going in elsewhere may meet
+        // Until a round frees nothing: pushes going in elsewhere may meet
         // waiting pulls there and free memory again.
-        loop {
-            let before = self.total_bytes;
+        while std::mem::take(&mut self.freed) && !self.pushing.is_empty() {
             let waiting: Vec<String> = self.pushing.iter().cloned().collect();
             for other in &waiting {
                 self.dispatch_one(other);
-            }
-            if self.total_bytes >= before {
-                break;
             }
         }
     }
