@@ -765,3 +765,30 @@ fn release(installed: &Installed, args: Tree, responder: Responder) {
     })();
     respond(responder, result);
 }
+
+#[cfg(test)]
+mod tests {
+    use teleport_protocol::{tree, Array};
+
+    use super::*;
+
+    fn frame(shape: &[usize]) -> Item {
+        let len = shape.iter().product();
+        Item::new(tree!({"frame": (Array::from_vec(shape.to_vec(), vec![1.0f32; len]).unwrap())}))
+    }
+
+    #[test]
+    fn a_stack_takes_the_longest_prefix_that_stacks() {
+        let items = [frame(&[2]), frame(&[2]), frame(&[3]), frame(&[2])];
+        let (count, stacked) = stack_prefix(&items);
+        assert_eq!(count, 2);
+        let stacked = stacked.unwrap();
+        assert_eq!(
+            stacked.get("frame").unwrap().as_array().unwrap().shape(),
+            &[2, 2]
+        );
+        let (count, stacked) = stack_prefix(&items[2..3]);
+        assert_eq!(count, 1);
+        assert!(stacked.is_ok());
+    }
+}
