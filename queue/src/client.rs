@@ -125,7 +125,10 @@ pub struct Stacked {
 /// wait plus [`call_grace`](Self::with_call_grace) as its deadline, so a
 /// server that disappears cannot keep it forever. Dropping the future of an
 /// operation cancels its call, and the server puts back an item a cancelled
-/// pull had been given.
+/// pull had been given; an acknowledged pull dropped after the server made
+/// its lease (its reply on the way) also tells the server to give the lease
+/// back (`_queue.release`, sent from the drop where a tokio runtime is at
+/// hand).
 ///
 /// ```no_run
 /// use std::time::Duration;

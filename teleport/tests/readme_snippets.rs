@@ -12,7 +12,11 @@ fn readme_block(readme: &str, heading: &str) -> Vec<String> {
         .and_then(|(_, rest)| rest.split_once("```"))
         .unwrap_or_else(|| panic!("the {heading:?} section has a rust block"))
         .0;
-    block.trim_end().lines().map(|line| line.trim().to_owned()).collect()
+    block
+        .trim_end()
+        .lines()
+        .map(|line| line.trim().to_owned())
+        .collect()
 }
 
 /// The lines of `source` between its README markers.
@@ -22,7 +26,11 @@ fn marked(source: &str) -> Vec<String> {
         .and_then(|(_, rest)| rest.split_once("// --- end ---"))
         .expect("the example marks the README's lines")
         .0;
-    inner.trim_end().lines().map(|line| line.trim().to_owned()).collect()
+    inner
+        .trim_end()
+        .lines()
+        .map(|line| line.trim().to_owned())
+        .collect()
 }
 
 #[test]
