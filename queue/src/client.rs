@@ -1,5 +1,6 @@
 //! [`QueueClient`]: the queue functions as methods of a client.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use teleport_client::{Client, PendingCall};
@@ -24,6 +25,15 @@ pub enum QueueError {
     /// timeout passed: its items went to the queue again).
     #[error("{0}")]
     UnknownLease(RemoteError),
+    /// The item is larger than a queue of the server may hold
+    /// ([`QueueConfig::max_queue_bytes`](crate::QueueConfig::max_queue_bytes)):
+    /// it can never be pushed; split it, or raise the server's limit.
+    #[error("{0}")]
+    ItemTooLarge(RemoteError),
+    /// A stacked pull found an item at the front that does not stack even
+    /// alone; it stays there, for a pull without stacking.
+    #[error("{0}")]
+    Unstackable(RemoteError),
     /// The server refused the call otherwise: arguments it does not take,
     /// too many queues, no queue service bound (`UnknownMethod`).
     #[error("the queue server refused the call: {0}")]
@@ -53,6 +63,8 @@ impl QueueError {
             wire::QUEUE_FULL => QueueError::Full(remote),
             wire::QUEUE_CLOSED => QueueError::Closed(remote),
             wire::UNKNOWN_LEASE => QueueError::UnknownLease(remote),
+            wire::ITEM_TOO_LARGE => QueueError::ItemTooLarge(remote),
+            wire::QUEUE_UNSTACKABLE => QueueError::Unstackable(remote),
             _ => QueueError::Refused(remote),
         }
     }
@@ -113,7 +125,10 @@ pub struct Stacked {
 /// wait plus [`call_grace`](Self::with_call_grace) as its deadline, so a
 /// server that disappears cannot keep it forever. Dropping the future of an
 /// operation cancels its call, and the server puts back an item a cancelled
-/// pull had been given.
+/// pull had been given; an acknowledged pull dropped after the server made
+/// its lease (its reply on the way) also tells the server to give the lease
+/// back (`_queue.release`, sent from the drop where a tokio runtime is at
+/// hand).
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -137,6 +152,36 @@ pub struct QueueClient {
 
 /// The default [`QueueClient::with_call_grace`].
 pub const DEFAULT_CALL_GRACE: Duration = Duration::from_secs(5);
+
+/// Claims of acknowledged pulls: unique in the process, so on each of its
+/// connections (the server keys them by connection).
+static CLAIMS: AtomicU64 = AtomicU64::new(1);
+
+/// Armed while an acknowledged pull waits for its reply: dropped armed (the
+/// caller stopped waiting: its future was dropped, or the call failed on
+/// the client's side), it tells the server to give back whatever the pull
+/// got (`_queue.release`), so that a lease whose reply nobody reads does not
+/// wait for the connection's end or the ack timeout.
+struct ReleaseOnDrop {
+    armed: Option<(Client, Map)>,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some((client, args)) = self.armed.take() else {
+            return;
+        };
+        // Sent at once; awaited (so that its outcome, say an older server
+        // without the function, is not reported by the client's next call)
+        // where a runtime is at hand.
+        let release = client.call(wire::RELEASE, Tree::Map(args));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = release.await;
+            });
+        }
+    }
+}
 
 /// Cancels its call when dropped unfinished (cancelling a finished call does
 /// nothing).
@@ -192,6 +237,32 @@ impl QueueClient {
             )),
             Err(error) => Err(QueueError::from_call(error)),
         }
+    }
+
+    /// An acknowledged pull's call, with a claim to release it by if its
+    /// reply is not read (see [`ReleaseOnDrop`]).
+    async fn acked(
+        &self,
+        function: &'static str,
+        queue: &str,
+        mut args: Map,
+        wait: Option<Duration>,
+    ) -> Result<Map, QueueError> {
+        let claim = CLAIMS.fetch_add(1, Ordering::Relaxed);
+        args.insert("claim", int(claim));
+        let mut release = named(queue);
+        release.insert("claim", int(claim));
+        let mut guard = ReleaseOnDrop {
+            armed: Some((self.client.clone(), release)),
+        };
+        let result = self.call(function, args, wait).await;
+        // A reply read, or a refusal (which leased nothing): nothing to
+        // give back. A failure on the client's side (a deadline, a lost
+        // connection) may have left a lease behind: the guard releases it.
+        if !matches!(&result, Err(QueueError::Client(_))) {
+            guard.armed = None;
+        }
+        result
     }
 
     /// Pushes `item` to the back of `queue` (made with the server's default
@@ -271,7 +342,7 @@ impl QueueClient {
         ack_timeout: Option<Duration>,
     ) -> Result<Option<Leased<Tree>>, QueueError> {
         let args = pull_args(queue, None, timeout, false, Some(true), ack_timeout);
-        let reply = self.call(wire::PULL, args, wait(timeout)).await?;
+        let reply = self.acked(wire::PULL, queue, args, wait(timeout)).await?;
         let lease = lease(wire::PULL, &reply)?;
         let item = items(wire::PULL, reply)?.into_iter().next();
         match (item, lease) {
@@ -291,7 +362,9 @@ impl QueueClient {
         ack_timeout: Option<Duration>,
     ) -> Result<Option<Leased<Vec<Tree>>>, QueueError> {
         let args = pull_args(queue, Some(max), timeout, false, Some(true), ack_timeout);
-        let reply = self.call(wire::PULL_BATCH, args, wait(timeout)).await?;
+        let reply = self
+            .acked(wire::PULL_BATCH, queue, args, wait(timeout))
+            .await?;
         let lease = lease(wire::PULL_BATCH, &reply)?;
         let items = items(wire::PULL_BATCH, reply)?;
         match lease {
@@ -325,14 +398,16 @@ impl QueueClient {
     /// What `queue` holds now.
     pub async fn len(&self, queue: &str) -> Result<QueueInfo, QueueError> {
         let reply = self.call(wire::LEN, named(queue), None).await?;
-        let capacity = match reply.get("capacity") {
-            None | Some(Tree::None) => None,
-            Some(_) => Some(count(wire::LEN, &reply, "capacity")?),
+        // Absent from servers that counted no bytes.
+        let bytes = match reply.get("bytes") {
+            None | Some(Tree::None) => 0,
+            Some(_) => count(wire::LEN, &reply, "bytes")?,
         };
         Ok(QueueInfo {
             len: count(wire::LEN, &reply, "len")?,
             leased: count(wire::LEN, &reply, "leased")?,
-            capacity,
+            bytes,
+            capacity: count(wire::LEN, &reply, "capacity")?,
             closed: matches!(reply.get("closed"), Some(Tree::Bool(true))),
             waiting_pulls: count(wire::LEN, &reply, "waiting_pulls")?,
             waiting_pushes: count(wire::LEN, &reply, "waiting_pushes")?,

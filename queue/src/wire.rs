@@ -20,9 +20,12 @@ pub const CLOSE: &str = "_queue.close";
 pub const DECLARE: &str = "_queue.declare";
 /// Acknowledges (or gives back) the items of an acknowledged pull.
 pub const ACK: &str = "_queue.ack";
+/// Gives back whatever an acknowledged pull got, by the claim its client
+/// gave it, when the client stopped waiting for its reply.
+pub const RELEASE: &str = "_queue.release";
 
 /// Every reserved name a [`QueueService`](crate::QueueService) binds.
-pub const FUNCTIONS: [&str; 7] = [PUSH, PULL, PULL_BATCH, LEN, CLOSE, DECLARE, ACK];
+pub const FUNCTIONS: [&str; 8] = [PUSH, PULL, PULL_BATCH, LEN, CLOSE, DECLARE, ACK, RELEASE];
 
 /// Error type name: the queue is full and the push did not wait (or waited
 /// past its timeout). Kind `Overloaded`.
@@ -40,6 +43,13 @@ pub const BAD_ARGUMENTS: &str = "QueueArguments";
 /// Error type name: the server holds as many queues as it allows. Kind
 /// `Overloaded`.
 pub const TOO_MANY_QUEUES: &str = "TooManyQueues";
+/// Error type name: an item larger than a queue may hold
+/// ([`QueueConfig::max_queue_bytes`](crate::QueueConfig::max_queue_bytes)).
+/// Kind `OverLimit`.
+pub const ITEM_TOO_LARGE: &str = "ItemTooLarge";
+/// Error type name: a stacked pull found an item at the front that does not
+/// stack even alone (the item stays there). Kind `BadRequest`.
+pub const QUEUE_UNSTACKABLE: &str = "QueueUnstackable";
 
 /// A refusal of a call, as the caller receives it.
 pub(crate) fn error(kind: ErrorKind, type_name: &str, message: impl Into<String>) -> RemoteError {
@@ -151,6 +161,22 @@ impl<'a> Args<'a> {
                 format_args!("{key:?} must be at least {min}, not {n}"),
             )),
         }
+    }
+
+    /// A non-negative int (a claim); `None` if absent or null.
+    pub(crate) fn number(&self, key: &str) -> Result<Option<u64>, RemoteError> {
+        let Some(value) = self.optional(key) else {
+            return Ok(None);
+        };
+        let n = value
+            .as_int()
+            .map_err(|_| self.wrong(key, "an int", value))?;
+        u64::try_from(n).map(Some).map_err(|_| {
+            bad_arguments(
+                self.function,
+                format_args!("{key:?} must not be negative, not {n}"),
+            )
+        })
     }
 
     /// A lease number.

@@ -1,62 +1,14 @@
 //! Queues end to end on loopback: a server with the queue service, clients
 //! with their own connections.
 
+mod common;
+
 use std::collections::HashSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use teleport_client::Client;
+use common::{connect, serve, until, until_state, within};
 use teleport_protocol::{tree, Array, DType, ErrorKind, Tree};
-use teleport_queue::{wire, QueueClient, QueueConfig, QueueError, QueueService};
-use teleport_server::Server;
-
-/// Every wait is bounded, so a bug fails a test instead of hanging CI.
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
-}
-
-/// Waits until `condition` holds of the service's view of `queue`.
-async fn until(
-    queues: &QueueService,
-    queue: &str,
-    what: &str,
-    condition: impl Fn(&teleport_queue::QueueInfo) -> bool,
-) {
-    within(what, async {
-        while !queues.info(queue).is_some_and(|info| condition(&info)) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await;
-}
-
-async fn serve(config: QueueConfig) -> (Server, QueueService) {
-    let queues = QueueService::with_config(config);
-    let server = queues
-        .install(Server::builder())
-        .bind("echo", |args: Tree| async move { Ok(args) })
-        .listen("127.0.0.1:0")
-        .await
-        .expect("listen");
-    (server, queues)
-}
-
-/// A client of its own (its own connection).
-async fn connect(server: &Server) -> QueueClient {
-    let client = within(
-        "connect",
-        Client::builder(server.local_addr())
-            .pin(server.fingerprint())
-            .connect(),
-    )
-    .await
-    .expect("connect");
-    QueueClient::new(client)
-}
+use teleport_queue::{wire, QueueConfig, QueueError};
 
 fn item(producer: i64, seq: i64) -> Tree {
     tree!({"producer": producer, "seq": seq})
@@ -102,7 +54,7 @@ async fn many_producers_and_consumers_get_every_item_once_in_order() {
     const CONSUMERS: usize = 4;
     const ITEMS: i64 = 150;
     // A small capacity, so producers wait for the consumers as well.
-    let (server, _queues) = serve(QueueConfig::default().with_default_capacity(Some(8))).await;
+    let (server, _queues) = serve(QueueConfig::default().with_default_capacity(8)).await;
     let mut producers = Vec::new();
     for producer in 0..PRODUCERS {
         let client = connect(&server).await;
@@ -231,7 +183,7 @@ async fn a_full_queue_refuses_or_holds_its_pushers() {
         assert_eq!(got, Some(tree!(expected)));
     }
     let info = within("len", client.len("small")).await.unwrap();
-    assert_eq!((info.len, info.capacity, info.closed), (0, Some(2), false));
+    assert_eq!((info.len, info.capacity, info.closed), (0, 2, false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,10 +229,8 @@ async fn a_cancelled_pull_takes_nothing() {
     // Dropped while waiting: its call is cancelled, and the server withdraws
     // it (and forgets the queue it made, now empty).
     drop(pull);
-    within("the cancelled pull is withdrawn", async {
-        while queues.info("q").is_some() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+    until_state(&queues, "q", "the cancelled pull is withdrawn", |info| {
+        info.is_none()
     })
     .await;
     let producer = connect(&server).await;

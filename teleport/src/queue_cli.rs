@@ -27,9 +27,21 @@ struct QueueServeArgs {
     #[command(flatten)]
     serve: ServeArgs,
     /// Items a queue holds before pushes wait or fail (for queues made by
-    /// their first use; `declare` sets others). 0: unbounded.
+    /// their first use; `declare` sets others). 0: as many as
+    /// --max-capacity.
     #[arg(long, default_value_t = teleport::queue::DEFAULT_CAPACITY)]
     capacity: usize,
+    /// The most items any queue may be declared to hold.
+    #[arg(long, default_value_t = teleport::queue::DEFAULT_MAX_CAPACITY)]
+    max_capacity: usize,
+    /// The most bytes the items of one queue may take; larger items are
+    /// refused, and a push that would take a queue over waits or fails as
+    /// for a full queue.
+    #[arg(long, value_name = "BYTES", default_value_t = teleport::queue::DEFAULT_MAX_QUEUE_BYTES)]
+    max_queue_bytes: usize,
+    /// The most bytes the items of all queues may take together.
+    #[arg(long, value_name = "BYTES", default_value_t = teleport::queue::DEFAULT_MAX_TOTAL_BYTES)]
+    max_total_bytes: usize,
 }
 
 /// Where the queue server is and how to trust it (as for `teleport call`).
@@ -77,9 +89,17 @@ pub(crate) struct PullArgs {
 pub(crate) async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     match args.command {
         QueueCommand::Serve(args) => {
-            let capacity = (args.capacity > 0).then_some(args.capacity);
-            let queues =
-                QueueService::with_config(QueueConfig::default().with_default_capacity(capacity));
+            let capacity = match args.capacity {
+                0 => args.max_capacity,
+                capacity => capacity,
+            };
+            let config = QueueConfig::default()
+                .with_default_capacity(capacity)
+                .with_max_capacity(args.max_capacity)
+                .with_max_queue_bytes(args.max_queue_bytes)
+                .with_max_total_bytes(args.max_total_bytes);
+            let queues = QueueService::with_config(config)
+                .context("the queue settings (--capacity, --max-*) do not fit together")?;
             let builder = builtins::bind_builtins(queues.install(Server::builder()));
             serve_functions(
                 args.serve,

@@ -68,9 +68,11 @@ fn serve() -> Serving {
     }
 }
 
-/// Runs `teleport <command> --connect .. --pin .. <args>`, bounded by WAIT.
+/// Runs `teleport <command> --connect .. --pin .. <args>`, bounded by WAIT:
+/// a thread waits for the process and hands its output over a channel, so
+/// the test waits for the process itself, not in a loop of sleeps.
 fn run(server: &Serving, command: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(TELEPORT)
+    let child = Command::new(TELEPORT)
         .arg(command)
         .args(["--connect", &server.addr, "--pin", &server.pin])
         .args(args)
@@ -78,15 +80,19 @@ fn run(server: &Serving, command: &str, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start teleport");
-    let started = std::time::Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if started.elapsed() > WAIT {
-            let _ = child.kill();
+    let pid = child.id();
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    match done.recv_timeout(WAIT) {
+        Ok(output) => output.expect("output"),
+        Err(_) => {
+            // The waiting thread owns the child: end it by its id.
+            let _ = Command::new("kill").arg(pid.to_string()).status();
             panic!("teleport {command} {args:?} did not finish within {WAIT:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().expect("output")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -433,11 +433,17 @@ impl Conn {
     }
 
     /// The stream's task is done with it: its reply was written (`sent`) or
-    /// the stream was abandoned.
+    /// the stream was abandoned. A call whose answer was not delivered is
+    /// marked stopped, so that a function that handed something over with
+    /// its answer (a deferred one's `try_respond`) can take it back.
     pub(crate) fn stream_done(&self, stream: StreamIndex, sent: bool) {
         let mut state = self.lock();
         let now = self.now();
-        state.streams.remove(&stream);
+        if let Some(mailbox) = state.streams.remove(&stream) {
+            if let (false, Some(context)) = (sent, mailbox.context) {
+                context.cancel();
+            }
+        }
         if sent {
             state.machine.reply_sent(now, stream);
         } else {

@@ -214,9 +214,15 @@ impl Context {
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
-    /// Whether the call was stopped: cancelled by the client, expired, or its
-    /// connection ended. Its result, if any, is discarded, so a long function
-    /// may check this and give up early.
+    /// Whether the call was stopped: cancelled by the client, expired, its
+    /// connection ended, or its reply could not be written. Its result, if
+    /// any, is discarded, so a long function may check this and give up
+    /// early; one that handed its answer over already (a deferred function's
+    /// [`Responder::try_respond`](crate::Responder::try_respond)) learns from
+    /// it that the answer was not delivered after all (except for a
+    /// connection that ends just as the reply is written: it may turn true
+    /// then too). Once the server is done with a written reply it stays
+    /// false, even if the connection ends later.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancelled.load(Ordering::Acquire)
     }

@@ -60,8 +60,11 @@ impl Responder {
     /// Answers the call with `value` if someone still awaits the answer, and
     /// gives `value` back if not (the call was cancelled, expired or lost its
     /// connection), so that whatever it carries can go elsewhere rather than
-    /// be dropped. An answer handed over can still be lost if the connection
-    /// fails while the reply is on its way.
+    /// be dropped. An answer handed over can still be lost: if the call is
+    /// stopped before its reply is written (a cancel or expiry that arrives
+    /// meanwhile, a reply that cannot be written), the context's
+    /// [`cancelled`](Context::cancelled) tells; if the connection fails while
+    /// the reply travels, or the client drops it, the server cannot know.
     ///
     /// ```
     /// use teleport_protocol::{tree, Tree};
