@@ -56,6 +56,9 @@ enum Command {
         /// As `teleport bench --mtu`.
         #[arg(long)]
         mtu: Option<u16>,
+        /// As `teleport bench --recycled-receive-memory`.
+        #[arg(long)]
+        recycled_receive_memory: Option<usize>,
     },
 }
 
@@ -128,6 +131,11 @@ struct BenchArgs {
     /// MTU discovery still starts at 1,200.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65527))]
     mtu: Option<u16>,
+    /// Bytes of large receive buffers each endpoint keeps for reuse
+    /// (`TransportConfig::recycled_receive_memory`, default 1 GiB); 0 to
+    /// measure without reuse.
+    #[arg(long)]
+    recycled_receive_memory: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -163,7 +171,10 @@ fn main() -> ExitCode {
                     json: args.json,
                     connect: args.connect,
                     pin: args.pin,
-                    mtu: args.mtu,
+                    tuning: bench::Tuning {
+                        mtu: args.mtu,
+                        recycled_receive_memory: args.recycled_receive_memory,
+                    },
                 })
                 .await
             }
@@ -172,7 +183,14 @@ fn main() -> ExitCode {
                 role,
                 identity_dir,
                 mtu,
-            } => bench::serve(&role, &identity_dir, mtu).await,
+                recycled_receive_memory,
+            } => {
+                let tuning = bench::Tuning {
+                    mtu,
+                    recycled_receive_memory,
+                };
+                bench::serve(&role, &identity_dir, &tuning).await
+            }
         }
     });
     match result {

@@ -41,35 +41,61 @@ pub(crate) struct Options {
     pub(crate) json: bool,
     pub(crate) connect: Option<String>,
     pub(crate) pin: Option<Fingerprint>,
-    /// `--mtu`: the largest UDP payload of every stack; `None` keeps the default.
-    pub(crate) mtu: Option<u16>,
+    pub(crate) tuning: Tuning,
 }
 
-/// The transport settings of every stack in a run: the defaults (which on
-/// loopback allow packets up to `loopback_udp_payload`), or with `mtu` the
-/// bound of MTU discovery on every path, loopback included.
-pub(crate) fn transport(mtu: Option<u16>) -> TransportConfig {
-    let mut transport = TransportConfig::default();
-    if let Some(mtu) = mtu {
-        transport.max_udp_payload = mtu;
-        transport.mtu_upper_bound = mtu;
-        transport.loopback_udp_payload = None;
+/// Transport settings of every stack in a run, where they differ from the
+/// defaults; the server children get them on their command line.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tuning {
+    /// `--mtu`: the largest UDP payload of every stack, on every path.
+    pub(crate) mtu: Option<u16>,
+    /// `--recycled-receive-memory`.
+    pub(crate) recycled_receive_memory: Option<usize>,
+}
+
+impl Tuning {
+    /// The defaults (which on loopback allow packets up to
+    /// `loopback_udp_payload`), with what was asked for instead: with `mtu`,
+    /// the bound of MTU discovery on every path, loopback included.
+    pub(crate) fn transport(&self) -> TransportConfig {
+        let mut transport = TransportConfig::default();
+        if let Some(mtu) = self.mtu {
+            transport.max_udp_payload = mtu;
+            transport.mtu_upper_bound = mtu;
+            transport.loopback_udp_payload = None;
+        }
+        if let Some(bytes) = self.recycled_receive_memory {
+            transport.recycled_receive_memory = bytes;
+        }
+        transport
     }
-    transport
+
+    /// The same settings as `teleport bench-server` arguments.
+    pub(crate) fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(mtu) = self.mtu {
+            args.extend(["--mtu".to_owned(), mtu.to_string()]);
+        }
+        if let Some(bytes) = self.recycled_receive_memory {
+            args.extend(["--recycled-receive-memory".to_owned(), bytes.to_string()]);
+        }
+        args
+    }
 }
 
 /// `teleport bench-server` (hidden): the servers the bench measures.
 pub(crate) async fn serve(
     role: &str,
     identity_dir: &std::path::Path,
-    mtu: Option<u16>,
+    tuning: &Tuning,
 ) -> anyhow::Result<()> {
-    process::serve(role, identity_dir, transport(mtu)).await
+    process::serve(role, identity_dir, tuning.transport()).await
 }
 
 pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     let plan = Plan::new(options.quick);
-    let transport = transport(options.mtu);
+    let transport = options.tuning.transport();
     let mut _children = None;
     let stacks = match &options.connect {
         Some(addr) => {
@@ -99,15 +125,16 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
             let dir = std::env::temp_dir().join(format!("teleport-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir).context("a directory for the bench's certificate")?;
             identity.save_pem_files(dir.join("cert.pem"), dir.join("key.pem"))?;
-            let spawned = process::ServerProcess::spawn(process::Role::Teleport, &dir, options.mtu)
-                .and_then(|server| {
-                    let references = process::ServerProcess::spawn(
-                        process::Role::References,
-                        &dir,
-                        options.mtu,
-                    )?;
-                    Ok((server, references))
-                });
+            let spawned =
+                process::ServerProcess::spawn(process::Role::Teleport, &dir, &options.tuning)
+                    .and_then(|server| {
+                        let references = process::ServerProcess::spawn(
+                            process::Role::References,
+                            &dir,
+                            &options.tuning,
+                        )?;
+                        Ok((server, references))
+                    });
             let _ = std::fs::remove_dir_all(&dir);
             let (server, reference_servers) = spawned?;
             let teleport_addr = server.addr("teleport")?;
@@ -154,7 +181,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         format!(
         "teleport bench{}{}: {}; {} cores; servers {}",
         if options.quick { " --quick" } else { "" },
-        options.mtu.map(|m| format!(" --mtu {m}")).unwrap_or_default(),
+        options.tuning.args().iter().map(|a| format!(" {a}")).collect::<String>(),
         match &options.connect {
             Some(addr) => format!("against {addr}"),
             None =>

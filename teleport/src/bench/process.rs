@@ -56,7 +56,7 @@ impl ServerProcess {
     pub(crate) fn spawn(
         role: Role,
         identity_dir: &Path,
-        mtu: Option<u16>,
+        tuning: &super::Tuning,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe().context("finding this executable")?;
         let mut command = Command::new(exe);
@@ -64,9 +64,7 @@ impl ServerProcess {
             .arg("bench-server")
             .arg(role.name())
             .arg(identity_dir);
-        if let Some(mtu) = mtu {
-            command.arg("--mtu").arg(mtu.to_string());
-        }
+        command.args(tuning.args());
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
