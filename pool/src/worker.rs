@@ -50,6 +50,9 @@ pub const JOIN_METHOD: &str = "teleport.pool.join";
 
 /// What a worker announces on stdout before the address.
 pub(crate) const ANNOUNCE_PREFIX: &str = "teleport worker listening on ";
+/// What a worker started with `--connect` prints, before the pool's
+/// address, once the pool has taken its registration.
+pub const REGISTERED_PREFIX: &str = "teleport worker registered with ";
 /// Between the address and the fingerprint in the announcement.
 pub(crate) const ANNOUNCE_FINGERPRINT: &str = " fingerprint ";
 
@@ -262,7 +265,15 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
         stdout.flush().map_err(WorkerError::Stdout)?;
     }
     let registration = match (&options.connect, options.pin) {
-        (Some(pool), Some(pin)) => Some(register(pool, pin, &server, &options).await?),
+        (Some(pool), Some(pin)) => {
+            let client = register(pool, pin, &server, &options).await?;
+            // Says the pool has it (and dials it back): scripts, and tests,
+            // wait for this line.
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
+            stdout.flush().map_err(WorkerError::Stdout)?;
+            Some(client)
+        }
         _ => None,
     };
     let pool_gone = async {

@@ -285,12 +285,25 @@ async fn a_worker_registers_with_connect() {
         ])
         .env_remove("TELEPORT_TOKEN")
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     // The token on stdin, never on the command line; stdin stays open.
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{}", registration.token).unwrap();
+    // The worker says when the pool's reply reached it (a pool dropped
+    // before that fails the worker's registration instead).
+    let stdout = child.stdout.take().unwrap();
+    let registered = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.starts_with("teleport worker registered with "))
+    });
+    assert!(within("the worker's registration", registered)
+        .await
+        .unwrap());
     within("the worker joins", pool.wait_for_servers(1, WAIT))
         .await
         .unwrap();
