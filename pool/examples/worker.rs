@@ -1,7 +1,8 @@
 //! A worker binary with the application's own functions: bind them, then
 //! hand the builder to `teleport_pool::worker::main`, which takes the
-//! worker's command line (`--listen ADDR`, or `--connect ADDR --pin FP`,
-//! `--exit-on-stdin-close`, `--identity-dir DIR`, `--token T`).
+//! worker's command line (`--listen ADDR`, or `--connect ADDR --pin FP`
+//! with the pool's token, `--exit-on-stdin-close`, `--identity-dir DIR`,
+//! `--token-stdin` or `--token T`).
 //!
 //! ```sh
 //! cargo build --release -p teleport-pool --example worker

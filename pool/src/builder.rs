@@ -44,6 +44,7 @@ pub struct PoolBuilder {
     remote_worker_command: Vec<String>,
     ssh_listen: String,
     accept: Option<(String, Option<Identity>)>,
+    token: Option<String>,
 }
 
 impl PoolBuilder {
@@ -58,7 +59,9 @@ impl PoolBuilder {
                 backoff_max: Duration::from_secs(5),
                 max_attempts: 3,
                 idempotent: Vec::new(),
-                token: None,
+                // Set by `start`: the token given, or a random one.
+                token: String::new(),
+                max_registered_workers: 1024,
             },
             trust: None,
             servers: Vec::new(),
@@ -77,6 +80,7 @@ impl PoolBuilder {
             remote_worker_command: vec!["teleport".to_owned(), "worker".to_owned()],
             ssh_listen: "0.0.0.0:0".to_owned(),
             accept: None,
+            token: None,
         }
     }
 
@@ -197,12 +201,18 @@ impl PoolBuilder {
         self
     }
 
-    /// Listens at `addr` for workers that register themselves
-    /// (`teleport worker --connect ADDR --pin FP`, with the address and
-    /// fingerprint [`Pool::registration`] gives). The pool dials each one
-    /// back at the address it registered from, so it must be reachable. With
-    /// `identity`, the endpoint's fingerprint stays the same across runs
-    /// (otherwise each start makes a new certificate).
+    /// Listens at `addr` for workers that register themselves: `teleport
+    /// worker --connect ADDR --pin FP` with the token on stdin
+    /// (`--token-stdin`) or in `TELEPORT_TOKEN`, all three from
+    /// [`Pool::registration`]. Registering is "register, then the pool dials
+    /// back": the worker tells the pool its port and fingerprint, and the
+    /// pool dials it at the address the registration came from (or the host
+    /// it advertises), so the worker must be reachable from the pool. The
+    /// endpoint always requires the pool's [token](Pool::token), refuses
+    /// port 0, counts a worker registering again at the same address once,
+    /// and takes at most [`max_registered_workers`](Self::max_registered_workers).
+    /// With `identity`, the endpoint's fingerprint stays the same across
+    /// runs (otherwise each start makes a new certificate).
     pub fn accept_workers(mut self, addr: impl Into<String>, identity: Option<Identity>) -> Self {
         self.accept = Some((addr.into(), identity));
         self
@@ -263,10 +273,20 @@ impl PoolBuilder {
         self
     }
 
-    /// A shared token presented to every server (and required of workers
-    /// that register).
+    /// The most workers registered at once
+    /// ([`accept_workers`](Self::accept_workers)); more are refused until
+    /// some leave. Default 1024.
+    pub fn max_registered_workers(mut self, n: usize) -> Self {
+        self.settings.max_registered_workers = n;
+        self
+    }
+
+    /// A shared token presented to every server, given to the workers the
+    /// pool starts (on their stdin, never on a command line), and required
+    /// of workers that register. Without one the pool makes a random
+    /// 256-bit token ([`Pool::token`]).
     pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.settings.token = Some(token.into());
+        self.token = Some(token.into());
         self
     }
 
@@ -276,7 +296,11 @@ impl PoolBuilder {
     /// until one server is up, unless the pool has only names and a
     /// registration endpoint (which may have no server yet). Must be called
     /// inside a tokio runtime.
-    pub async fn start(self) -> Result<Pool, StartError> {
+    pub async fn start(mut self) -> Result<Pool, StartError> {
+        self.settings.token = match self.token.take() {
+            Some(token) => token,
+            None => random_token()?,
+        };
         let shared = Shared::new(self.settings.clone());
         // A pool dropped half-started closes what it started.
         let mut partial = PartialPool(Some(shared.clone()));
@@ -291,9 +315,10 @@ impl PoolBuilder {
                     })
                 }
             };
-            let resolved: Vec<SocketAddr> =
-                addr.as_str().to_address()?.resolve_for_client().await?;
-            shared.add(addr.clone(), resolved[0], tls, Origin::Given);
+            let address = addr.as_str().to_address()?;
+            let resolved: Vec<SocketAddr> = address.resolve_for_client().await?;
+            let server_name = sources::server_name(&address);
+            shared.add(addr.clone(), resolved[0], tls, server_name, Origin::Given);
             expect_server = true;
         }
         let mut tasks = Vec::new();
@@ -358,6 +383,13 @@ impl Drop for PartialPool {
             shared.close();
         }
     }
+}
+
+/// 256 random bits, as 64 hex digits.
+fn random_token() -> Result<String, StartError> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).map_err(|e| StartError::Token(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn address_text(addr: &impl ToAddress) -> String {

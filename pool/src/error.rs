@@ -1,6 +1,7 @@
 //! The pool's error types: [`PoolError`] for calls, [`StartError`] for
 //! starting a pool's sources.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use teleport_client::CallError;
@@ -9,7 +10,7 @@ use teleport_protocol::RemoteError;
 
 /// Why a call through the pool failed. Every error that a server caused
 /// names that server (its address, or how the pool started it).
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError {
     /// The function raised an error (or the server refused the call): its
@@ -40,7 +41,10 @@ pub enum PoolError {
     },
     /// An idempotent call was lost with every server it was sent to, as many
     /// times as the pool allows (`PoolBuilder::max_attempts`).
-    #[error("{method} was lost {attempts} times, last on {server} ({reason}); giving up")]
+    #[error(
+        "{method} was lost {attempts} times, last on {server} ({reason}); giving up (are the \
+         servers crashing on it? PoolBuilder::max_attempts allows more sends)"
+    )]
     Exhausted {
         /// The last server tried.
         server: String,
@@ -52,7 +56,11 @@ pub enum PoolError {
         reason: String,
     },
     /// No reply within the call's timeout; the server was told to drop it.
-    #[error("no reply from {server} to {method} within {timeout:?} (the call's timeout)")]
+    #[error(
+        "no reply from {server} to {method} within {timeout:?}, the call's timeout; the server \
+         was told to drop it (raise PoolBuilder::call_timeout or MapStream::timeout if the \
+         function is this slow)"
+    )]
     Timeout {
         /// The server that had the call.
         server: String,
@@ -61,9 +69,13 @@ pub enum PoolError {
         /// The timeout.
         timeout: Duration,
     },
-    /// No server of the pool had a free slot (none was up) for as long as a
-    /// call may wait for one (`PoolBuilder::server_wait`).
-    #[error("no server of the pool took {method} within {waited:?}: {servers}")]
+    /// No server of the pool was up for as long as a call may wait for one
+    /// (`PoolBuilder::server_wait`). Busy servers do not count: a call waits
+    /// for them as long as it takes. In a map, this error ends the map.
+    #[error(
+        "no server of the pool was up to take {method} for {waited:?} \
+         (PoolBuilder::server_wait): {servers}"
+    )]
     NoServers {
         /// The method called.
         method: String,
@@ -73,15 +85,29 @@ pub enum PoolError {
         servers: String,
     },
     /// Any other failure of the call on a server (a reply over this client's
-    /// limits, a protocol violation): the client's error, as text.
+    /// limits, a reply that could not be read): the call's error.
     #[error("{method} on {server} failed: {error}")]
     Call {
         /// The server.
         server: String,
         /// The method called.
         method: String,
-        /// The client's error.
+        /// The call's error.
         error: CallError,
+    },
+    /// The client of a server failed in a way that is not the call's own
+    /// (no connection could be made, an earlier unobserved failure): the
+    /// client's error, whole.
+    #[error("{method} on {server}: {error}")]
+    Client {
+        /// The server.
+        server: String,
+        /// The method called.
+        method: String,
+        /// The client's error (shared: a failed chunk fails each of its
+        /// inputs with it).
+        #[source]
+        error: Arc<teleport_client::Error>,
     },
     /// The inputs of one chunk did not stack into one call (`chunksize`).
     #[error("the inputs of a chunk of {method} do not stack: {error}")]
@@ -106,8 +132,9 @@ pub enum PoolError {
         /// What did not split.
         error: SplitError,
     },
-    /// The pool was closed.
-    #[error("the pool was closed")]
+    /// The pool was closed (`Pool::close`, or every handle was dropped).
+    /// In a map, this error ends the map.
+    #[error("the pool was closed (Pool::close, or its last handle was dropped); start a new one")]
     Closed,
 }
 
@@ -120,9 +147,17 @@ impl PoolError {
             | PoolError::Exhausted { server, .. }
             | PoolError::Timeout { server, .. }
             | PoolError::Call { server, .. }
+            | PoolError::Client { server, .. }
             | PoolError::Split { server, .. } => Some(server),
             PoolError::NoServers { .. } | PoolError::Stack { .. } | PoolError::Closed => None,
         }
+    }
+
+    /// True for the errors that end a map ([`PoolError::NoServers`],
+    /// [`PoolError::Closed`]): a map yields such an error last, after the
+    /// results of the calls that were in flight.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, PoolError::NoServers { .. } | PoolError::Closed)
     }
 
     /// The function's own error, if it raised one.
@@ -139,7 +174,10 @@ impl PoolError {
 #[non_exhaustive]
 pub enum StartError {
     /// A worker command could not be started.
-    #[error("cannot start the worker command `{command}`: {error}")]
+    #[error(
+        "cannot start the worker command `{command}`: {error} (is the program installed and \
+         on PATH? PoolBuilder::worker_command names another)"
+    )]
     Spawn {
         /// The command line.
         command: String,
@@ -183,6 +221,10 @@ pub enum StartError {
     /// not be started.
     #[error("cannot start the endpoint workers register at: {0}")]
     Registration(#[from] teleport_server::ServerError),
+    /// The random token for workers could not be made (the operating
+    /// system's random source failed).
+    #[error("cannot make a random token for the pool: {0} (or give one: PoolBuilder::token)")]
+    Token(String),
     /// The pool's own runtime (`BlockingPool`) could not be started.
     #[error("cannot start the pool's runtime: {0}")]
     Runtime(#[source] std::io::Error),

@@ -57,4 +57,4 @@ pub use blocking::{BlockingMap, BlockingPool};
 pub use builder::PoolBuilder;
 pub use error::{PoolError, StartError};
 pub use map::MapStream;
-pub use pool::{Pool, ServerInfo};
+pub use pool::{Pool, Registration, ServerInfo};

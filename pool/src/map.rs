@@ -37,10 +37,13 @@ type Call = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 /// Inputs are read only when a server has a free slot (and, in input order,
 /// when no more than twice the pool's slots of results wait for an earlier
 /// one), so memory is bounded however long the input is. A failed call
-/// yields its error in its place and the map goes on; when no server takes
-/// a call for the pool's `server_wait`, the map yields
-/// [`PoolError::NoServers`] and reads no more inputs. Dropping the stream
-/// stops reading inputs and cancels its calls in flight.
+/// yields its error in its place and the map goes on. Busy servers (every
+/// slot taken, or refusing calls as overloaded) never end a map: it waits
+/// for them. Only a terminal error ends it ([`PoolError::is_terminal`]: no
+/// server up for the pool's `server_wait`, or the pool closed): the map
+/// reads no more inputs, yields the results of the calls still in flight
+/// (in input order for an ordered map), then that error, last, then ends.
+/// Dropping the stream stops reading inputs and cancels its calls in flight.
 ///
 /// Set [`chunksize`](Self::chunksize), [`timeout`](Self::timeout) and
 /// [`idempotent`](Self::idempotent) before polling it.
@@ -63,6 +66,14 @@ pub struct MapStream {
     as_done: FuturesUnordered<Call>,
     /// Results of a chunk not yet yielded.
     ready: VecDeque<Result<Tree, PoolError>>,
+    /// Inputs read and not yet answered (in flight, or in `ready`).
+    unanswered: usize,
+    /// An input read before its slot was taken (see `start_calls`).
+    peeked: Option<Tree>,
+    /// The error that ends the map, yielded after the calls in flight.
+    terminal: Option<PoolError>,
+    /// The terminal error was yielded: the map is over.
+    ended: bool,
 }
 
 impl fmt::Debug for MapStream {
@@ -71,7 +82,7 @@ impl fmt::Debug for MapStream {
             .field("method", &self.method)
             .field("ordered", &self.ordered)
             .field("chunksize", &self.chunksize)
-            .field("in_flight", &(self.in_order.len() + self.as_done.len()))
+            .field("unanswered", &self.unanswered)
             .field("inputs_ended", &self.inputs.is_none())
             .finish_non_exhaustive()
     }
@@ -92,6 +103,10 @@ impl MapStream {
             in_order: FuturesOrdered::new(),
             as_done: FuturesUnordered::new(),
             ready: VecDeque::new(),
+            unanswered: 0,
+            peeked: None,
+            terminal: None,
+            ended: false,
         }
     }
 
@@ -127,12 +142,9 @@ impl MapStream {
         self
     }
 
-    fn in_flight(&self) -> usize {
-        self.in_order.len() + self.as_done.len()
-    }
-
     fn stop_reading(&mut self) {
         self.inputs = None;
+        self.peeked = None;
         self.lease = None;
         self.acquiring = None;
     }
@@ -168,16 +180,31 @@ impl MapStream {
             if self.ordered && self.in_order.len() >= 2 * self.shared.capacity() {
                 break;
             }
+            // Inputs that say none is left are looked at before a slot is
+            // taken: a map at its end must not end with an error instead.
+            if let (None, Some(inputs)) = (&self.peeked, self.inputs.as_mut()) {
+                if inputs.size_hint().1 == Some(0) {
+                    match inputs.as_mut().poll_next(cx) {
+                        Poll::Ready(Some(input)) => self.peeked = Some(input),
+                        Poll::Ready(None) => {
+                            self.inputs = None;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+            }
             match self.poll_lease(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(error)) => {
-                    self.ready.push_back(Err(error));
+                    // Held until the calls in flight have yielded theirs.
+                    self.terminal = Some(error);
                     self.stop_reading();
                     break;
                 }
                 Poll::Pending => break,
             }
-            let mut chunk = Vec::new();
+            let mut chunk: Vec<Tree> = self.peeked.take().into_iter().collect();
             while chunk.len() < self.chunksize {
                 let Some(inputs) = self.inputs.as_mut() else {
                     break;
@@ -204,6 +231,7 @@ impl MapStream {
     }
 
     fn push(&mut self, lease: Lease, chunk: Vec<Tree>) {
+        self.unanswered += chunk.len();
         let call = self.chunk_call(lease, chunk);
         if self.ordered {
             self.in_order.push_back(call);
@@ -286,23 +314,31 @@ impl Stream for MapStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
         loop {
             if let Some(result) = this.ready.pop_front() {
+                this.unanswered -= 1;
                 return Poll::Ready(Some(result));
             }
             this.start_calls(cx);
-            if !this.ready.is_empty() {
-                continue;
-            }
             let done = if this.ordered {
                 this.in_order.poll_next_unpin(cx)
             } else {
                 this.as_done.poll_next_unpin(cx)
             };
             match done {
-                Poll::Ready(Some(Outcome::One(result))) => return Poll::Ready(Some(result)),
+                Poll::Ready(Some(Outcome::One(result))) => {
+                    this.unanswered -= 1;
+                    return Poll::Ready(Some(result));
+                }
                 Poll::Ready(Some(Outcome::Chunk(results))) => this.ready.extend(results),
-                Poll::Ready(None) if this.inputs.is_none() => return Poll::Ready(None),
+                Poll::Ready(None) if this.inputs.is_none() => {
+                    // Every call answered: the terminal error, if any, last.
+                    this.ended = true;
+                    return Poll::Ready(this.terminal.take().map(Err));
+                }
                 // Waiting for an input or a slot (both registered a wake-up).
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
@@ -310,12 +346,22 @@ impl Stream for MapStream {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let pending = self.in_flight() + self.ready.len();
+        if self.ended {
+            return (0, Some(0));
+        }
+        let pending = self.unanswered + usize::from(self.terminal.is_some());
         match &self.inputs {
             None => (pending, Some(pending)),
             Some(inputs) => {
+                // The peeked input, if any, and the inputs left (a terminal
+                // error would stand in for them, so it adds nothing).
+                let peeked = usize::from(self.peeked.is_some());
                 let (low, high) = inputs.size_hint();
-                (pending + low, high.and_then(|h| h.checked_add(pending)))
+                let read = pending + peeked;
+                (
+                    read.saturating_add(low),
+                    high.and_then(|h| h.checked_add(read)),
+                )
             }
         }
     }

@@ -27,9 +27,12 @@ pub(crate) enum Origin {
         /// The name as given.
         name: Arc<str>,
     },
-    /// A worker that registered (`teleport worker --connect`). Removed when
-    /// lost: a worker that comes back registers again.
-    Registered,
+    /// A worker that registered (`teleport worker --connect`), with the
+    /// fingerprint it announced. Removed when lost: a worker that comes back
+    /// registers again.
+    Registered {
+        fingerprint: teleport_client::Fingerprint,
+    },
     /// A worker process the pool started (locally or over ssh). Removed for
     /// good when the process exits (see [`watch_process`]).
     Process(ProcessHandle),
@@ -60,10 +63,18 @@ pub(crate) struct Member {
     pub(crate) client: Client,
     pub(crate) outstanding: usize,
     pub(crate) up: bool,
-    /// Taken out of the pool (its name stopped resolving, its process
-    /// exited, or [`Pool::remove_server`](crate::Pool::remove_server)): it
-    /// gets no new calls and is dropped.
+    /// Taken out of the pool (its process exited, or
+    /// [`Pool::remove_server`](crate::Pool::remove_server)): its client is
+    /// closed, it gets no new calls and is dropped.
     pub(crate) removed: bool,
+    /// Retired (its name stopped resolving, or
+    /// [`Pool::retire_server`](crate::Pool::retire_server)): it gets no new
+    /// calls, its calls in flight finish, and then it is closed and dropped.
+    pub(crate) retired: bool,
+    /// Refused a call as overloaded: it gets no call before this.
+    pub(crate) busy_until: Option<Instant>,
+    /// Overloaded refusals since its last success, for the backoff.
+    pub(crate) overloads: u32,
     pub(crate) last_error: Option<String>,
     pub(crate) origin: Origin,
 }
@@ -84,8 +95,8 @@ struct State {
     closed: bool,
 }
 
-/// Settings every server of the pool shares.
-#[derive(Clone, Debug)]
+/// Settings every server of the pool shares. (`Debug` hides the token.)
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) qsize: usize,
     pub(crate) call_timeout: Option<Duration>,
@@ -95,7 +106,27 @@ pub(crate) struct Settings {
     pub(crate) backoff_max: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) idempotent: Vec<String>,
-    pub(crate) token: Option<String>,
+    /// Presented to every server, and required of workers that register.
+    /// Always set: a pool given none makes a random one.
+    pub(crate) token: String,
+    pub(crate) max_registered_workers: usize,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("qsize", &self.qsize)
+            .field("call_timeout", &self.call_timeout)
+            .field("server_wait", &self.server_wait)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("max_attempts", &self.max_attempts)
+            .field("idempotent", &self.idempotent)
+            .field("token", &"<redacted>")
+            .field("max_registered_workers", &self.max_registered_workers)
+            .finish()
+    }
 }
 
 /// A slot on one server, held while a call is outstanding there. Dropping it
@@ -106,6 +137,9 @@ pub(crate) struct Lease {
     pub(crate) member: u64,
     pub(crate) name: Arc<str>,
     pub(crate) client: Client,
+    /// Set when the call on it succeeded: the server's overload backoff
+    /// starts over.
+    pub(crate) succeeded: bool,
 }
 
 impl Drop for Lease {
@@ -114,10 +148,38 @@ impl Drop for Lease {
             let mut state = self.shared.lock();
             if let Some(m) = state.members.iter_mut().find(|m| m.id == self.member) {
                 m.outstanding = m.outstanding.saturating_sub(1);
+                if self.succeeded {
+                    m.overloads = 0;
+                }
             }
-            state.members.retain(|m| !(m.removed && m.outstanding == 0));
+            state.drop_finished();
         }
         self.shared.changed.notify_waiters();
+    }
+}
+
+impl State {
+    /// Drops the members that are out and have no call left: removed ones,
+    /// and retired ones whose last call finished (closing their client and
+    /// stopping their process now).
+    fn drop_finished(&mut self) {
+        for m in &mut self.members {
+            if m.retired && !m.removed && m.outstanding == 0 {
+                m.removed = true;
+                m.client.close();
+                if let Origin::Process(process) = &mut m.origin {
+                    process.kill();
+                }
+            }
+        }
+        self.members.retain(|m| !(m.removed && m.outstanding == 0));
+    }
+}
+
+impl Member {
+    /// True if it may get new calls (when it has a free slot).
+    fn takes_calls(&self) -> bool {
+        self.up && !self.removed && !self.retired
     }
 }
 
@@ -147,10 +209,12 @@ impl Shared {
             return Err(PoolError::Closed);
         }
         let qsize = self.settings.qsize;
+        let now = Instant::now();
         let best = state
             .members
             .iter_mut()
-            .filter(|m| m.up && !m.removed && m.outstanding < qsize)
+            .filter(|m| m.takes_calls() && m.outstanding < qsize)
+            .filter(|m| m.busy_until.is_none_or(|t| t <= now))
             .min_by_key(|m| m.outstanding);
         Ok(best.map(|m| {
             m.outstanding += 1;
@@ -159,27 +223,90 @@ impl Shared {
                 member: m.id,
                 name: m.name.clone(),
                 client: m.client.clone(),
+                succeeded: false,
             }
         }))
     }
 
-    /// Waits for a free slot, up to the pool's `server_wait`.
+    /// Whether a server is up (busy or not), and the earliest time still to
+    /// come at which a server that refused a call as overloaded takes calls
+    /// again.
+    fn availability(&self) -> (bool, Option<Instant>) {
+        let state = self.lock();
+        let now = Instant::now();
+        let up = state.members.iter().filter(|m| m.takes_calls());
+        let mut any = false;
+        let mut next = None::<Instant>;
+        for m in up {
+            any = true;
+            // A backoff that is over is no reason to wake: waiting for a
+            // slot then is waiting for a call to finish.
+            if let Some(t) = m.busy_until.filter(|&t| t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        (any, next)
+    }
+
+    /// Waits for a free slot. Busy servers (every slot taken, or backing off
+    /// after refusing a call as overloaded) are waited for as long as it
+    /// takes: their calls finish or time out. Only when no server is up for
+    /// the pool's `server_wait` does it fail.
     pub(crate) async fn acquire(self: Arc<Self>, method: &str) -> Result<Lease, PoolError> {
-        let deadline = Instant::now() + self.settings.server_wait;
+        let mut none_up_since: Option<Instant> = None;
         loop {
             let mut notified = pin!(self.changed.notified());
             notified.as_mut().enable();
             if let Some(lease) = self.try_acquire()? {
                 return Ok(lease);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(PoolError::NoServers {
-                    method: method.to_owned(),
-                    waited: self.settings.server_wait,
-                    servers: self.describe(),
-                });
+            let (any_up, next_free) = self.availability();
+            let give_up = if any_up {
+                none_up_since = None;
+                None
+            } else {
+                let since = *none_up_since.get_or_insert_with(Instant::now);
+                let give_up = since + self.settings.server_wait;
+                if Instant::now() >= give_up {
+                    return Err(PoolError::NoServers {
+                        method: method.to_owned(),
+                        waited: self.settings.server_wait,
+                        servers: self.describe(),
+                    });
+                }
+                Some(give_up)
+            };
+            let wake = match (give_up, next_free) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match wake {
+                Some(wake) => {
+                    let _ = tokio::time::timeout_at(wake, notified).await;
+                }
+                None => notified.await,
             }
         }
+    }
+
+    /// Server `member` refused a call as overloaded (or shutting down): it
+    /// gets no call for a while, doubling with each refusal in a row.
+    pub(crate) fn back_off_busy(&self, member: u64) {
+        {
+            let mut state = self.lock();
+            let Some(m) = state.members.iter_mut().find(|m| m.id == member) else {
+                return;
+            };
+            m.overloads = m.overloads.saturating_add(1);
+            let doublings = (m.overloads - 1).min(16);
+            let wait = self
+                .settings
+                .backoff_initial
+                .saturating_mul(1 << doublings)
+                .min(self.settings.backoff_max);
+            m.busy_until = Some(Instant::now() + wait);
+        }
+        self.changed.notify_waiters();
     }
 
     /// Takes a slot on server `member` regardless of `qsize` (for
@@ -189,13 +316,14 @@ impl Shared {
         let m = state
             .members
             .iter_mut()
-            .find(|m| m.id == member && m.up && !m.removed)?;
+            .find(|m| m.id == member && m.takes_calls())?;
         m.outstanding += 1;
         Some(Lease {
             shared: self.clone(),
             member: m.id,
             name: m.name.clone(),
             client: m.client.clone(),
+            succeeded: false,
         })
     }
 
@@ -205,7 +333,7 @@ impl Shared {
         state
             .members
             .iter()
-            .filter(|m| m.up && !m.removed)
+            .filter(|m| m.takes_calls())
             .map(|m| m.id)
             .collect()
     }
@@ -213,7 +341,7 @@ impl Shared {
     /// Slots of the servers up now (`qsize` each), at least one server's.
     pub(crate) fn capacity(&self) -> usize {
         let state = self.lock();
-        let up = state.members.iter().filter(|m| m.up && !m.removed).count();
+        let up = state.members.iter().filter(|m| m.takes_calls()).count();
         up.max(1) * self.settings.qsize
     }
 
@@ -224,7 +352,14 @@ impl Shared {
             .members
             .iter()
             .filter(|m| !m.removed)
-            .map(|m| (m.name.to_string(), m.addr, m.up, m.outstanding))
+            .map(|m| {
+                (
+                    m.name.to_string(),
+                    m.addr,
+                    m.up && !m.retired,
+                    m.outstanding,
+                )
+            })
             .collect()
     }
 
@@ -242,6 +377,12 @@ impl Shared {
             }
             let _ = write!(text, "{}: ", m.name);
             match (&m.up, &m.last_error) {
+                _ if m.retired => {
+                    let _ = write!(text, "retired, finishing {} calls", m.outstanding);
+                }
+                (true, _) if m.busy_until.is_some_and(|t| t > Instant::now()) => {
+                    text.push_str("up, backing off after refusing a call as overloaded")
+                }
                 (true, _) => text.push_str("up, all slots busy"),
                 (false, Some(e)) => {
                     let _ = write!(text, "down ({e})");
@@ -263,6 +404,7 @@ impl Shared {
         name: String,
         addr: SocketAddr,
         tls: ClientTls,
+        server_name: Option<String>,
         origin: Origin,
     ) -> u64 {
         let settings = &self.settings;
@@ -274,9 +416,12 @@ impl Shared {
             .reconnect(false)
             .connect_timeout(settings.connect_timeout)
             .raise_unobserved_errors(false)
-            .agent(concat!("teleport-pool ", env!("CARGO_PKG_VERSION")));
-        if let Some(token) = &settings.token {
-            builder = builder.token(token.clone());
+            .agent(concat!("teleport-pool ", env!("CARGO_PKG_VERSION")))
+            .token(settings.token.clone());
+        // Dialled by address, the client would check the certificate for the
+        // IP; a CA-signed certificate names the host the user gave.
+        if let Some(server_name) = server_name {
+            builder = builder.server_name(server_name);
         }
         let client = builder.build();
         let id = {
@@ -291,6 +436,9 @@ impl Shared {
                 outstanding: 0,
                 up: false,
                 removed: false,
+                retired: false,
+                busy_until: None,
+                overloads: 0,
                 last_error: None,
                 origin,
             });
@@ -312,11 +460,17 @@ impl Shared {
             m.last_error = Some(reason.to_owned());
             was_up
         };
-        let registered = self
-            .with_member(member, |m| matches!(m.origin, Origin::Registered))
+        let for_good = self
+            .with_member(member, |m| {
+                m.retired || matches!(m.origin, Origin::Registered { .. })
+            })
             .unwrap_or(false);
-        if registered {
-            tracing::info!(member, reason, "pool: registered worker lost; removed");
+        if for_good {
+            tracing::info!(
+                member,
+                reason,
+                "pool: registered or retired server lost; removed"
+            );
             self.remove_where(|m| m.id == member);
             return;
         }
@@ -342,10 +496,52 @@ impl Shared {
                     removed += 1;
                 }
             }
-            state.members.retain(|m| !(m.removed && m.outstanding == 0));
+            state.drop_finished();
         }
         self.changed.notify_waiters();
         removed
+    }
+
+    /// Retires the servers `retire` says yes to: no new calls; each is closed
+    /// and dropped when its calls in flight have finished. Returns how many.
+    pub(crate) fn retire_where(&self, mut retire: impl FnMut(&Member) -> bool) -> usize {
+        let mut retired = 0;
+        {
+            let mut state = self.lock();
+            for m in state
+                .members
+                .iter_mut()
+                .filter(|m| !m.removed && !m.retired)
+            {
+                if retire(m) {
+                    m.retired = true;
+                    retired += 1;
+                }
+            }
+            state.drop_finished();
+        }
+        self.changed.notify_waiters();
+        retired
+    }
+
+    /// How many registered workers the pool has, and the id and fingerprint
+    /// of the one at `addr`, if there is one.
+    pub(crate) fn registered(
+        &self,
+        addr: SocketAddr,
+    ) -> (usize, Option<(u64, teleport_client::Fingerprint)>) {
+        let state = self.lock();
+        let mut count = 0;
+        let mut same = None;
+        for m in state.members.iter().filter(|m| !m.removed && !m.retired) {
+            if let Origin::Registered { fingerprint } = &m.origin {
+                count += 1;
+                if m.addr == addr {
+                    same = Some((m.id, *fingerprint));
+                }
+            }
+        }
+        (count, same)
     }
 
     /// The addresses of the servers that came from resolving `name`.
@@ -354,7 +550,7 @@ impl Shared {
         state
             .members
             .iter()
-            .filter(|m| !m.removed)
+            .filter(|m| !m.removed && !m.retired)
             .filter(|m| matches!(&m.origin, Origin::Resolved { name: n } if &**n == name))
             .map(|m| m.addr)
             .collect()
@@ -400,7 +596,10 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let Some(client) = shared.with_member(member, |m| m.client.clone()) else {
+        let Some(client) = shared
+            .with_member(member, |m| (!m.retired).then(|| m.client.clone()))
+            .flatten()
+        else {
             return;
         };
         match client.connect().await {

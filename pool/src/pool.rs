@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use teleport_client::{CallError, CallOptions, ClientTls, Error as ClientError, PendingCall};
-use teleport_protocol::Tree;
+use teleport_protocol::{ErrorKind, Tree};
 
 use crate::error::PoolError;
 use crate::members::{Lease, Origin, Shared};
@@ -39,6 +39,31 @@ impl Drop for Handle {
             task.abort();
         }
         self.shared.close();
+    }
+}
+
+/// Where and how a worker registers with a pool
+/// ([`Pool::registration`]): `teleport worker --connect ADDR --pin
+/// FINGERPRINT --token-stdin`, with the token written to its stdin (or in
+/// `TELEPORT_TOKEN`). Its `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Registration {
+    /// The address the registration endpoint listens at.
+    pub addr: SocketAddr,
+    /// The fingerprint of its certificate, for the worker to pin.
+    pub fingerprint: teleport_client::Fingerprint,
+    /// The token the worker must present.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("addr", &self.addr)
+            .field("fingerprint", &self.fingerprint)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -194,8 +219,17 @@ impl Pool {
             addr.to_string(),
             addr,
             ClientTls::pinned(fingerprint),
+            None,
             Origin::Given,
         );
+    }
+
+    /// Retires the server at `addr`: it gets no new calls, its calls in
+    /// flight finish there, and then the pool closes its connection (and
+    /// stops a worker process it started there). What happens to servers a
+    /// name no longer resolves to. Returns whether there was one.
+    pub fn retire_server(&self, addr: SocketAddr) -> bool {
+        self.shared().retire_where(|m| m.addr == addr) > 0
     }
 
     /// Takes the server at `addr` out of the pool: it gets no new calls, its
@@ -244,14 +278,24 @@ impl Pool {
         }
     }
 
-    /// Where workers register (`teleport worker --connect ADDR --pin FP`)
-    /// and the fingerprint to pin, if the pool accepts workers
-    /// ([`PoolBuilder::accept_workers`]).
-    pub fn registration(&self) -> Option<(SocketAddr, teleport_client::Fingerprint)> {
+    /// What a worker needs to register with this pool, if it accepts
+    /// workers ([`PoolBuilder::accept_workers`]).
+    pub fn registration(&self) -> Option<Registration> {
         self.handle
             .registration
             .as_ref()
-            .map(|server| (server.local_addr(), server.fingerprint()))
+            .map(|server| Registration {
+                addr: server.local_addr(),
+                fingerprint: server.fingerprint(),
+                token: self.token().to_owned(),
+            })
+    }
+
+    /// The token the pool presents to every server and requires of workers
+    /// that register: the one given ([`PoolBuilder::token`]) or the random
+    /// one the pool made. A secret: whoever has it can register workers.
+    pub fn token(&self) -> &str {
+        &self.shared().settings.token
     }
 
     /// Each server's slots (`qsize`).
@@ -305,6 +349,12 @@ pub(crate) async fn call(
 }
 
 /// [`call`] on a slot already held.
+///
+/// A call refused as overloaded (or by a server shutting down) did not run:
+/// it waits for that server's backoff and goes to whichever server is free
+/// then, however often, within the call's timeout. A call lost with its
+/// server is sent again only if it was never sent or the method is
+/// idempotent.
 pub(crate) async fn call_on(
     shared: Arc<Shared>,
     mut lease: Lease,
@@ -321,37 +371,66 @@ pub(crate) async fn call_on(
     } else {
         1
     };
-    // The arguments are kept for a re-send only when one can happen (a clone
-    // of a tree shares its array buffers).
-    let mut args = Some(args);
+    // The timeout bounds the whole call, refusals and re-sends included.
+    let deadline = options
+        .timeout
+        .map(|t| (t, tokio::time::Instant::now() + t));
+    // The arguments are kept for a re-send (a clone of a tree shares its
+    // array buffers).
     let mut attempt = 1;
     loop {
-        let this_args = if attempt < max_attempts {
-            args.clone().expect("kept for re-sending")
-        } else {
-            args.take().expect("kept until the last attempt")
-        };
+        let mut this_options = options;
+        if let Some((timeout, deadline)) = deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(PoolError::Timeout {
+                    server: lease.name.to_string(),
+                    method,
+                    timeout,
+                });
+            }
+            this_options = this_options.timeout(left);
+        }
         let pending = CancelOnDrop(lease.client.call_with_options(
             method.as_str(),
-            this_args,
-            options,
+            args.clone(),
+            this_options,
         ));
+        // A call the client refused to start (its connection is gone) was
+        // never sent.
+        let started = pending.0.id().is_some();
         let result = {
             let mut pending = pending;
             (&mut pending.0).await
         };
         let error = match result {
-            Ok(tree) => return Ok(tree),
+            Ok(tree) => {
+                lease.succeeded = true;
+                return Ok(tree);
+            }
             Err(error) => error,
         };
         let server = lease.name.to_string();
+        if is_busy(&error) {
+            tracing::debug!(%server, %method, "pool: server busy; the call goes elsewhere");
+            shared.back_off_busy(lease.member);
+            drop(lease);
+            lease = next_lease(&shared, &method, deadline).await?;
+            continue;
+        }
         if !error.is_connection_error() {
-            return Err(classify(server, method, error, &options));
+            return Err(classify(server, method, error, deadline.map(|d| d.0)));
         }
         let reason = shared
             .known_reason(lease.member)
             .unwrap_or_else(|| connection_reason(&error));
         shared.mark_down(lease.member, &reason);
+        if !started || never_sent(&error) {
+            tracing::debug!(%server, %method, "pool: re-sending a call its lost server never got");
+            drop(lease);
+            lease = next_lease(&shared, &method, deadline).await?;
+            continue;
+        }
         if attempt >= max_attempts {
             return Err(if idempotent {
                 PoolError::Exhausted {
@@ -370,12 +449,52 @@ pub(crate) async fn call_on(
         }
         tracing::debug!(%server, %method, attempt, "pool: re-sending a lost idempotent call");
         drop(lease);
-        lease = match shared.try_acquire()? {
-            Some(lease) => lease,
-            None => shared.clone().acquire(&method).await?,
-        };
+        lease = next_lease(&shared, &method, deadline).await?;
         attempt += 1;
     }
+}
+
+/// A slot for sending a call again, within the call's deadline.
+async fn next_lease(
+    shared: &Arc<Shared>,
+    method: &str,
+    deadline: Option<(Duration, tokio::time::Instant)>,
+) -> Result<Lease, PoolError> {
+    if let Some(lease) = shared.try_acquire()? {
+        return Ok(lease);
+    }
+    let acquire = shared.clone().acquire(method);
+    match deadline {
+        None => acquire.await,
+        Some((timeout, deadline)) => match tokio::time::timeout_at(deadline, acquire).await {
+            Ok(lease) => lease,
+            Err(_) => Err(PoolError::NoServers {
+                method: method.to_owned(),
+                waited: timeout,
+                servers: format!(
+                    "no server took it again within the call's timeout: {}",
+                    shared.describe()
+                ),
+            }),
+        },
+    }
+}
+
+/// True if the server refused the call without running it because it is
+/// busy (or on its way down): trying later, or elsewhere, may work.
+fn is_busy(error: &ClientError) -> bool {
+    matches!(
+        error.remote().map(|e| e.kind),
+        Some(ErrorKind::Overloaded | ErrorKind::ShuttingDown)
+    )
+}
+
+/// True for the connection errors of calls that were never sent.
+fn never_sent(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::NotConnected { .. } | ClientError::Call(CallError::NotConnected { .. })
+    )
 }
 
 /// What a client error says about the connection, for [`PoolError::ServerLost`].
@@ -391,7 +510,7 @@ fn classify(
     server: String,
     method: String,
     error: ClientError,
-    options: &CallOptions,
+    timeout: Option<Duration>,
 ) -> PoolError {
     match error {
         ClientError::Call(CallError::Remote(error)) => PoolError::Remote {
@@ -399,27 +518,89 @@ fn classify(
             method,
             error,
         },
-        ClientError::Call(CallError::DeadlineExceeded { timeout }) => PoolError::Timeout {
+        // The client saw the remaining time; the user set the whole timeout.
+        ClientError::Call(CallError::DeadlineExceeded { timeout: left }) => PoolError::Timeout {
             server,
             method,
-            timeout,
+            timeout: timeout.unwrap_or(left),
         },
         ClientError::Call(error) => PoolError::Call {
             server,
             method,
             error,
         },
-        ClientError::Unobserved { error, .. } => PoolError::Call {
+        other => PoolError::Client {
             server,
             method,
-            error,
+            error: Arc::new(other),
         },
-        other => PoolError::Call {
-            server,
-            method,
-            error: CallError::ProtocolViolation {
-                message: format!("{other} (timeout {:?})", options.timeout),
-            },
-        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::members::Settings;
+    use teleport_protocol::tree;
+    use teleport_server::Server;
+
+    /// A call whose server's connection was gone before it was sent (the
+    /// pool had not noticed yet) goes to another server, idempotent or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_never_sent_to_a_lost_server_goes_to_another() {
+        let limit = Duration::from_secs(20);
+        let mut servers = Vec::new();
+        for tag in ["a", "b"] {
+            let server = Server::builder()
+                .bind("tag", move |_: Tree| async move { Ok(tree!((tag))) })
+                .listen("127.0.0.1:0")
+                .await
+                .unwrap();
+            servers.push(server);
+        }
+        let shared = Shared::new(Settings {
+            qsize: 4,
+            call_timeout: None,
+            server_wait: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            max_attempts: 3,
+            idempotent: Vec::new(),
+            token: "t".to_owned(),
+            max_registered_workers: 1,
+        });
+        let ids: Vec<u64> = servers
+            .iter()
+            .map(|s| {
+                shared.add(
+                    s.local_addr().to_string(),
+                    s.local_addr(),
+                    ClientTls::pinned(s.fingerprint()),
+                    None,
+                    Origin::Given,
+                )
+            })
+            .collect();
+        tokio::time::timeout(limit, async {
+            while shared.up_members().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("both servers up");
+        let lease = shared.lease_on(ids[0]).unwrap();
+        // The race: server a's client closed, the pool not told yet.
+        lease.client.close();
+        let options = CallOptions::new().idempotent(false);
+        let y = tokio::time::timeout(
+            limit,
+            call_on(shared.clone(), lease, "tag".into(), tree!(null), options),
+        )
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the call was never sent, so it may go elsewhere: {e}"));
+        assert_eq!(y.as_str().unwrap(), "b");
+        shared.close();
     }
 }

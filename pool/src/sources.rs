@@ -7,10 +7,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use teleport_client::{ClientTls, Fingerprint, ToAddress};
+use teleport_client::{Address, ClientTls, Fingerprint, Host, ToAddress};
 use teleport_protocol::{tree, Tree};
 use teleport_server::{Context, HandlerError, Server};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::error::StartError;
@@ -52,6 +52,22 @@ impl SshSource {
         let (host, port) = split_host_port(host_port).map_err(|why| bad(&why))?;
         if host.is_empty() {
             return Err(bad("the host is empty"));
+        }
+        // ssh reads a destination beginning with `-` as an option
+        // (`-oProxyCommand=...` runs a command here), and whitespace or
+        // control characters are no part of a host or user name.
+        for (what, text) in [("host", Some(host.as_str())), ("user", user.as_deref())] {
+            let Some(text) = text else { continue };
+            if text.starts_with('-') {
+                return Err(bad(&format!(
+                    "the {what} {text:?} begins with '-', which ssh would take as an option"
+                )));
+            }
+            if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(&format!(
+                    "the {what} {text:?} contains whitespace or a control character"
+                )));
+            }
         }
         Ok(SshSource {
             user,
@@ -122,10 +138,13 @@ impl WorkerCommand {
     }
 }
 
-/// Starts a worker process and reads its announcement. The child keeps its
-/// stdin open (the worker stops when it closes) and is killed when dropped.
+/// Starts a worker process, gives it `token` on its stdin (`--token-stdin`:
+/// a command line is visible to every user in `ps`), and reads its
+/// announcement. The child keeps its stdin open (the worker stops when it
+/// closes) and is killed when dropped.
 async fn start_worker(
     command: WorkerCommand,
+    token: &str,
     wait: Duration,
 ) -> Result<(Child, SocketAddr, Fingerprint, String), StartError> {
     let shown = command.display();
@@ -144,6 +163,14 @@ async fn start_worker(
         command: shown.clone(),
         what: "its stdout is not a pipe".to_owned(),
     })?;
+    if let Some(stdin) = child.stdin.as_mut() {
+        let line = format!("{token}\n");
+        // A worker that exits at once shows in its announcement instead.
+        if let Err(e) = stdin.write_all(line.as_bytes()).await {
+            tracing::debug!(error = %e, "pool: writing the token to a worker's stdin");
+        }
+        let _ = stdin.flush().await;
+    }
     let mut lines = BufReader::new(stdout).lines();
     let announce = |what: String| StartError::Announce {
         command: shown.clone(),
@@ -191,11 +218,20 @@ pub(crate) async fn start_local(
     let starts = (0..n).map(|_| {
         let mut command = command.clone();
         command.args.extend(
-            ["--listen", "127.0.0.1:0", "--exit-on-stdin-close"]
-                .iter()
-                .map(OsString::from),
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--exit-on-stdin-close",
+                "--token-stdin",
+            ]
+            .iter()
+            .map(OsString::from),
         );
-        start_worker(command, shared.settings.connect_timeout)
+        start_worker(
+            command,
+            &shared.settings.token,
+            shared.settings.connect_timeout,
+        )
     });
     for started in futures_util::future::join_all(starts).await {
         let (child, addr, fingerprint, _) = started?;
@@ -205,6 +241,7 @@ pub(crate) async fn start_local(
             name,
             addr,
             ClientTls::pinned(fingerprint),
+            None,
             Origin::Process(process),
         );
         watch(member);
@@ -222,7 +259,7 @@ pub(crate) async fn start_ssh(
 ) -> Result<(), StartError> {
     let mut remote_words: Vec<String> = remote.iter().map(|w| shell_quote(w)).collect();
     remote_words.extend(
-        ["--listen", listen, "--exit-on-stdin-close"]
+        ["--listen", listen, "--exit-on-stdin-close", "--token-stdin"]
             .iter()
             .map(|w| shell_quote(w)),
     );
@@ -236,14 +273,19 @@ pub(crate) async fn start_ssh(
         command.args.push(source.destination().into());
         command.args.push("--".into());
         command.args.push(remote_line.clone().into());
-        start_worker(command, shared.settings.connect_timeout)
+        start_worker(
+            command,
+            &shared.settings.token,
+            shared.settings.connect_timeout,
+        )
     });
     let started = futures_util::future::join_all(starts).await;
     for (i, started) in started.into_iter().enumerate() {
         let (child, announced, fingerprint, _) = started?;
         let addr = dial_address(&source.host, announced).await?;
+        let port = source.port.map(|p| format!(":{p}")).unwrap_or_default();
         let name = format!(
-            "ssh://{}/{} worker {i} at {addr}",
+            "ssh://{}{port}/{} worker {i} at {addr}",
             source.destination(),
             source.workers
         );
@@ -252,6 +294,7 @@ pub(crate) async fn start_ssh(
             name,
             addr,
             ClientTls::pinned(fingerprint),
+            None,
             Origin::Process(process),
         );
         watch(member);
@@ -274,13 +317,29 @@ async fn dial_address(host: &str, announced: SocketAddr) -> Result<SocketAddr, S
     Ok(resolved[0])
 }
 
+/// The name a server's certificate must carry when it is trusted by CA
+/// roots: the host name given (a server dialled by an address it resolved
+/// to would otherwise be checked for that IP). `None` for an IP.
+pub(crate) fn server_name(address: &Address) -> Option<String> {
+    match &address.host {
+        Host::Name(name) => Some(name.clone()),
+        Host::Unspecified => Some("localhost".to_owned()),
+        Host::Ip(_) => None,
+    }
+}
+
 /// Resolves `name` (`host:port`) now and adds the addresses that are new;
-/// takes out the servers whose address it no longer resolves to.
+/// retires the servers whose address it no longer resolves to (their calls
+/// in flight finish).
 pub(crate) async fn refresh_name(shared: &Arc<Shared>, name: &Arc<str>, tls: &ClientTls) {
-    let resolved = match name.to_address() {
-        Ok(address) => address.resolve_for_client().await,
-        Err(e) => Err(e),
+    let address = match name.to_address() {
+        Ok(address) => address,
+        Err(e) => {
+            tracing::warn!(%name, error = %e, "pool: not an address; keeping the servers");
+            return;
+        }
     };
+    let resolved = address.resolve_for_client().await;
     let addrs = match resolved {
         Ok(addrs) => addrs,
         Err(e) => {
@@ -298,15 +357,16 @@ pub(crate) async fn refresh_name(shared: &Arc<Shared>, name: &Arc<str>, tls: &Cl
                 format!("{addr} ({name})"),
                 *addr,
                 tls.clone(),
+                server_name(&address),
                 Origin::Resolved { name: name.clone() },
             );
         }
     }
-    let gone = shared.remove_where(|m| {
+    let gone = shared.retire_where(|m| {
         matches!(&m.origin, Origin::Resolved { name: n } if n == name) && !addrs.contains(&m.addr)
     });
     if gone > 0 {
-        tracing::info!(%name, gone, "pool: servers no longer resolved; removed");
+        tracing::info!(%name, gone, "pool: servers no longer resolved; retired");
     }
 }
 
@@ -333,6 +393,7 @@ pub(crate) fn resolve_periodically(
 
 /// The endpoint `teleport worker --connect` registers at: a Teleport server
 /// with one function, [`JOIN_METHOD`], that adds the worker as a server.
+/// It always requires the pool's token.
 pub(crate) async fn registration_server(
     shared: &Arc<Shared>,
     listen: &str,
@@ -345,37 +406,75 @@ pub(crate) async fn registration_server(
             let shared = weak
                 .upgrade()
                 .ok_or_else(|| HandlerError::with_type("PoolClosed", "the pool was closed"))?;
-            let port = u16::try_from(args.get("port")?.as_int()?)
-                .map_err(|_| HandlerError::with_type("ValueError", "port is not a UDP port"))?;
-            let fingerprint: Fingerprint = args
-                .get("fingerprint")?
-                .as_str()?
-                .parse()
-                .map_err(|e| HandlerError::with_type("ValueError", format!("{e}")))?;
-            let addr = match args.get("host")? {
-                Tree::None => SocketAddr::new(ctx.peer_addr().ip(), port),
-                host => dial_address(host.as_str()?, SocketAddr::from(([0, 0, 0, 0], port)))
-                    .await
-                    .map_err(|e| HandlerError::with_type("ValueError", e.to_string()))?,
-            };
-            tracing::info!(%addr, "pool: worker registered");
-            shared.add(
-                format!("registered worker {addr}"),
-                addr,
-                ClientTls::pinned(fingerprint),
-                Origin::Registered,
-            );
-            Ok(tree!({"addr": (addr.to_string())}))
+            register(&shared, &args, ctx.peer_addr()).await
         }
     };
-    let mut builder = Server::builder().bind(JOIN_METHOD, join);
+    let mut builder = Server::builder()
+        .bind(JOIN_METHOD, join)
+        .token(shared.settings.token.clone());
     if let Some(identity) = identity {
         builder = builder.identity(identity);
     }
-    if let Some(token) = &shared.settings.token {
-        builder = builder.token(token.clone());
-    }
     Ok(builder.listen(listen).await?)
+}
+
+/// Adds the worker a registration describes, unless it is there already
+/// (the same address and fingerprint) or the pool has as many registered
+/// workers as it takes.
+async fn register(
+    shared: &Arc<Shared>,
+    args: &Tree,
+    peer: SocketAddr,
+) -> Result<Tree, HandlerError> {
+    let value_error = |message: String| HandlerError::with_type("ValueError", message);
+    let port = u16::try_from(args.get("port")?.as_int()?)
+        .map_err(|_| value_error("port is not a UDP port (1 to 65535)".to_owned()))?;
+    if port == 0 {
+        return Err(value_error(
+            "port 0 is no port to dial: register the port the worker listens on".to_owned(),
+        ));
+    }
+    let fingerprint: Fingerprint = args
+        .get("fingerprint")?
+        .as_str()?
+        .parse()
+        .map_err(|e| value_error(format!("{e}")))?;
+    let addr = match args.get("host")? {
+        Tree::None => SocketAddr::new(peer.ip(), port),
+        host => dial_address(host.as_str()?, SocketAddr::from(([0, 0, 0, 0], port)))
+            .await
+            .map_err(|e| value_error(e.to_string()))?,
+    };
+    let (count, same) = shared.registered(addr);
+    match same {
+        Some((_, known)) if known == fingerprint => {
+            tracing::debug!(%addr, "pool: worker registered again; already known");
+            return Ok(tree!({"addr": (addr.to_string())}));
+        }
+        // A worker that restarted on the same port with a new certificate.
+        Some((old, _)) => {
+            shared.retire_where(|m| m.id == old);
+        }
+        None if count >= shared.settings.max_registered_workers => {
+            return Err(HandlerError::with_type(
+                "PoolFull",
+                format!(
+                    "the pool has {count} registered workers, as many as it takes \
+                     (PoolBuilder::max_registered_workers)"
+                ),
+            ));
+        }
+        None => {}
+    }
+    tracing::info!(%addr, "pool: worker registered");
+    shared.add(
+        format!("registered worker {addr}"),
+        addr,
+        ClientTls::pinned(fingerprint),
+        None,
+        Origin::Registered { fingerprint },
+    );
+    Ok(tree!({"addr": (addr.to_string())}))
 }
 
 #[cfg(test)]
@@ -411,6 +510,29 @@ mod tests {
             let e = SshSource::parse(bad).unwrap_err();
             assert!(e.to_string().contains("ssh://[user@]host[:port]/N"), "{e}");
         }
+    }
+
+    #[test]
+    fn ssh_sources_that_would_inject_options_are_refused() {
+        for (bad, why) in [
+            ("ssh://-oProxyCommand=touch%20x/1", "begins with '-'"),
+            ("ssh://-oProxyCommand=x@host/1", "begins with '-'"),
+            ("ssh://-l@host/1", "begins with '-'"),
+            ("ssh://ann@-F/1", "begins with '-'"),
+            ("ssh://a b/1", "whitespace"),
+            ("ssh://ann@host\t/1", "whitespace"),
+            ("ssh://an n@host/1", "whitespace"),
+            ("ssh://host\n-oX/1", "control"),
+            ("ssh://ann\u{7f}@host/1", "control"),
+        ] {
+            let e = SshSource::parse(bad).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(why), "{bad:?}: {text}");
+            assert!(text.contains("ssh://[user@]host[:port]/N"), "{text}");
+        }
+        // Names with dots, dashes inside, digits and underscores are fine.
+        let s = SshSource::parse("ssh://a-nn_1@node-07.example.org/2").unwrap();
+        assert_eq!(s.destination(), "a-nn_1@node-07.example.org");
     }
 
     #[test]

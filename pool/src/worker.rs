@@ -21,13 +21,19 @@
 //! `teleport worker listening on ADDR fingerprint FP`, which is how a pool
 //! that started it learns where it is and which certificate to pin.
 //!
-//! With `--connect ADDR --pin FP` the worker registers with a pool that
+//! With `--connect ADDR --pin FP` and the pool's token (`--token-stdin`,
+//! `--token`, or `TELEPORT_TOKEN`) the worker registers with a pool that
 //! listens ([`PoolBuilder::accept_workers`](crate::PoolBuilder::accept_workers)):
-//! it still listens itself, tells the pool its port and fingerprint, and the
-//! pool dials it back. The pool must therefore be able to reach the worker
-//! (UDP to its port): `--connect` saves telling the pool where workers are,
-//! it does not get through a firewall in front of the worker. It stops when
-//! its connection to the pool ends.
+//! "register, then the pool dials back". It still listens itself (on
+//! `0.0.0.0:0` unless `--listen` says otherwise), tells the pool its port
+//! and fingerprint, and the pool dials it back. The pool must therefore be
+//! able to reach the worker (UDP to its port): `--connect` saves telling the
+//! pool where workers are, it does not get through a firewall in front of
+//! the worker. It stops when its connection to the pool ends.
+//!
+//! The token is best given on stdin (`--token-stdin`: the first line), as a
+//! pool that starts workers does: a command line is visible to every user
+//! of the machine in `ps`.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -44,6 +50,9 @@ pub const JOIN_METHOD: &str = "teleport.pool.join";
 
 /// What a worker announces on stdout before the address.
 pub(crate) const ANNOUNCE_PREFIX: &str = "teleport worker listening on ";
+/// What a worker started with `--connect` prints, before the pool's
+/// address, once the pool has taken its registration.
+pub const REGISTERED_PREFIX: &str = "teleport worker registered with ";
 /// Between the address and the fingerprint in the announcement.
 pub(crate) const ANNOUNCE_FINGERPRINT: &str = " fingerprint ";
 
@@ -61,12 +70,14 @@ pub fn parse_announcement(line: &str) -> Option<(SocketAddr, Fingerprint)> {
 }
 
 /// How a worker runs: where it listens, and the pool it registers with.
-#[derive(Clone, Debug)]
+/// (`Debug` hides the token.)
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct WorkerOptions {
-    /// Where to listen (`--listen`, default `127.0.0.1:0`: a free port on
-    /// loopback).
-    pub listen: String,
+    /// Where to listen (`--listen`). Default: `127.0.0.1:0` (a free port on
+    /// loopback), or `0.0.0.0:0` with `connect` (the pool dials the worker
+    /// back, from another host as like as not).
+    pub listen: Option<String>,
     /// A pool's registration endpoint to register with (`--connect`).
     pub connect: Option<String>,
     /// The fingerprint of that endpoint's certificate (`--pin`).
@@ -80,21 +91,41 @@ pub struct WorkerOptions {
     /// Keep the self-signed certificate in this directory, so the
     /// fingerprint stays the same across restarts (`--identity-dir`).
     pub identity_dir: Option<PathBuf>,
-    /// A shared token clients must present (`--token`, or `TELEPORT_TOKEN`).
+    /// A shared token clients must present, and the worker presents to the
+    /// pool it registers with (`--token`, or `TELEPORT_TOKEN`).
     pub token: Option<String>,
+    /// Read the token from the first line of stdin (`--token-stdin`), before
+    /// listening.
+    pub token_stdin: bool,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
-            listen: "127.0.0.1:0".to_owned(),
+            listen: None,
             connect: None,
             pin: None,
             advertise: None,
             exit_on_stdin_close: false,
             identity_dir: None,
             token: std::env::var("TELEPORT_TOKEN").ok(),
+            token_stdin: false,
         }
+    }
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("listen", &self.listen)
+            .field("connect", &self.connect)
+            .field("pin", &self.pin)
+            .field("advertise", &self.advertise)
+            .field("exit_on_stdin_close", &self.exit_on_stdin_close)
+            .field("identity_dir", &self.identity_dir)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_stdin", &self.token_stdin)
+            .finish()
     }
 }
 
@@ -103,7 +134,7 @@ impl Default for WorkerOptions {
 #[non_exhaustive]
 pub enum WorkerError {
     /// The command line is not one a worker takes.
-    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--advertise HOST] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN]")]
+    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--advertise HOST] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN | --token-stdin]")]
     Usage(String),
     /// The server could not be started.
     #[error(transparent)]
@@ -124,6 +155,9 @@ pub enum WorkerError {
         /// What went wrong.
         error: Box<teleport_client::Error>,
     },
+    /// The token could not be read from stdin (`--token-stdin`).
+    #[error("reading the token from stdin (--token-stdin): {0}")]
+    TokenStdin(String),
     /// Writing the announcement to stdout failed.
     #[error("writing the announcement to stdout: {0}")]
     Stdout(#[source] std::io::Error),
@@ -155,7 +189,7 @@ impl WorkerOptions {
                     .ok_or_else(|| WorkerError::Usage(format!("{name} needs a value")))
             };
             match flag.as_str() {
-                "--listen" => options.listen = value("--listen")?,
+                "--listen" => options.listen = Some(value("--listen")?),
                 "--connect" => options.connect = Some(value("--connect")?),
                 "--pin" => {
                     let text = value("--pin")?;
@@ -167,16 +201,40 @@ impl WorkerOptions {
                 "--advertise" => options.advertise = Some(value("--advertise")?),
                 "--identity-dir" => options.identity_dir = Some(value("--identity-dir")?.into()),
                 "--token" => options.token = Some(value("--token")?),
+                "--token-stdin" => options.token_stdin = true,
                 "--exit-on-stdin-close" => options.exit_on_stdin_close = true,
                 other => return Err(WorkerError::Usage(format!("unknown argument {other:?}"))),
             }
         }
-        if options.connect.is_some() != options.pin.is_some() {
+        options.check()?;
+        Ok(options)
+    }
+
+    /// Checks options that go together: `--connect` with `--pin` and a
+    /// token (a pool's registration endpoint always requires one).
+    pub fn check(&self) -> Result<(), WorkerError> {
+        if self.connect.is_some() != self.pin.is_some() {
             return Err(WorkerError::Usage(
-                "--connect and --pin go together (the pool prints both)".to_owned(),
+                "--connect and --pin go together (Pool::registration gives both)".to_owned(),
             ));
         }
-        Ok(options)
+        if self.connect.is_some() && self.token.is_none() && !self.token_stdin {
+            return Err(WorkerError::Usage(
+                "--connect needs the pool's token (Pool::token): --token-stdin and the token \
+                 on stdin, or TELEPORT_TOKEN"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the worker listens: `listen`, or its default.
+    pub fn listen_addr(&self) -> &str {
+        match (&self.listen, &self.connect) {
+            (Some(listen), _) => listen,
+            (None, Some(_)) => "0.0.0.0:0",
+            (None, None) => "127.0.0.1:0",
+        }
     }
 }
 
@@ -185,6 +243,12 @@ impl WorkerOptions {
 /// of the connection to the pool it registered with (with `connect`).
 /// Prints the announcement line first.
 pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(), WorkerError> {
+    let mut options = options;
+    options.check()?;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    if options.token_stdin {
+        options.token = Some(read_token(&mut stdin).await?);
+    }
     let mut builder = builder;
     if let Some(dir) = &options.identity_dir {
         let identity = load_identity(dir)?;
@@ -193,7 +257,7 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     if let Some(token) = &options.token {
         builder = builder.token(token.clone());
     }
-    let server = builder.listen(options.listen.as_str()).await?;
+    let server = builder.listen(options.listen_addr()).await?;
     let line = announcement(server.local_addr(), server.fingerprint());
     {
         let mut stdout = std::io::stdout().lock();
@@ -201,7 +265,15 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
         stdout.flush().map_err(WorkerError::Stdout)?;
     }
     let registration = match (&options.connect, options.pin) {
-        (Some(pool), Some(pin)) => Some(register(pool, pin, &server, &options).await?),
+        (Some(pool), Some(pin)) => {
+            let client = register(pool, pin, &server, &options).await?;
+            // Says the pool has it (and dials it back): scripts, and tests,
+            // wait for this line.
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
+            stdout.flush().map_err(WorkerError::Stdout)?;
+            Some(client)
+        }
         _ => None,
     };
     let pool_gone = async {
@@ -217,7 +289,6 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
         if options.exit_on_stdin_close {
             use tokio::io::AsyncReadExt;
             let mut sink = [0u8; 256];
-            let mut stdin = tokio::io::stdin();
             while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
         } else {
             std::future::pending::<()>().await;
@@ -230,6 +301,25 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     }
     server.shutdown(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// The first line of stdin, without its line end.
+async fn read_token(
+    stdin: &mut tokio::io::BufReader<tokio::io::Stdin>,
+) -> Result<String, WorkerError> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    let n = stdin
+        .read_line(&mut line)
+        .await
+        .map_err(|e| WorkerError::TokenStdin(e.to_string()))?;
+    let token = line.trim_end_matches(['\r', '\n']);
+    if n == 0 || token.is_empty() {
+        return Err(WorkerError::TokenStdin(
+            "stdin closed or its first line is empty; write the token and a newline".to_owned(),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 fn load_identity(dir: &std::path::Path) -> Result<Identity, WorkerError> {
@@ -258,9 +348,12 @@ async fn register(
         pool: pool.to_owned(),
         error: Box::new(error),
     };
-    let client = Client::builder(pool)
-        .pin(pin)
-        .reconnect(false)
+    let mut client = Client::builder(pool).pin(pin).reconnect(false);
+    // `check` made sure there is one: the endpoint refuses workers without.
+    if let Some(token) = &options.token {
+        client = client.token(token.clone());
+    }
+    let client = client
         .agent(concat!("teleport-worker ", env!("CARGO_PKG_VERSION")))
         .connect()
         .await

@@ -10,11 +10,13 @@ use crate::builtins::bind_builtins;
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
     /// Where to listen (UDP); the worker prints
-    /// `teleport worker listening on ADDR fingerprint FP`.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: String,
-    /// Register with a pool that accepts workers at this address (the pool
-    /// then dials this worker back at its --listen port).
+    /// `teleport worker listening on ADDR fingerprint FP`. Default
+    /// 127.0.0.1:0, or 0.0.0.0:0 with --connect (the pool dials back).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Register with a pool that accepts workers at this address: register,
+    /// then the pool dials this worker back at its --listen port. Needs the
+    /// pool's token (--token-stdin or TELEPORT_TOKEN).
     #[arg(long, requires = "pin")]
     connect: Option<String>,
     /// The fingerprint of the pool's registration endpoint (with --connect).
@@ -30,9 +32,15 @@ pub(crate) struct WorkerArgs {
     /// Keep the self-signed certificate here, so the fingerprint stays.
     #[arg(long)]
     identity_dir: Option<std::path::PathBuf>,
-    /// Shared token clients must present.
+    /// Shared token clients must present (and the worker presents to the
+    /// pool it registers with). Visible in `ps`: prefer --token-stdin or
+    /// TELEPORT_TOKEN.
     #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from the first line of stdin (how a pool that starts
+    /// workers gives it); overrides --token.
+    #[arg(long)]
+    token_stdin: bool,
 }
 
 /// The functions `teleport worker` serves.
@@ -49,6 +57,7 @@ pub(crate) async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     options.exit_on_stdin_close = args.exit_on_stdin_close;
     options.identity_dir = args.identity_dir;
     options.token = args.token;
+    options.token_stdin = args.token_stdin;
     worker::serve(functions(), options).await?;
     Ok(())
 }

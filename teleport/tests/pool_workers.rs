@@ -1,12 +1,14 @@
 //! The pool with worker processes: `teleport worker` started and stopped by
 //! the pool, a worker killed with SIGKILL mid-map, workers started through a
-//! fake `ssh` (a script that runs the remote command here: no sshd is
-//! installed on CI), and a worker that registers with `--connect`.
+//! fake `ssh` (a script that runs the remote command here) and through a
+//! real `sshd` on loopback (`pool_sshd.rs`), and a worker that registers
+//! with `--connect`.
 //!
 //! Every wait is bounded.
 
 #![cfg(unix)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -92,11 +94,41 @@ async fn local_workers_are_started_and_stopped_by_the_pool() {
     assert_eq!(pids.len(), 2);
     assert_ne!(pids[0], pids[1]);
     assert!(pids.iter().all(|&p| alive(p)));
+    token_stays_off_command_lines(&pool, &pids).await;
     drop(pool);
     wait_until("the workers exit with the pool", || {
         pids.iter().all(|&p| !alive(p))
     })
     .await;
+}
+
+/// The workers got the pool's token on stdin: it is on no command line,
+/// and a client without it is refused.
+async fn token_stays_off_command_lines(pool: &Pool, pids: &[u32]) {
+    let token = pool.token();
+    assert_eq!(token.len(), 64, "a random 256-bit token");
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--token-stdin"), "{cmdline}");
+        assert!(
+            !cmdline.contains(token),
+            "the token is visible in ps: {cmdline}"
+        );
+    }
+    for server in pool.servers() {
+        let refused = within(
+            "a client without the token",
+            teleport::Client::builder(server.addr)
+                .insecure_skip_verification()
+                .reconnect(false)
+                .connect_timeout(Duration::from_secs(5))
+                .connect(),
+        )
+        .await;
+        let e = refused.expect_err("a worker takes no client without the token");
+        assert!(e.to_string().contains("token"), "{e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,13 +228,15 @@ async fn workers_over_ssh_with_a_fake_ssh() {
             "{line}"
         );
         assert!(
-            line.ends_with(" worker --listen 0.0.0.0:0 --exit-on-stdin-close"),
+            line.ends_with(" worker --listen 0.0.0.0:0 --exit-on-stdin-close --token-stdin"),
             "{line}"
         );
     }
     for server in pool.servers() {
         assert!(
-            server.name.starts_with("ssh://tester@127.0.0.1/2 worker"),
+            server
+                .name
+                .starts_with("ssh://tester@127.0.0.1:2222/2 worker"),
             "{}",
             server.name
         );
@@ -218,6 +252,7 @@ async fn workers_over_ssh_with_a_fake_ssh() {
     .await;
     assert_eq!(ys.len(), 100);
     let pids = worker_pids(&pool).await;
+    token_stays_off_command_lines(&pool, &pids).await;
     drop(pool);
     wait_until("the ssh workers exit with the pool", || {
         pids.iter().all(|&p| !alive(p))
@@ -237,19 +272,38 @@ async fn a_worker_registers_with_connect() {
     )
     .await
     .unwrap();
-    let (addr, fingerprint) = pool.registration().unwrap();
+    let registration = pool.registration().unwrap();
+    assert_eq!(registration.token, pool.token());
     let mut child = Command::new(TELEPORT)
         .args([
             "worker",
             "--connect",
-            &addr.to_string(),
+            &registration.addr.to_string(),
             "--pin",
-            &fingerprint.to_string(),
+            &registration.fingerprint.to_string(),
+            "--token-stdin",
         ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .env_remove("TELEPORT_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // The token on stdin, never on the command line; stdin stays open.
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", registration.token).unwrap();
+    // The worker says when the pool's reply reached it (a pool dropped
+    // before that fails the worker's registration instead).
+    let stdout = child.stdout.take().unwrap();
+    let registered = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.starts_with("teleport worker registered with "))
+    });
+    assert!(within("the worker's registration", registered)
+        .await
+        .unwrap());
     within("the worker joins", pool.wait_for_servers(1, WAIT))
         .await
         .unwrap();

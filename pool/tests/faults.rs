@@ -1,0 +1,354 @@
+//! The pool when servers are busy, refuse calls, retire or leave, and the
+//! registration endpoint's checks: busy servers never end a map, a terminal
+//! error comes last, `size_hint` counts unanswered inputs, names are checked
+//! against CA-signed certificates, registering needs the token.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream as _, StreamExt};
+use teleport_client::{Client, ClientTls, ErrorKind, Identity};
+use teleport_pool::worker::JOIN_METHOD;
+use teleport_pool::{Pool, PoolError};
+use teleport_protocol::{tree, Tree};
+use teleport_server::{Server, ServerBuilder};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+/// Every wait in these tests is bounded by this.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A server binding `g` (x + 2) and `gated` (x + 2 once the gate opens),
+/// counting the `gated` calls running.
+async fn gated_server(
+    builder: ServerBuilder,
+    gate: watch::Receiver<bool>,
+) -> (Server, Arc<AtomicUsize>) {
+    let running = Arc::new(AtomicUsize::new(0));
+    let counter = running.clone();
+    let server = builder
+        .bind("g", |x: Tree| async move { Ok(tree!((x.as_int()? + 2))) })
+        .bind("gated", move |x: Tree| {
+            let mut gate = gate.clone();
+            let running = counter.clone();
+            async move {
+                running.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.wait_for(|open| *open).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(tree!((x.as_int()? + 2)))
+            }
+        })
+        .listen("127.0.0.1:0")
+        .await
+        .expect("a test server");
+    (server, running)
+}
+
+async fn pool_over(server: &Server, qsize: usize, server_wait: Duration) -> Pool {
+    let pool = timeout(
+        LIMIT,
+        Pool::builder()
+            .server(server.local_addr(), server.fingerprint())
+            .qsize(qsize)
+            .server_wait(server_wait)
+            .connect_timeout(Duration::from_secs(5))
+            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .start(),
+    )
+    .await
+    .expect("started in time")
+    .expect("a pool");
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    pool
+}
+
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    timeout(LIMIT, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+fn ints(results: Vec<Result<Tree, PoolError>>) -> Vec<i64> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")).as_int().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_busy_for_longer_than_server_wait_do_not_end_a_map() {
+    let (open, gate) = watch::channel(false);
+    let (server, running) = gated_server(Server::builder(), gate).await;
+    let pool = pool_over(&server, 2, Duration::from_millis(100)).await;
+    let collector = tokio::spawn(pool.map("gated", 0i64..6).collect::<Vec<_>>());
+    until("both slots are taken", || {
+        running.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // Several times server_wait with every slot busy: still no error.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    open.send(true).unwrap();
+    let results = timeout(LIMIT, collector).await.unwrap().unwrap();
+    assert_eq!(ints(results), (2..8).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_as_overloaded_are_sent_again() {
+    let (open, gate) = watch::channel(false);
+    // The server runs one call at a time and refuses more as overloaded;
+    // the pool sends it three at once.
+    let (server, running) = gated_server(Server::builder().max_in_flight_total(1), gate).await;
+    let pool = pool_over(&server, 3, Duration::from_secs(5)).await;
+    let collector = tokio::spawn(pool.map("gated", 0i64..8).collect::<Vec<_>>());
+    until("one call runs", || running.load(Ordering::SeqCst) == 1).await;
+    // Long enough for refusals and backoffs.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let refused = server.stats().failed(ErrorKind::Overloaded);
+    assert!(refused >= 2, "the server refused calls: {refused}");
+    open.send(true).unwrap();
+    let results = timeout(LIMIT, collector).await.unwrap().unwrap();
+    assert_eq!(ints(results), (2..10).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_error_comes_after_the_results_in_flight() {
+    let (open, gate) = watch::channel(false);
+    let (server, running) = gated_server(Server::builder(), gate).await;
+    let pool = pool_over(&server, 2, Duration::from_millis(100)).await;
+    let mut map = pool.map("gated", 0i64..10);
+    assert_eq!(map.size_hint(), (10, Some(10)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        while let Some(r) = map.next().await {
+            let _ = tx.send(r);
+        }
+    });
+    until("both slots are taken", || {
+        running.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // Retired, the server finishes its two calls but takes no more: with
+    // no server up, the map's next call gives up after server_wait.
+    assert!(pool.retire_server(server.local_addr()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "nothing before the calls in flight");
+    open.send(true).unwrap();
+    let mut results = Vec::new();
+    while let Some(r) = timeout(LIMIT, rx.recv()).await.unwrap() {
+        results.push(r);
+    }
+    timeout(LIMIT, driver).await.unwrap().unwrap();
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert_eq!(results[0].as_ref().unwrap().as_int().unwrap(), 2);
+    assert_eq!(results[1].as_ref().unwrap().as_int().unwrap(), 3);
+    let last = results[2].as_ref().unwrap_err();
+    assert!(matches!(last, PoolError::NoServers { .. }), "{last}");
+    assert!(last.is_terminal());
+    assert!(last.to_string().contains("server_wait"), "{last}");
+    // The retired server is gone once its calls finished.
+    until("the retired server is dropped", || {
+        pool.servers().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_hint_counts_the_inputs_not_yet_answered() {
+    let (_open, gate) = watch::channel(true);
+    let (server, _) = gated_server(
+        Server::builder().bind("add2_batch", |x: Tree| async move {
+            if let Tree::Int(i) = x {
+                return Ok(tree!((i + 2)));
+            }
+            let a = x.as_array()?;
+            let y: Vec<i64> = a.as_slice::<i64>()?.iter().map(|v| v + 2).collect();
+            Ok(Tree::Array(teleport_protocol::Array::from_vec(
+                a.shape().to_vec(),
+                y,
+            )?))
+        }),
+        gate,
+    )
+    .await;
+    let pool = pool_over(&server, 2, Duration::from_secs(5)).await;
+    for (chunksize, ordered) in [(1, true), (4, true), (4, false), (3, false)] {
+        let map = if ordered {
+            pool.map("add2_batch", 0i64..10)
+        } else {
+            pool.map_unordered("add2_batch", 0i64..10)
+        };
+        let mut map = map.chunksize(chunksize);
+        assert_eq!(map.size_hint(), (10, Some(10)));
+        for yielded in 1..=10 {
+            let r = timeout(LIMIT, map.next()).await.unwrap().unwrap();
+            r.unwrap();
+            let left = 10 - yielded;
+            assert_eq!(
+                map.size_hint(),
+                (left, Some(left)),
+                "chunksize {chunksize}, ordered {ordered}, after {yielded}"
+            );
+        }
+        assert!(timeout(LIMIT, map.next()).await.unwrap().is_none());
+        assert_eq!(map.size_hint(), (0, Some(0)));
+    }
+}
+
+/// A CA, and a server certificate it signed for `localhost`, as PEM files
+/// in `dir`.
+fn ca_and_server(dir: &std::path::Path) -> (std::path::PathBuf, Identity) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (
+        ca_path,
+        Identity::from_pem_files(&cert_path, &key_path).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_trusted_by_a_ca_are_checked_for_the_name_given() {
+    let dir = std::env::temp_dir().join(format!("teleport-pool-ca-{}", std::process::id()));
+    let (ca, identity) = ca_and_server(&dir);
+    // `localhost` resolves the same way for the server and the pool.
+    let server = Server::builder()
+        .bind("g", |x: Tree| async move { Ok(tree!((x.as_int()? + 2))) })
+        .identity(identity)
+        .listen("localhost:0")
+        .await
+        .unwrap();
+    let name = format!("localhost:{}", server.local_addr().port());
+    for resolve in [false, true] {
+        let tls = ClientTls::with_ca_roots_pem_file(&ca).unwrap();
+        let builder = Pool::builder()
+            .tls(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .server_wait(Duration::from_secs(5));
+        let builder = if resolve {
+            builder.resolve(name.clone())
+        } else {
+            builder.servers([name.clone()])
+        };
+        let pool = timeout(LIMIT, builder.start()).await.unwrap().unwrap();
+        timeout(LIMIT, pool.wait_for_servers(1, Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("resolve {resolve}: {e}"));
+        let y = timeout(LIMIT, pool.submit("g", 1i64))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(y.as_int().unwrap(), 3);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Calls the pool's registration endpoint as a worker would.
+async fn register(
+    pool: &Pool,
+    token: Option<&str>,
+    args: Tree,
+) -> Result<Tree, teleport_client::Error> {
+    let registration = pool.registration().unwrap();
+    let mut builder = Client::builder(registration.addr)
+        .pin(registration.fingerprint)
+        .reconnect(false)
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        builder = builder.token(token);
+    }
+    let client = builder.connect().await?;
+    let reply = client.call(JOIN_METHOD, args).await;
+    client.close();
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_needs_the_token_and_is_bounded() {
+    let (_open, gate) = watch::channel(true);
+    let (a, _) = gated_server(Server::builder(), gate.clone()).await;
+    let (b, _) = gated_server(Server::builder(), gate).await;
+    let pool = timeout(
+        LIMIT,
+        Pool::builder()
+            .accept_workers("127.0.0.1:0", None)
+            .max_registered_workers(1)
+            .start(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // No token given: the pool made a random 256-bit one.
+    let token = pool.token().to_owned();
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(!format!("{:?}", pool.registration().unwrap()).contains(&token));
+    let join = |server: &Server, port: Option<u16>| {
+        let port = port.unwrap_or(server.local_addr().port());
+        tree!({
+            "port": (i64::from(port)),
+            "fingerprint": (server.fingerprint().to_string()),
+            "host": (Tree::None),
+        })
+    };
+
+    for wrong in [None, Some("not the token")] {
+        let e = timeout(LIMIT, register(&pool, wrong, join(&a, None)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("token"), "{e}");
+    }
+    assert!(pool.servers().is_empty());
+
+    let e = timeout(LIMIT, register(&pool, Some(&token), join(&a, Some(0))))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("port 0"), "{e}");
+
+    // The same worker registering twice is one server.
+    for _ in 0..2 {
+        timeout(LIMIT, register(&pool, Some(&token), join(&a, None)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool.servers().len(), 1);
+    let y = timeout(LIMIT, pool.submit("g", 40i64))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(y.as_int().unwrap(), 42);
+
+    // One more is over max_registered_workers.
+    let e = timeout(LIMIT, register(&pool, Some(&token), join(&b, None)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.remote().unwrap().type_name, "PoolFull", "{e}");
+    assert_eq!(pool.servers().len(), 1);
+}
