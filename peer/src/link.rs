@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::error::{PeerError, NAME_CLASH_TYPE, UNTRUSTED_TYPE};
 use crate::greeting::{Greeting, PeerInfo, HELLO};
-use crate::peer::{deadline_in, Inner};
+use crate::inner::{deadline_in, Inner};
 
 /// Whether a link takes calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
