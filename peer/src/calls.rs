@@ -81,11 +81,7 @@ impl Inner {
             match self.link_known(name, deadline).await {
                 Ok(Some(link)) => return Ok(link),
                 Ok(None) => {}
-                Err(
-                    e @ (PeerError::NameClash { .. }
-                    | PeerError::Untrusted { .. }
-                    | PeerError::Closed),
-                ) => return Err(e),
+                Err(e) if e.is_refusal() || matches!(e, PeerError::Closed) => return Err(e),
                 Err(e) => last_error = Some(e),
             }
             if Instant::now() >= deadline {
@@ -118,9 +114,7 @@ impl Inner {
             }
             match self.open_learned(&info, deadline).await {
                 Ok(link) => return Ok(link),
-                Err(e @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
-                    return Err(e)
-                }
+                Err(e) if e.is_refusal() => return Err(e),
                 Err(e) => {
                     tracing::debug!(peer = name, error = %e, "the peer found does not answer");
                     last_error = Some(e);
@@ -172,9 +166,7 @@ impl Inner {
                     let bounded = deadline.min(deadline_in(self.settings.liveness_timeout));
                     match self.open_learned(&info, bounded).await {
                         Ok(link) => return Ok(Some(link)),
-                        Err(
-                            error @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. }),
-                        ) => return Err(error),
+                        Err(error) if error.is_refusal() => return Err(error),
                         Err(error) => {
                             tracing::debug!(peer = name, %error, "a known peer does not answer");
                             if let Some(entry) = lock(&self.directory).get_mut(name) {

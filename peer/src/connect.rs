@@ -49,11 +49,11 @@ impl Inner {
             Some(pin) if *pin == info.fingerprint => {}
             Some(pin) => {
                 probe.client.close();
-                return Err(PeerError::Untrusted {
-                    name: info.name,
-                    fingerprint: info.fingerprint.to_string(),
-                    reason: format!("this peer pins the name to certificate {pin}"),
-                });
+                return Err(PeerError::pinned_elsewhere(
+                    info.name,
+                    info.fingerprint,
+                    *pin,
+                ));
             }
             None if self.settings.accept_any => {}
             None => {

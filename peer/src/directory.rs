@@ -143,11 +143,11 @@ impl Inner {
         }
         if let Some(pin) = self.settings.pins.get(&info.name) {
             if *pin != info.fingerprint {
-                return Err(PeerError::Untrusted {
-                    name: info.name.clone(),
-                    fingerprint: info.fingerprint.to_string(),
-                    reason: format!("this peer pins the name to certificate {pin}"),
-                });
+                return Err(PeerError::pinned_elsewhere(
+                    info.name.clone(),
+                    info.fingerprint,
+                    *pin,
+                ));
             }
         }
         let mut claim = {

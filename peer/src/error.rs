@@ -152,6 +152,30 @@ pub enum PeerError {
 }
 
 impl PeerError {
+    /// A name pinned here to the certificate `pin`, claimed with another.
+    pub(crate) fn pinned_elsewhere(
+        name: String,
+        fingerprint: Fingerprint,
+        pin: Fingerprint,
+    ) -> Self {
+        PeerError::Untrusted {
+            name,
+            fingerprint: fingerprint.to_string(),
+            reason: format!("this peer pins the name to certificate {pin}"),
+        }
+    }
+
+    /// True for a refusal, by either side, of a name
+    /// ([`NameClash`](PeerError::NameClash)) or a certificate
+    /// ([`Untrusted`](PeerError::Untrusted)): it says something about the
+    /// peers, not the address: another address would not help.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            PeerError::NameClash { .. } | PeerError::Untrusted { .. }
+        )
+    }
+
     /// True for a [`NameClash`](PeerError::NameClash).
     pub fn is_name_clash(&self) -> bool {
         matches!(self, PeerError::NameClash { .. })
