@@ -153,11 +153,7 @@ impl Inner {
             _ => return,
         };
         self.record_refusal(Refusal {
-            kind: if kind == NAME_CLASH_TYPE {
-                RefusalKind::NameClash
-            } else {
-                RefusalKind::Untrusted
-            },
+            kind: RefusalKind::of_type(kind),
             name: name.clone(),
             fingerprint: Some(established.info.fingerprint),
             from: None,

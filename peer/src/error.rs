@@ -221,6 +221,18 @@ pub enum RefusalKind {
     Untrusted,
 }
 
+impl RefusalKind {
+    /// The kind of a refusal that travelled as the error type `type_name`
+    /// ([`NAME_CLASH_TYPE`] or another).
+    pub(crate) fn of_type(type_name: &str) -> RefusalKind {
+        if type_name == NAME_CLASH_TYPE {
+            RefusalKind::NameClash
+        } else {
+            RefusalKind::Untrusted
+        }
+    }
+}
+
 /// A greeting this peer refused, or one whose refusal another peer reported
 /// to it (see [`Peer::refusals`](crate::Peer::refusals)).
 #[derive(Clone, Debug)]

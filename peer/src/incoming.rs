@@ -171,11 +171,7 @@ impl Inner {
         for name in [&notice.refused_by, &notice.name] {
             crate::greeting::check_name(name).map_err(bad)?;
         }
-        let kind = if notice.kind == NAME_CLASH_TYPE {
-            RefusalKind::NameClash
-        } else {
-            RefusalKind::Untrusted
-        };
+        let kind = RefusalKind::of_type(&notice.kind);
         if let Some(seen) = ctx.peer_fingerprint() {
             let mut directory = lock(&self.directory);
             let from_it = directory
