@@ -1,5 +1,6 @@
-//! The state all of a peer's tasks share: its identity and settings, the
-//! directory of the peers it knows, and what closes it.
+//! The state all of a peer's tasks share (its identity, settings, the
+//! directory's map, the refusals it keeps), how a link's client is built,
+//! and closing; small time and address helpers.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
