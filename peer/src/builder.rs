@@ -11,7 +11,7 @@ use teleport_server::{CallQueue, Context, Function, IntoFunction, Server, Server
 use tokio::runtime::Handle;
 
 use crate::greeting::{check_name, random_name, HELLO, LOOKUP, REFUSE, RESERVED_PREFIX};
-use crate::peer::{ConfigureClient, Inner, Settings};
+use crate::inner::{ConfigureClient, Inner, Settings};
 use crate::{Peer, PeerError};
 
 /// The default call timeout: 30 s.

@@ -10,8 +10,8 @@ use teleport_server::{Context, HandlerError};
 
 use crate::error::PeerError;
 use crate::greeting::{Greeting, LookupReply, LookupRequest, PeerInfo, LOOKUP};
+use crate::inner::{deadline_in, lock, Inner};
 use crate::link::LinkState;
-use crate::peer::{deadline_in, lock, Inner};
 
 /// The first wait between rounds of questions, doubled each round.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);

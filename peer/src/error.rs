@@ -152,6 +152,30 @@ pub enum PeerError {
 }
 
 impl PeerError {
+    /// A name pinned here to the certificate `pin`, claimed with another.
+    pub(crate) fn pinned_elsewhere(
+        name: String,
+        fingerprint: Fingerprint,
+        pin: Fingerprint,
+    ) -> Self {
+        PeerError::Untrusted {
+            name,
+            fingerprint: fingerprint.to_string(),
+            reason: format!("this peer pins the name to certificate {pin}"),
+        }
+    }
+
+    /// True for a refusal, by either side, of a name
+    /// ([`NameClash`](PeerError::NameClash)) or a certificate
+    /// ([`Untrusted`](PeerError::Untrusted)): it says something about the
+    /// peers, not the address: another address would not help.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            PeerError::NameClash { .. } | PeerError::Untrusted { .. }
+        )
+    }
+
     /// True for a [`NameClash`](PeerError::NameClash).
     pub fn is_name_clash(&self) -> bool {
         matches!(self, PeerError::NameClash { .. })
@@ -195,6 +219,18 @@ pub enum RefusalKind {
     NameClash,
     /// The name is pinned here to another fingerprint.
     Untrusted,
+}
+
+impl RefusalKind {
+    /// The kind of a refusal that travelled as the error type `type_name`
+    /// ([`NAME_CLASH_TYPE`] or another).
+    pub(crate) fn of_type(type_name: &str) -> RefusalKind {
+        if type_name == NAME_CLASH_TYPE {
+            RefusalKind::NameClash
+        } else {
+            RefusalKind::Untrusted
+        }
+    }
 }
 
 /// A greeting this peer refused, or one whose refusal another peer reported

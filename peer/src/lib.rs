@@ -86,9 +86,14 @@
 //! and what a hostile peer can and cannot do.
 
 mod builder;
+mod calls;
+mod connect;
+mod directory;
 mod discovery;
 mod error;
 mod greeting;
+mod incoming;
+mod inner;
 mod link;
 mod peer;
 

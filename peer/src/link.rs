@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::error::{PeerError, NAME_CLASH_TYPE, UNTRUSTED_TYPE};
 use crate::greeting::{Greeting, PeerInfo, HELLO};
-use crate::peer::{deadline_in, Inner};
+use crate::inner::{deadline_in, Inner};
 
 /// Whether a link takes calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,11 +171,11 @@ pub(crate) async fn establish(
             }
             Err(error) => {
                 client.close();
-                match error {
-                    // A refusal says something about this peer, not the address.
-                    PeerError::NameClash { .. } | PeerError::Untrusted { .. } => return Err(error),
-                    other => last_error = Some(other),
+                // A refusal says something about this peer, not the address.
+                if error.is_refusal() {
+                    return Err(error);
                 }
+                last_error = Some(error);
             }
         }
     }
@@ -323,7 +323,7 @@ async fn keep_up(inner: Weak<Inner>, address: Address) {
                 tracing::info!(%address, peer = %name, "connected to the address again");
                 return;
             }
-            Err(error @ (PeerError::NameClash { .. } | PeerError::Untrusted { .. })) => {
+            Err(error) if error.is_refusal() => {
                 // Said once, not every attempt.
                 if !refused_before {
                     tracing::warn!(
