@@ -195,12 +195,17 @@ impl Inner {
         {
             drop(directory);
             client.close();
+            // `connect` to a peer already linked by name: the link it gets
+            // must keep the address up, as `connect` promises.
+            if let Origin::Address(address) = origin {
+                up.keep_up_at(address);
+            }
             return Ok(up);
         }
         // A link replaced keeps its promise to keep an address up.
         let origin = match (origin, existing.and_then(|e| e.link.as_ref())) {
-            (Origin::Learned, Some(old)) if matches!(old.origin, Origin::Address(_)) => {
-                old.origin.clone()
+            (Origin::Learned, Some(old)) if matches!(old.origin(), Origin::Address(_)) => {
+                old.origin()
             }
             (origin, _) => origin,
         };

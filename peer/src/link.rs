@@ -42,7 +42,9 @@ pub(crate) struct Link {
     pub(crate) name: String,
     pub(crate) fingerprint: Fingerprint,
     pub(crate) client: Client,
-    pub(crate) origin: Origin,
+    /// Read when the link is lost; a `connect` to the address of a link
+    /// made by name turns it into one kept up.
+    origin: std::sync::Mutex<Origin>,
     state: watch::Sender<LinkState>,
     closing: AtomicBool,
 }
@@ -52,7 +54,7 @@ impl std::fmt::Debug for Link {
         f.debug_struct("Link")
             .field("name", &self.name)
             .field("fingerprint", &self.fingerprint)
-            .field("origin", &self.origin)
+            .field("origin", &self.origin())
             .field("state", &self.state())
             .finish()
     }
@@ -69,9 +71,26 @@ impl Link {
             name,
             fingerprint,
             client,
-            origin,
+            origin: std::sync::Mutex::new(origin),
             state: watch::channel(LinkState::Up).0,
             closing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn origin(&self) -> Origin {
+        self.origin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// From now on, when lost, this link is kept up by connecting to
+    /// `address` (as if made by [`Peer::connect`](crate::Peer::connect)),
+    /// unless it is kept up at an address already.
+    pub(crate) fn keep_up_at(&self, address: Address) {
+        let mut origin = self.origin.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*origin, Origin::Learned) {
+            *origin = Origin::Address(address);
         }
     }
 
@@ -267,8 +286,8 @@ pub(crate) async fn watch(inner: Weak<Inner>, link: Arc<Link>) {
         let liveness = peer.settings.liveness_timeout;
         let back = tokio::time::timeout(liveness, async {
             link.client.connect().await.ok()?;
-            let target = match &link.origin {
-                Origin::Address(address) => address.clone(),
+            let target = match link.origin() {
+                Origin::Address(address) => address,
                 Origin::Learned => Address::new(teleport_quic::Host::Unspecified, 0),
             };
             let info = greet(&peer, &link.client, &link.name, &target, liveness)
@@ -289,8 +308,7 @@ pub(crate) async fn watch(inner: Weak<Inner>, link: Arc<Link>) {
         );
         peer.link_lost(&link);
         link.close();
-        if let Origin::Address(address) = &link.origin {
-            let address = address.clone();
+        if let Origin::Address(address) = link.origin() {
             drop(peer);
             keep_up(inner, address).await;
         }

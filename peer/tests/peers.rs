@@ -197,6 +197,58 @@ async fn a_connection_made_by_address_is_kept_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_a_peer_already_linked_by_name_keeps_its_address_up() {
+    bounded(async {
+        let identity = Identity::self_signed(["localhost"]).unwrap();
+        let b = builder("B", "first")
+            .identity(identity.clone())
+            .listen("127.0.0.1:0")
+            .await
+            .unwrap();
+        let port = addr(&b).port();
+        let a = peer("A").await;
+        let c = peer("C").await;
+        a.connect(addr(&c)).await.unwrap();
+        b.connect(addr(&c)).await.unwrap();
+        // A links to B by name (through C), then connects to B's address:
+        // the link it already has must now be kept up at that address.
+        a.call("B", "whoami", Tree::None).await.unwrap();
+        a.connect(addr(&b)).await.unwrap();
+        drop(c);
+        b.shutdown(Duration::from_millis(100)).await;
+        drop(b);
+        let b_connected = |a: &Peer| a.peers().into_iter().any(|p| p.name == "B" && p.connected);
+        // Past the liveness timeout (500 ms) the link is down for good; only
+        // the promise of `connect` brings it back.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while b_connected(&a) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("A sees B gone");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let b = builder("B", "second")
+            .identity(identity)
+            .listen(("127.0.0.1", port))
+            .await
+            .unwrap();
+        // No call: A reconnects by itself (backing off at most 5 s).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !b_connected(&a) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("A connects to B's address again by itself");
+        let reply = a.call("B", "whoami", Tree::None).await.unwrap();
+        assert_eq!(field(&reply, "tag"), "second");
+        drop(b);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deferred_and_queue_functions_on_a_peer() {
     bounded(async {
         let (builder, queue) = builder("learner", "first")
