@@ -186,11 +186,11 @@ impl Drop for Server {
         {
             accept.abort();
         }
-        // Each machine stops its calls and says goodbye; the close below
-        // then ends every connection without waiting for the clients.
-        for conn in self.shared.connections() {
-            conn.begin_shutdown(now);
-        }
+        // No goodbye on each connection first: there is no time for it to
+        // arrive, and a goodbye just sent with the close below at once often
+        // kept the client from seeing the close at all (it then waited for
+        // its idle timeout). The close ends every connection, and each
+        // machine stops its calls as its connection is lost.
         for batcher in self
             .batchers
             .get_mut()

@@ -41,13 +41,13 @@ fn serve() -> Serving {
         .expect("start teleport queue serve");
     let stdout = child.stdout.take().expect("piped");
     // Read on a thread, so that a server that prints nothing fails the test
-    // after WAIT instead of hanging it.
+    // after WAIT instead of hanging it. The thread reads to the end even
+    // once nobody listens: a closed pipe would fail the server's next line
+    // (it did, when the thread stopped after the address and fingerprint).
     let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
+            let _ = lines_tx.send(line);
         }
     });
     let (mut addr, mut pin) = (None, None);
