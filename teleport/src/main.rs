@@ -138,6 +138,16 @@ struct BenchArgs {
     recycled_receive_memory: Option<usize>,
 }
 
+/// Prints a line to stdout for whoever reads it, and carries on if nobody
+/// does: a server whose stdout was closed (a pipe to a reader that exited)
+/// keeps serving, where `println!` would panic at its next line.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -267,19 +277,19 @@ async fn serve_functions(
     let server = builder.listen(args.listen).await?;
     let addr = server.local_addr();
     let fingerprint = server.fingerprint();
-    println!("teleport serving on {addr}");
-    println!("fingerprint: {fingerprint}");
-    println!("methods: {}", server.methods().join(", "));
+    say!("teleport serving on {addr}");
+    say!("fingerprint: {fingerprint}");
+    say!("methods: {}", server.methods().join(", "));
     if ephemeral {
-        println!("(a new certificate each start; use --identity-dir DIR to keep the fingerprint)");
+        say!("(a new certificate each start; use --identity-dir DIR to keep the fingerprint)");
     }
     let connect = if addr.ip().is_unspecified() {
         SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
     } else {
         addr
     };
-    println!("try: teleport {command} --connect {connect} --pin {fingerprint} {example}");
-    println!("stop with Ctrl-C");
+    say!("try: teleport {command} --connect {connect} --pin {fingerprint} {example}");
+    say!("stop with Ctrl-C");
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut ticker = match args.stats {
@@ -300,11 +310,11 @@ async fn serve_functions(
                 break;
             }
             _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
-                println!("{}", server.stats());
+                say!("{}", server.stats());
             }
         }
     }
-    println!("shutting down (running calls get up to 5 s to finish)");
+    say!("shutting down (running calls get up to 5 s to finish)");
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

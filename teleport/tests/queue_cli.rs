@@ -1,5 +1,6 @@
 //! `teleport queue serve`, `teleport push` and `teleport pull` as a user
-//! runs them: separate processes on loopback.
+//! runs them: separate processes on loopback; and a `teleport serve` whose
+//! reader of stdout went away.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -142,5 +143,54 @@ fn push_and_pull_from_the_shell() {
         text(&empty.stderr).contains("no item"),
         "{}",
         text(&empty.stderr)
+    );
+}
+
+#[test]
+fn a_server_whose_stdout_is_closed_keeps_serving() {
+    // `println!` panics on a closed pipe: the server died at its first
+    // `--stats` line once its reader had gone.
+    let mut child = Command::new(TELEPORT)
+        .args(["serve", "--listen", "127.0.0.1:0", "--stats", "0.05"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start teleport serve");
+    let stdout = child.stdout.take().expect("piped");
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let (mut addr, mut pin) = (None, None);
+        let mut line = String::new();
+        while addr.is_none() || pin.is_none() {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("teleport serving on ") {
+                addr = Some(rest.trim().to_owned());
+            } else if let Some(rest) = line.strip_prefix("fingerprint: ") {
+                pin = Some(rest.trim().to_owned());
+            }
+        }
+        let _ = lines_tx.send((addr, pin));
+        // The reader goes: the pipe closes.
+    });
+    let (addr, pin) = lines
+        .recv_timeout(WAIT)
+        .expect("the address and fingerprint");
+    let server = Serving {
+        child,
+        addr: addr.expect("an address"),
+        pin: pin.expect("a fingerprint"),
+    };
+    // Several --stats lines fall into the closed pipe meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let called = run(&server, "call", &["echo", "[1, 2]"]);
+    assert!(called.status.success(), "{}", text(&called.stderr));
+    assert!(
+        text(&called.stdout).contains('1'),
+        "{}",
+        text(&called.stdout)
     );
 }
