@@ -168,26 +168,28 @@ async fn a_restarted_peer_is_found_again() {
     .await;
 }
 
+/// Peer B with `identity`, listening on `port` (0: any), tagged `tag`: run
+/// again with the same identity and port, it is the same peer restarted.
+async fn b_at(identity: &Identity, port: u16, tag: &str) -> Peer {
+    builder("B", tag)
+        .identity(identity.clone())
+        .listen(("127.0.0.1", port))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_made_by_address_is_kept_up() {
     bounded(async {
         // B keeps its certificate across the restart, and its port.
         let identity = Identity::self_signed(["localhost"]).unwrap();
-        let b = builder("B", "first")
-            .identity(identity.clone())
-            .listen("127.0.0.1:0")
-            .await
-            .unwrap();
+        let b = b_at(&identity, 0, "first").await;
         let port = addr(&b).port();
         let a = peer("A").await;
         a.connect(addr(&b)).await.unwrap();
         b.shutdown(Duration::from_millis(100)).await;
         drop(b);
-        let b = builder("B", "second")
-            .identity(identity)
-            .listen(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let b = b_at(&identity, port, "second").await;
         // A reconnects to the address by itself.
         let reply = a.call("B", "whoami", Tree::None).await.unwrap();
         assert_eq!(field(&reply, "tag"), "second");
@@ -200,11 +202,7 @@ async fn a_connection_made_by_address_is_kept_up() {
 async fn connecting_to_a_peer_already_linked_by_name_keeps_its_address_up() {
     bounded(async {
         let identity = Identity::self_signed(["localhost"]).unwrap();
-        let b = builder("B", "first")
-            .identity(identity.clone())
-            .listen("127.0.0.1:0")
-            .await
-            .unwrap();
+        let b = b_at(&identity, 0, "first").await;
         let port = addr(&b).port();
         let a = peer("A").await;
         let c = peer("C").await;
@@ -228,11 +226,7 @@ async fn connecting_to_a_peer_already_linked_by_name_keeps_its_address_up() {
         .await
         .expect("A sees B gone");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let b = builder("B", "second")
-            .identity(identity)
-            .listen(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let b = b_at(&identity, port, "second").await;
         // No call: A reconnects by itself (backing off at most 5 s).
         tokio::time::timeout(Duration::from_secs(10), async {
             while !b_connected(&a) {
@@ -449,11 +443,7 @@ async fn trust_is_pinned_by_name_or_refused() {
 async fn an_address_is_kept_up_past_the_liveness_timeout() {
     bounded(async {
         let identity = Identity::self_signed(["localhost"]).unwrap();
-        let b = builder("B", "first")
-            .identity(identity.clone())
-            .listen("127.0.0.1:0")
-            .await
-            .unwrap();
+        let b = b_at(&identity, 0, "first").await;
         let port = addr(&b).port();
         let a = peer("A").await;
         a.connect(addr(&b)).await.unwrap();
@@ -463,11 +453,7 @@ async fn an_address_is_kept_up_past_the_liveness_timeout() {
         // dropped, and A goes on connecting to the address.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(!a.peers().iter().any(|p| p.name == "B" && p.connected));
-        let b = builder("B", "second")
-            .identity(identity)
-            .listen(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let b = b_at(&identity, port, "second").await;
         let reply = a.call("B", "whoami", Tree::None).await.unwrap();
         assert_eq!(field(&reply, "tag"), "second");
         drop(b);

@@ -27,35 +27,50 @@ impl Drop for Serving {
 }
 
 fn serve() -> Serving {
-    let mut child = Command::new(TELEPORT)
-        .args([
+    spawn_server(
+        &[
             "queue",
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--capacity",
             "2",
-        ])
+        ],
+        true,
+    )
+}
+
+/// Starts `teleport ARGS` and reads the address and fingerprint it prints.
+/// With `keep_reading` its stdout is read to the end; without, the pipe is
+/// closed right after the fingerprint, as when a reader goes away.
+fn spawn_server(args: &[&str], keep_reading: bool) -> Serving {
+    let mut child = Command::new(TELEPORT)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start teleport queue serve");
+        .expect("start the server");
     let stdout = child.stdout.take().expect("piped");
     // Read on a thread, so that a server that prints nothing fails the test
-    // after WAIT instead of hanging it. The thread reads to the end even
-    // once nobody listens: a closed pipe would fail the server's next line
-    // (it did, when the thread stopped after the address and fingerprint).
+    // after WAIT instead of hanging it. Reading on to the end even once
+    // nobody listens: a closed pipe fails the server's next line (it did
+    // before `teleport serve` carried on past that, when this thread
+    // stopped after the address and fingerprint).
     let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let last = !keep_reading && line.starts_with("fingerprint: ");
             let _ = lines_tx.send(line);
+            if last {
+                return;
+            }
         }
     });
     let (mut addr, mut pin) = (None, None);
     while addr.is_none() || pin.is_none() {
         let line = lines
             .recv_timeout(WAIT)
-            .expect("teleport queue serve prints its address and fingerprint");
+            .expect("the server prints its address and fingerprint");
         if let Some(rest) = line.strip_prefix("teleport serving on ") {
             addr = Some(rest.trim().to_owned());
         } else if let Some(rest) = line.strip_prefix("fingerprint: ") {
@@ -150,40 +165,10 @@ fn push_and_pull_from_the_shell() {
 fn a_server_whose_stdout_is_closed_keeps_serving() {
     // `println!` panics on a closed pipe: the server died at its first
     // `--stats` line once its reader had gone.
-    let mut child = Command::new(TELEPORT)
-        .args(["serve", "--listen", "127.0.0.1:0", "--stats", "0.05"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start teleport serve");
-    let stdout = child.stdout.take().expect("piped");
-    let (lines_tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let (mut addr, mut pin) = (None, None);
-        let mut line = String::new();
-        while addr.is_none() || pin.is_none() {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            if let Some(rest) = line.strip_prefix("teleport serving on ") {
-                addr = Some(rest.trim().to_owned());
-            } else if let Some(rest) = line.strip_prefix("fingerprint: ") {
-                pin = Some(rest.trim().to_owned());
-            }
-        }
-        let _ = lines_tx.send((addr, pin));
-        // The reader goes: the pipe closes.
-    });
-    let (addr, pin) = lines
-        .recv_timeout(WAIT)
-        .expect("the address and fingerprint");
-    let server = Serving {
-        child,
-        addr: addr.expect("an address"),
-        pin: pin.expect("a fingerprint"),
-    };
+    let server = spawn_server(
+        &["serve", "--listen", "127.0.0.1:0", "--stats", "0.05"],
+        false,
+    );
     // Several --stats lines fall into the closed pipe meanwhile.
     std::thread::sleep(Duration::from_millis(300));
     let called = run(&server, "call", &["echo", "[1, 2]"]);
