@@ -154,8 +154,11 @@ pub struct TransportConfig {
     /// loopback like any other path.
     pub loopback_udp_payload: Option<u16>,
     /// Bytes of large receive buffers (data sections of 8 MiB or more) the
-    /// connections of an endpoint keep, once a message's arrays are dropped,
-    /// for their next message of about the same size. Writing into memory
+    /// connections of this process keep, all together (every endpoint's,
+    /// every client's), once a message's arrays are dropped, for their next
+    /// message of about the same size; a connection keeps a buffer only
+    /// while the process's total stays within its own configuration's
+    /// bound. Writing into memory
     /// already mapped skips a page fault and a cleared page for every page
     /// the message fills: a 256 MiB echo on loopback measured 1.5x faster,
     /// and steady instead of swinging with where the kernel found pages

@@ -397,18 +397,21 @@ pub struct Connection {
 }
 
 /// What every connection of an endpoint starts from: its windows, and the
-/// bound on the receive memory its connections keep for reuse.
+/// bound on the receive memory connections keep for reuse.
 #[derive(Clone, Debug)]
 struct PerConnection {
     windows: Windows,
+    /// Shared by every connection of the process.
     kept: Arc<KeptMemory>,
+    recycled_receive_memory: usize,
 }
 
 impl PerConnection {
     fn of(transport: &TransportConfig) -> PerConnection {
         PerConnection {
             windows: Windows::of(transport),
-            kept: KeptMemory::new(transport.recycled_receive_memory),
+            kept: KeptMemory::process(),
+            recycled_receive_memory: transport.recycled_receive_memory,
         }
     }
 }
@@ -437,7 +440,7 @@ impl Connection {
             windows: settings.windows,
             memory: None,
             credit: None,
-            recycler: Recycler::new(settings.kept.clone()),
+            recycler: Recycler::new(settings.kept.clone(), settings.recycled_receive_memory),
         }
     }
 

@@ -517,7 +517,7 @@ mod tests {
     fn a_kept_mapping_is_charged_whole_when_reused_or_not_used() {
         use crate::recycle::KeptMemory;
         let budget = MemoryBudget::new("server", 16 << 20);
-        let recycler = Recycler::new(KeptMemory::new(1 << 30));
+        let recycler = Recycler::new(KeptMemory::new(), 1 << 30);
         let memory = BudgetedMemory::new(budget.clone(), Some(recycler.clone()));
         let first = memory.allocate(LARGE_DATA).expect("a buffer");
         let address = (*first).as_ref().as_ptr();

@@ -11,9 +11,10 @@
 //! into memory that is already there.
 //!
 //! What is kept is bounded three ways: a connection keeps at most
-//! [`MAX_KEPT`] mappings, an endpoint's connections together at most
+//! [`MAX_KEPT`] mappings, all connections of the process together at most
 //! [`TransportConfig::recycled_receive_memory`](crate::TransportConfig::recycled_receive_memory)
-//! bytes, and a connection's mappings are returned
+//! bytes (counted across every endpoint: a pool's hundred clients share
+//! one bound), and a connection's mappings are returned
 //! to the kernel when the connection is dropped. A message that finds no
 //! mapping of its size also returns the connection's smaller ones, so a
 //! connection moving to bigger messages does not hold the old sizes beside
@@ -24,27 +25,30 @@
 //! an array sees only its own bytes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::MmapMut;
 
 /// Mappings a connection keeps at most.
 pub(crate) const MAX_KEPT: usize = 8;
 
-/// The bytes all connections of an endpoint keep, and their bound.
-#[derive(Debug)]
+/// The bytes kept by the recyclers that share it: in the library, one for
+/// the whole process ([`KeptMemory::process`]).
+#[derive(Debug, Default)]
 pub(crate) struct KeptMemory {
-    limit: usize,
     bytes: AtomicUsize,
 }
 
 impl KeptMemory {
-    /// At most `limit` bytes kept; 0 keeps none.
-    pub(crate) fn new(limit: usize) -> Arc<KeptMemory> {
-        Arc::new(KeptMemory {
-            limit,
-            bytes: AtomicUsize::new(0),
-        })
+    #[cfg(test)]
+    pub(crate) fn new() -> Arc<KeptMemory> {
+        Arc::default()
+    }
+
+    /// The count every connection of the process shares.
+    pub(crate) fn process() -> Arc<KeptMemory> {
+        static PROCESS: OnceLock<Arc<KeptMemory>> = OnceLock::new();
+        PROCESS.get_or_init(Arc::default).clone()
     }
 
     fn give_back(&self, bytes: usize) {
@@ -55,14 +59,18 @@ impl KeptMemory {
 /// A connection's kept mappings.
 #[derive(Debug)]
 pub(crate) struct Recycler {
-    endpoint: Arc<KeptMemory>,
+    shared: Arc<KeptMemory>,
+    /// This connection keeps a mapping only while `shared` stays within
+    /// this many bytes (its configuration's bound); 0 keeps none.
+    limit: usize,
     kept: Mutex<Vec<MmapMut>>,
 }
 
 impl Recycler {
-    pub(crate) fn new(endpoint: Arc<KeptMemory>) -> Arc<Recycler> {
+    pub(crate) fn new(shared: Arc<KeptMemory>, limit: usize) -> Arc<Recycler> {
         Arc::new(Recycler {
-            endpoint,
+            shared,
+            limit,
             kept: Mutex::new(Vec::new()),
         })
     }
@@ -83,7 +91,7 @@ impl Recycler {
         match fit {
             Some(i) => {
                 let map = kept.swap_remove(i);
-                self.endpoint.give_back(map.len());
+                self.shared.give_back(map.len());
                 Some(map)
             }
             None => {
@@ -91,7 +99,7 @@ impl Recycler {
                 *kept = rest;
                 drop(kept);
                 let freed: usize = smaller.iter().map(|m| m.len()).sum();
-                self.endpoint.give_back(freed);
+                self.shared.give_back(freed);
                 drop(smaller); // unmapped outside the lock
                 None
             }
@@ -105,9 +113,9 @@ impl Recycler {
         if kept.len() >= MAX_KEPT {
             return;
         }
-        let limit = self.endpoint.limit;
+        let limit = self.limit;
         let admitted = self
-            .endpoint
+            .shared
             .bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
                 total.checked_add(len).filter(|&after| after <= limit)
@@ -133,7 +141,7 @@ impl Drop for Recycler {
     fn drop(&mut self) {
         let kept = std::mem::take(self.kept.get_mut().unwrap_or_else(|p| p.into_inner()));
         let bytes: usize = kept.iter().map(|m| m.len()).sum();
-        self.endpoint.give_back(bytes);
+        self.shared.give_back(bytes);
     }
 }
 
@@ -192,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_dropped_mapping_is_reused_for_a_section_of_its_size() {
-        let recycler = Recycler::new(KeptMemory::new(64 * MIB));
+        let recycler = Recycler::new(KeptMemory::new(), 64 * MIB);
         let mut first = Mapping::new(anon(16 * MIB), 16 * MIB, Some(&recycler));
         first.as_mut()[0] = 7;
         let address = first.as_ref().as_ptr();
@@ -205,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_small_section_does_not_take_a_big_mapping_and_a_bigger_one_frees_the_small() {
-        let recycler = Recycler::new(KeptMemory::new(1 << 30));
+        let recycler = Recycler::new(KeptMemory::new(), 1 << 30);
         drop(Mapping::new(anon(256 * MIB), 256 * MIB, Some(&recycler)));
         drop(Mapping::new(anon(16 * MIB), 16 * MIB, Some(&recycler)));
         assert!(recycler.take(8 * MIB).is_none(), "16 MiB is too big for 8");
@@ -220,11 +228,11 @@ mod tests {
 
     #[test]
     fn nothing_is_kept_past_the_limit_or_after_the_connection_is_gone() {
-        let none = Recycler::new(KeptMemory::new(0));
+        let none = Recycler::new(KeptMemory::new(), 0);
         drop(Mapping::new(anon(MIB), MIB, Some(&none)));
         assert_eq!(none.kept_bytes(), 0);
 
-        let recycler = Recycler::new(KeptMemory::new(64 * MIB));
+        let recycler = Recycler::new(KeptMemory::new(), 64 * MIB);
         for _ in 0..MAX_KEPT + 2 {
             // Each is dropped at once, so the same few bytes come back.
             drop(Mapping::new(anon(MIB), MIB, Some(&recycler)));
@@ -235,23 +243,23 @@ mod tests {
         drop(held);
         assert_eq!(recycler.kept_bytes(), MAX_KEPT * MIB, "at most MAX_KEPT");
 
-        let endpoint = recycler.endpoint.clone();
+        let shared = recycler.shared.clone();
         let orphan = Mapping::new(anon(MIB), MIB, Some(&recycler));
         drop(recycler);
         assert_eq!(
-            endpoint.bytes.load(Ordering::Relaxed),
+            shared.bytes.load(Ordering::Relaxed),
             0,
             "given back with the connection"
         );
         drop(orphan); // its connection is gone: simply unmapped
-        assert_eq!(endpoint.bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn connections_of_an_endpoint_share_its_limit() {
-        let endpoint = KeptMemory::new(3 * MIB);
-        let a = Recycler::new(endpoint.clone());
-        let b = Recycler::new(endpoint.clone());
+    fn connections_share_one_bound() {
+        let shared = KeptMemory::new();
+        let a = Recycler::new(shared.clone(), 3 * MIB);
+        let b = Recycler::new(shared.clone(), 3 * MIB);
         let held: Vec<Mapping> = (0..2)
             .flat_map(|_| {
                 [
@@ -263,6 +271,6 @@ mod tests {
         drop(held);
         assert_eq!(a.kept_bytes() + b.kept_bytes(), 3 * MIB);
         assert!(a.take(MIB).is_some());
-        assert_eq!(endpoint.bytes.load(Ordering::Relaxed), 2 * MIB);
+        assert_eq!(shared.bytes.load(Ordering::Relaxed), 2 * MIB);
     }
 }
