@@ -85,8 +85,10 @@ fn map(len: usize) -> Option<memmap2::MmapMut> {
 }
 
 /// A bound on the memory that received data sections may hold: bytes are
-/// reserved from it as they arrive (never the whole declared size up front)
-/// and given back when the last array of the message is dropped.
+/// reserved from it as they arrive (never the whole declared size up front,
+/// except for a section received into a kept mapping, which is memory
+/// already and is charged whole when taken) and given back when the last
+/// array of the message is dropped.
 ///
 /// A budget may have a parent ([`child`](Self::child)): a reservation must fit
 /// in both. A server has one budget for all its connections and a child per
