@@ -3,6 +3,8 @@
 //! error comes last, `size_hint` counts unanswered inputs, names are checked
 //! against CA-signed certificates, registering needs the token.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +18,7 @@ use teleport_server::{Server, ServerBuilder};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-/// Every wait in these tests is bounded by this.
-const LIMIT: Duration = Duration::from_secs(20);
+use common::{until, LIMIT};
 
 /// A server binding `g` (x + 2) and `gated` (x + 2 once the gate opens),
 /// counting the `gated` calls running.
@@ -64,16 +65,6 @@ async fn pool_over(server: &Server, qsize: usize, server_wait: Duration) -> Pool
         .unwrap()
         .unwrap();
     pool
-}
-
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    timeout(LIMIT, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
 fn ints(results: Vec<Result<Tree, PoolError>>) -> Vec<i64> {

@@ -5,6 +5,8 @@
 //! Worker processes (started locally, over a fake ssh, registering) are
 //! tested in `teleport/tests/pool_workers.rs`, next to the `teleport` binary.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,8 +20,7 @@ use teleport_server::{Context, HandlerError, Server};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-/// Every wait in these tests is bounded by this.
-const LIMIT: Duration = Duration::from_secs(20);
+use common::{until, LIMIT};
 
 /// What one test server saw.
 #[derive(Debug, Default)]
@@ -175,18 +176,6 @@ fn counted(read: &Arc<AtomicUsize>) -> impl Iterator<Item = i64> + Send + 'stati
     (0i64..).inspect(move |_| {
         read.fetch_add(1, Ordering::SeqCst);
     })
-}
-
-/// Waits until `check` holds, bounded by LIMIT, yielding between looks (the
-/// state is changed by other tasks of this runtime).
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    timeout(LIMIT, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,8 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use teleport::Pool;
+
+use common::alive;
 
 const WAIT: Duration = Duration::from_secs(30);
 const TELEPORT: &str = env!("CARGO_BIN_EXE_teleport");
@@ -74,30 +78,10 @@ fn user_name() -> String {
 fn start_sshd(sshd: &Path, dir: &Path, port: u16) -> Sshd {
     let host_key = dir.join("host_key");
     let user_key = dir.join("user_key");
-    run(
-        "ssh-keygen",
-        &[
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            host_key.to_str().unwrap(),
-        ],
-    );
-    run(
-        "ssh-keygen",
-        &[
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            user_key.to_str().unwrap(),
-        ],
-    );
+    for key in [&host_key, &user_key] {
+        let key = key.to_str().unwrap();
+        run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", key]);
+    }
     let authorized = dir.join("authorized_keys");
     std::fs::copy(dir.join("user_key.pub"), &authorized).unwrap();
     let config = dir.join("sshd_config");
@@ -139,16 +123,6 @@ fn start_sshd(sshd: &Path, dir: &Path, port: u16) -> Sshd {
         std::thread::sleep(Duration::from_millis(20));
     }
     sshd
-}
-
-/// True while process `pid` runs (a zombie has stopped running).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => !status
-            .lines()
-            .any(|l| l.starts_with("State:") && (l.contains('Z') || l.contains('X'))),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,8 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -16,6 +18,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use teleport::{tree, Pool, PoolError, Tree};
 
+use common::alive;
+
 const WAIT: Duration = Duration::from_secs(20);
 const TELEPORT: &str = env!("CARGO_BIN_EXE_teleport");
 
@@ -23,16 +27,6 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
     tokio::time::timeout(WAIT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
-}
-
-/// True while process `pid` runs (a zombie has stopped running).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => !status
-            .lines()
-            .any(|l| l.starts_with("State:") && (l.contains('Z') || l.contains('X'))),
-        Err(_) => false,
-    }
 }
 
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {

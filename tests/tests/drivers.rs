@@ -392,21 +392,17 @@ async fn a_dropped_server_tells_its_clients_at_once() {
     // client often saw neither. Failed 7 to 10 of 10 runs with two of this
     // test at once; 0 of 16 after.
     for round in 0..30 {
-        let server = Server::builder()
-            .bind("echo", |args: Tree| async move { Ok(args) })
-            .listen("127.0.0.1:0")
-            .await
-            .unwrap();
-        let client = Client::builder(server.local_addr())
-            .pin(server.fingerprint())
-            .reconnect(false)
-            .connect()
-            .await
-            .unwrap();
+        let fixture = Fixture::start().await;
+        let client = within(
+            "connecting",
+            fixture.client_builder().reconnect(false).connect(),
+        )
+        .await
+        .unwrap();
         within("a call", client.call("echo", tree!(1)))
             .await
             .unwrap();
-        drop(server);
+        drop(fixture);
         let reason = tokio::time::timeout(Duration::from_secs(5), client.closed())
             .await
             .unwrap_or_else(|_| {
