@@ -39,17 +39,6 @@ impl Drop for Handle {
             task.abort();
         }
         self.shared.close();
-        // Registered workers stop when their registration connection ends,
-        // so they must hear that it did: a graceful shutdown says goodbye on
-        // each connection and waits (bounded by the server's close timeout)
-        // until it is closed. Merely dropping the server closes at once,
-        // and a worker that missed the one close packet waited for its idle
-        // timeout (30 s) instead.
-        if let Some(server) = self.registration.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                drop(runtime.spawn(async move { server.shutdown(Duration::ZERO).await }));
-            }
-        }
     }
 }
 
