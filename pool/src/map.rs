@@ -117,9 +117,11 @@ impl MapStream {
     /// shape `[k]`, maps and lists stack leaf by leaf). The function gets the
     /// stacked tree and must return a tree whose leaves have leading
     /// dimension `k`; it is split back into `k` results
-    /// ([`batch::split`](teleport_protocol::batch::split)), and the rank-0
-    /// `int64`, `float64` and `bool` arrays the split leaves become ints,
-    /// floats and bools again. Inputs of one chunk that do not stack fail
+    /// ([`batch::split`](teleport_protocol::batch::split)). When the chunk's
+    /// inputs held no arrays (ints, floats, bools and trees of them), the
+    /// rank-0 `int64`, `float64` and `bool` arrays the split leaves become
+    /// ints, floats and bools again; inputs with arrays (rank-0 ones
+    /// included) get arrays back. Inputs of one chunk that do not stack fail
     /// with [`PoolError::Stack`], a result that does not split with
     /// [`PoolError::Split`]; a failed call fails every input of its chunk.
     pub fn chunksize(mut self, n: usize) -> MapStream {
@@ -253,6 +255,9 @@ impl MapStream {
         }
         Box::pin(async move {
             let n = chunk.len();
+            // Ints, floats and bools stack into arrays; rank-0 arrays do too.
+            // Only inputs without arrays had scalars to give back.
+            let scalars = chunk.iter().all(|input| input.arrays().next().is_none());
             let stacked = match stack(&chunk) {
                 Ok(stacked) => stacked,
                 Err(error) => {
@@ -267,9 +272,10 @@ impl MapStream {
                 Err(error) => return Outcome::Chunk(vec![Err(error); n]),
             };
             match split(&result, n) {
-                Ok(parts) => {
+                Ok(parts) if scalars => {
                     Outcome::Chunk(parts.into_iter().map(|t| Ok(unstack_scalars(t))).collect())
                 }
+                Ok(parts) => Outcome::Chunk(parts.into_iter().map(Ok).collect()),
                 Err(error) => Outcome::Chunk(vec![
                     Err(PoolError::Split {
                         server,
@@ -285,7 +291,8 @@ impl MapStream {
 }
 
 /// The rank-0 `int64`, `float64` and `bool` arrays a split leaves where
-/// stacking made arrays of ints, floats and bools, as those scalars again.
+/// stacking made arrays of ints, floats and bools, as those scalars again
+/// (for chunks whose inputs held no arrays).
 fn unstack_scalars(tree: Tree) -> Tree {
     match tree {
         Tree::Array(a) if a.shape().is_empty() => {

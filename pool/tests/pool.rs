@@ -459,6 +459,20 @@ async fn chunks_stack_inputs_and_split_results() {
         assert_eq!(y.as_slice::<i64>().unwrap(), &[i as i64 + 2; 3]);
     }
 
+    // Rank-0 arrays are arrays, not scalars: they come back as rank-0 arrays.
+    let inputs: Vec<Tree> = (0..10)
+        .map(|i| Tree::Array(Array::from_vec([], vec![i as i64]).unwrap()))
+        .collect();
+    let results: Vec<_> = timeout(LIMIT, pool.map("add2_batch", inputs).chunksize(4).collect())
+        .await
+        .unwrap();
+    for (i, r) in results.into_iter().enumerate() {
+        let y = r.unwrap();
+        let y = y.as_array().expect("arrays in, arrays out");
+        assert!(y.shape().is_empty(), "{:?}", y.shape());
+        assert_eq!(y.as_slice::<i64>().unwrap(), &[i as i64 + 2]);
+    }
+
     // Inputs that do not stack fail with a typed error.
     let mixed: Vec<Tree> = vec![tree!(1i64), tree!("two")];
     let results: Vec<_> = timeout(LIMIT, pool.map("add2_batch", mixed).chunksize(2).collect())

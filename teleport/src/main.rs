@@ -136,6 +136,10 @@ struct BenchArgs {
     /// measure without reuse.
     #[arg(long)]
     recycled_receive_memory: Option<usize>,
+    /// Only these groups of cases, comma-separated: large (echo, upload and
+    /// download of one array per size), small, clients, batched, pool.
+    #[arg(long, value_delimiter = ',', value_parser = ["large", "small", "clients", "batched", "pool"])]
+    only: Vec<String>,
 }
 
 /// Prints a line to stdout for whoever reads it, and carries on if nobody
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
                     json: args.json,
                     connect: args.connect,
                     pin: args.pin,
+                    only: args.only,
                     tuning: bench::Tuning {
                         mtu: args.mtu,
                         recycled_receive_memory: args.recycled_receive_memory,

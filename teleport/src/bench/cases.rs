@@ -34,6 +34,8 @@ pub(crate) struct Plan {
     /// Sequential calls timed for each client count.
     pub(crate) latency_calls: usize,
     pub(crate) batch_for: Duration,
+    /// Whether the batched-against-unbatched case runs (if the server binds it).
+    pub(crate) batched: bool,
 }
 
 impl Plan {
@@ -48,6 +50,7 @@ impl Plan {
                 client_counts: vec![1, 100],
                 latency_calls: 1_000,
                 batch_for: Duration::from_millis(300),
+                batched: true,
             }
         } else {
             Plan {
@@ -59,8 +62,24 @@ impl Plan {
                 client_counts: vec![1, 100, 500],
                 latency_calls: 5_000,
                 batch_for: Duration::from_secs(2),
+                batched: true,
             }
         }
+    }
+
+    /// The plan without the groups of cases `options` leaves out.
+    pub(crate) fn only(mut self, options: &super::Options) -> Plan {
+        if !options.runs("large") {
+            self.sizes.clear();
+        }
+        if !options.runs("small") {
+            self.small_inflights.clear();
+        }
+        if !options.runs("clients") {
+            self.client_counts.clear();
+        }
+        self.batched = options.runs("batched");
+        self
     }
 
     fn large_cases(&self) -> impl Iterator<Item = (usize, Op, usize)> + '_ {
@@ -81,7 +100,7 @@ impl Plan {
         (self.large_cases().count()
             + self.small_inflights.len()
             + self.client_counts.len()
-            + usize::from(batching)) as u64
+            + usize::from(batching && self.batched)) as u64
     }
 }
 
@@ -111,7 +130,7 @@ pub(crate) async fn run(
     large(plan, stacks, bar, &mut rows).await?;
     small(plan, stacks, bar, &mut rows).await?;
     clients(plan, stacks, bar, &mut rows).await?;
-    if stacks.batching {
+    if stacks.batching && plan.batched {
         rows.push(batching(plan, stacks, bar).await?);
     }
     Ok(rows)

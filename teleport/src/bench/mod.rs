@@ -42,6 +42,15 @@ pub(crate) struct Options {
     pub(crate) connect: Option<String>,
     pub(crate) pin: Option<Fingerprint>,
     pub(crate) tuning: Tuning,
+    /// `--only`: the groups of cases to run; empty for all.
+    pub(crate) only: Vec<String>,
+}
+
+impl Options {
+    /// Whether the group of cases `name` runs.
+    pub(crate) fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
 }
 
 /// Transport settings of every stack in a run, where they differ from the
@@ -94,7 +103,7 @@ pub(crate) async fn serve(
 }
 
 pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
-    let plan = Plan::new(options.quick);
+    let plan = Plan::new(options.quick).only(&options);
     let transport = options.tuning.transport();
     let mut _children = None;
     let stacks = match &options.connect {
@@ -217,7 +226,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         print!("{}", report::tables(&rows));
     }
     // The pool case: its own worker processes (not with --connect).
-    if options.connect.is_none() {
+    if options.connect.is_none() && options.runs("pool") {
         let rows = pool::run().await?;
         if options.json {
             for line in pool::json_lines(&rows) {
