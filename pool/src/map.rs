@@ -16,7 +16,7 @@ use teleport_protocol::{DType, Tree};
 
 use crate::error::PoolError;
 use crate::members::{Lease, Shared};
-use crate::pool::call_on;
+use crate::pool::{call_on, Placement};
 use crate::Pool;
 
 type Inputs = Pin<Box<dyn Stream<Item = Tree> + Send>>;
@@ -250,7 +250,9 @@ impl MapStream {
         if self.chunksize == 1 {
             let input = chunk.pop().expect("one input");
             return Box::pin(async move {
-                Outcome::One(call_on(shared, lease, method, input, options).await)
+                Outcome::One(
+                    call_on(shared, lease, method, input, options, Placement::AnyServer).await,
+                )
             });
         }
         Box::pin(async move {
@@ -267,7 +269,16 @@ impl MapStream {
             };
             drop(chunk);
             let server = lease.name.to_string();
-            let result = match call_on(shared, lease, method.clone(), stacked, options).await {
+            let result = match call_on(
+                shared,
+                lease,
+                method.clone(),
+                stacked,
+                options,
+                Placement::AnyServer,
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(error) => return Outcome::Chunk(vec![Err(error); n]),
             };

@@ -309,6 +309,17 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
+    /// When server `member` takes calls again after refusing one as
+    /// overloaded (`None` if it is not backing off, or not known).
+    pub(crate) fn busy_until(&self, member: u64) -> Option<Instant> {
+        let state = self.lock();
+        state
+            .members
+            .iter()
+            .find(|m| m.id == member)
+            .and_then(|m| m.busy_until)
+    }
+
     /// Takes a slot on server `member` regardless of `qsize` (for
     /// `run_on_all`, which must reach every server).
     pub(crate) fn lease_on(self: &Arc<Self>, member: u64) -> Option<Lease> {

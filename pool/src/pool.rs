@@ -128,8 +128,10 @@ impl Pool {
 
     /// Runs `method` on `args` once on every server that is up now, all at
     /// once, and returns each server's name with its result, in the order of
-    /// [`servers`](Self::servers). Lost calls are not re-sent elsewhere:
-    /// each result is that server's.
+    /// [`servers`](Self::servers). Each result is that server's: a server
+    /// that refuses the call as overloaded gets it again after its backoff
+    /// (within the pool's call timeout, if any), and a call lost with its
+    /// server fails with [`PoolError::ServerLost`]; nothing goes elsewhere.
     pub async fn run_on_all(
         &self,
         method: &str,
@@ -150,6 +152,7 @@ impl Pool {
                     method.to_owned(),
                     args.clone(),
                     options,
+                    Placement::ThisServer,
                 );
                 async move { (name, call.await) }
             })
@@ -345,22 +348,36 @@ pub(crate) async fn call(
         Some(lease) => lease,
         None => shared.clone().acquire(&method).await?,
     };
-    call_on(shared, lease, method, args, options).await
+    call_on(shared, lease, method, args, options, Placement::AnyServer).await
+}
+
+/// Which servers a call may go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Any server (a map's, a submit's call): refused or lost, it goes to
+    /// whichever is free next.
+    AnyServer,
+    /// Only the server of its first slot (`run_on_all`): refused as
+    /// overloaded, it waits for that server's backoff and tries it again;
+    /// lost, it fails.
+    ThisServer,
 }
 
 /// [`call`] on a slot already held.
 ///
 /// A call refused as overloaded (or by a server shutting down) did not run:
 /// it waits for that server's backoff and goes to whichever server is free
-/// then, however often, within the call's timeout. A call lost with its
-/// server is sent again only if it was never sent or the method is
-/// idempotent.
+/// then (or, [`Placement::ThisServer`], to the same server again), however
+/// often, within the call's timeout. A call lost with its server is sent
+/// again only if it was never sent or the method is idempotent, and never
+/// with [`Placement::ThisServer`].
 pub(crate) async fn call_on(
     shared: Arc<Shared>,
     mut lease: Lease,
     method: String,
     args: Tree,
     options: CallOptions,
+    placement: Placement,
 ) -> Result<Tree, PoolError> {
     let idempotent = options.idempotent.unwrap_or(false);
     // The pool re-sends lost calls itself, to other servers; the client must
@@ -414,8 +431,14 @@ pub(crate) async fn call_on(
         if is_busy(&error) {
             tracing::debug!(%server, %method, "pool: server busy; the call goes elsewhere");
             shared.back_off_busy(lease.member);
+            let member = lease.member;
             drop(lease);
-            lease = next_lease(&shared, &method, deadline).await?;
+            lease = match placement {
+                Placement::AnyServer => next_lease(&shared, &method, deadline).await?,
+                Placement::ThisServer => {
+                    lease_again(&shared, member, server, &method, deadline).await?
+                }
+            };
             continue;
         }
         if !error.is_connection_error() {
@@ -425,6 +448,13 @@ pub(crate) async fn call_on(
             .known_reason(lease.member)
             .unwrap_or_else(|| connection_reason(&error));
         shared.mark_down(lease.member, &reason);
+        if placement == Placement::ThisServer {
+            return Err(PoolError::ServerLost {
+                server,
+                method,
+                reason,
+            });
+        }
         if !started || never_sent(&error) {
             tracing::debug!(%server, %method, "pool: re-sending a call its lost server never got");
             drop(lease);
@@ -478,6 +508,39 @@ async fn next_lease(
             }),
         },
     }
+}
+
+/// A slot on server `member` again, once its overload backoff is over,
+/// within the call's deadline.
+async fn lease_again(
+    shared: &Arc<Shared>,
+    member: u64,
+    server: String,
+    method: &str,
+    deadline: Option<(Duration, tokio::time::Instant)>,
+) -> Result<Lease, PoolError> {
+    if let Some(until) = shared.busy_until(member) {
+        match deadline {
+            Some((timeout, deadline)) if deadline < until => {
+                tokio::time::sleep_until(deadline).await;
+                return Err(PoolError::Timeout {
+                    server,
+                    method: method.to_owned(),
+                    timeout,
+                });
+            }
+            _ => tokio::time::sleep_until(until).await,
+        }
+    }
+    shared
+        .lease_on(member)
+        .ok_or_else(|| PoolError::ServerLost {
+            reason: shared.known_reason(member).unwrap_or_else(|| {
+                "it left the pool while the call waited after an overloaded refusal".to_owned()
+            }),
+            server,
+            method: method.to_owned(),
+        })
 }
 
 /// True if the server refused the call without running it because it is
@@ -595,7 +658,14 @@ mod tests {
         let options = CallOptions::new().idempotent(false);
         let y = tokio::time::timeout(
             limit,
-            call_on(shared.clone(), lease, "tag".into(), tree!(null), options),
+            call_on(
+                shared.clone(),
+                lease,
+                "tag".into(),
+                tree!(null),
+                options,
+                Placement::AnyServer,
+            ),
         )
         .await
         .unwrap()

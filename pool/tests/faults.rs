@@ -343,3 +343,81 @@ async fn registering_needs_the_token_and_is_bounded() {
     assert_eq!(e.remote().unwrap().type_name, "PoolFull", "{e}");
     assert_eq!(pool.servers().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_on_all_waits_for_a_busy_server_instead_of_running_twice_elsewhere() {
+    let (open, gate) = watch::channel(false);
+    // Server a runs one call at a time and refuses more as overloaded.
+    let (a, running) = gated_server(
+        Server::builder()
+            .max_in_flight_total(1)
+            .bind("who", |_: Tree| async { Ok(tree!("a")) }),
+        gate.clone(),
+    )
+    .await;
+    let (b, _) = gated_server(
+        Server::builder().bind("who", |_: Tree| async { Ok(tree!("b")) }),
+        gate,
+    )
+    .await;
+    let pool = timeout(
+        LIMIT,
+        Pool::builder()
+            .server(a.local_addr(), a.fingerprint())
+            .server(b.local_addr(), b.fingerprint())
+            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(40))
+            .start(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    timeout(LIMIT, pool.wait_for_servers(2, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    // Another client keeps a's one slot busy.
+    let other = Client::builder(a.local_addr().to_string().as_str())
+        .pin(a.fingerprint())
+        .connect()
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let other = other.clone();
+        async move { other.call("gated", tree!(1i64)).await }
+    });
+    until("a is busy", || running.load(Ordering::SeqCst) == 1).await;
+    let all = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.run_on_all("who", 0i64).await }
+    });
+    // Refused and backing off, a's call waits for a, not for b.
+    until("a refused the call", || {
+        a.stats().failed(ErrorKind::Overloaded) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!all.is_finished(), "run_on_all waits for a");
+    open.send(true).unwrap();
+    timeout(LIMIT, held).await.unwrap().unwrap().unwrap();
+    let results = timeout(LIMIT, all).await.unwrap().unwrap();
+    let address_of = |name: &str| {
+        pool.servers()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.addr)
+    };
+    let mut answers: Vec<_> = results
+        .into_iter()
+        .map(|(name, r)| {
+            let who = r.unwrap_or_else(|e| panic!("{name}: {e}"));
+            (address_of(&name), who.as_str().unwrap().to_owned())
+        })
+        .collect();
+    answers.sort();
+    let mut expected = vec![
+        (Some(a.local_addr()), "a".to_owned()),
+        (Some(b.local_addr()), "b".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(answers, expected, "each server ran it once");
+}
