@@ -187,6 +187,14 @@ impl Inner {
     ) -> Result<Arc<Link>, PeerError> {
         let Established { client, info, .. } = established;
         let mut directory = lock(&self.directory);
+        // Checked under the directory's lock: `close` marks the peer closed
+        // before it empties the directory, so a link made while it closed is
+        // either refused here or emptied out by it, never left behind.
+        if self.is_closed() {
+            drop(directory);
+            client.close();
+            return Err(PeerError::Closed);
+        }
         let existing = directory.get(&info.name);
         if let Some(up) = existing
             .filter(|e| e.info.fingerprint == info.fingerprint)
@@ -235,9 +243,6 @@ impl Inner {
         drop(directory);
         if let Some(old) = replaced.and_then(|e| e.link) {
             old.close();
-        }
-        if self.is_closed() {
-            link.close();
         }
         self.runtime
             .spawn(link::watch(Arc::downgrade(self), link.clone()));

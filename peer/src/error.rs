@@ -143,7 +143,8 @@ pub enum PeerError {
     /// entry can be evicted (every one is connected): raise the limit, or
     /// make the cohort smaller.
     #[error(
-        "this peer already knows {limit} peers, its limit (PeerBuilder::max_peers), and none          of them can be forgotten"
+        "this peer already knows {limit} peers, its limit (PeerBuilder::max_peers), and none \
+         of them can be forgotten (each is connected): raise the limit"
     )]
     DirectoryFull {
         /// The limit.
