@@ -429,7 +429,7 @@ pub(crate) async fn call_on(
         };
         let server = lease.name.to_string();
         if is_busy(&error) {
-            tracing::debug!(%server, %method, "pool: server busy; the call goes elsewhere");
+            tracing::debug!(%server, %method, ?placement, "pool: server busy; the call waits for a slot");
             shared.back_off_busy(lease.member);
             let member = lease.member;
             drop(lease);
