@@ -10,7 +10,7 @@ use teleport::{Array, Client, Fingerprint};
 
 use super::measure::{drive, drive_op, memcpy_gbps, Link, Op, Sample};
 use super::model::{self, BATCH_IN_FLIGHT};
-use super::process::{peak_rss, reset_peak, rss};
+use super::process::{self, peak_rss, reset_peak, rss};
 use super::report::{ratio, size, Reference, Row};
 use crate::demo::pattern_array;
 
@@ -117,6 +117,8 @@ pub(crate) struct Stacks {
     pub(crate) tcp: Vec<Link>,
     /// The server process, when it is ours (its memory can be read).
     pub(crate) server_pid: Option<u32>,
+    /// The references' server process (its CPU time can be read).
+    pub(crate) references_pid: Option<u32>,
     /// Whether the server binds the batching model.
     pub(crate) batching: bool,
 }
@@ -224,6 +226,7 @@ async fn large(
             client_peak_rss,
             server_rss_before,
             client_rss_before,
+            ..Row::default()
         });
         bar.inc(1);
     }
@@ -241,7 +244,10 @@ async fn small(
         bar.set_message(format!("small calls, {k} in flight"));
         let links = vec![Link::Teleport(stacks.teleport.clone()); k];
         drive_op(&links, k, Op::Echo, &payload, Duration::from_millis(100)).await?;
+        let cpu = CpuMeter::start(stacks.server_pid);
         let mut sample = drive_op(&links, k, Op::Echo, &payload, plan.small_for).await?;
+        let (client_cpu, server_cpu) = cpu.per_call(sample.calls());
+        let datagrams = cpu.datagrams_per_call(sample.calls());
         let mut row = Row {
             case: "small",
             payload_bytes: KIB as u64,
@@ -251,18 +257,27 @@ async fn small(
             p50_us: Some(sample.percentile_us(0.5)),
             p99_us: Some(sample.percentile_us(0.99)),
             max_us: Some(sample.percentile_us(1.0)),
+            client_cpu_us_per_call: client_cpu,
+            server_cpu_us_per_call: server_cpu,
+            datagrams_per_call: datagrams,
             ..Row::default()
         };
         if let Some(quinn) = &stacks.quinn {
             let links = vec![Link::Quinn(quinn.clone()); k];
             drive_op(&links, k, Op::Echo, &payload, Duration::from_millis(100)).await?;
+            let cpu = CpuMeter::start(stacks.references_pid);
             let mut sample = drive_op(&links, k, Op::Echo, &payload, plan.small_for).await?;
+            let (client_cpu, server_cpu) = cpu.per_call(sample.calls());
+            let datagrams = cpu.datagrams_per_call(sample.calls());
             row.references.push(Reference {
                 name: "quinn",
                 calls_per_s: Some(sample.calls_per_s()),
                 p50_us: Some(sample.percentile_us(0.5)),
                 p99_us: Some(sample.percentile_us(0.99)),
                 ratio: ratio(row.calls_per_s, Some(sample.calls_per_s())),
+                client_cpu_us_per_call: client_cpu,
+                server_cpu_us_per_call: server_cpu,
+                datagrams_per_call: datagrams,
                 ..Reference::default()
             });
         }
@@ -270,6 +285,47 @@ async fn small(
         bar.inc(1);
     }
     Ok(())
+}
+
+/// The CPU time this process (the client) and a server process use over a
+/// measurement, for the CPU cost of one call on each side.
+struct CpuMeter {
+    server_pid: Option<u32>,
+    client: Option<Duration>,
+    server: Option<Duration>,
+    datagrams: Option<u64>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            server_pid,
+            client: process::cpu_time(std::process::id()),
+            server: server_pid.and_then(process::cpu_time),
+            datagrams: process::udp_datagrams_received(),
+        }
+    }
+
+    /// UDP datagrams received on this host per call, since `start`.
+    fn datagrams_per_call(&self, calls: usize) -> Option<f64> {
+        let before = self.datagrams?;
+        let after = process::udp_datagrams_received()?;
+        (calls > 0).then(|| after.saturating_sub(before) as f64 / calls as f64)
+    }
+
+    /// µs of CPU per call, client and server, since `start`.
+    fn per_call(&self, calls: usize) -> (Option<f64>, Option<f64>) {
+        let per_call = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+            (Some(before), Some(after)) if calls > 0 => {
+                Some(after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
+            }
+            _ => None,
+        };
+        (
+            per_call(self.client, process::cpu_time(std::process::id())),
+            per_call(self.server, self.server_pid.and_then(process::cpu_time)),
+        )
+    }
 }
 
 /// Small-call latency with more and more clients connected: one call in

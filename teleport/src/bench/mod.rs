@@ -124,6 +124,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
                 tls: Vec::new(),
                 tcp: Vec::new(),
                 server_pid: None,
+                references_pid: None,
                 batching: false,
             }
         }
@@ -179,6 +180,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
                 tls,
                 tcp,
                 server_pid: Some(server.pid()),
+                references_pid: Some(reference_servers.pid()),
                 batching: true,
             };
             _children = Some((server, reference_servers));

@@ -193,6 +193,32 @@ pub(crate) fn peak_rss(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM:")
 }
 
+/// The CPU time process `pid` (all its threads) has used so far, user and
+/// system together, at the 10 ms resolution Linux reports it in.
+pub(crate) fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it don't.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // utime and stime are fields 14 and 15, in ticks of USER_HZ (100 on Linux).
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis((utime + stime) * 10))
+}
+
+/// UDP datagrams this host has received so far (`InDatagrams` of
+/// `/proc/net/snmp`): on a host running only the bench, both sides' packets.
+pub(crate) fn udp_datagrams_received() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = udp.next()?.split_whitespace();
+    let values = udp.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(name, _)| *name == "InDatagrams")
+        .and_then(|(_, value)| value.parse().ok())
+}
+
 /// Sets the peak resident memory of `pid` back to what it holds now.
 pub(crate) fn reset_peak(pid: u32) -> anyhow::Result<()> {
     if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {

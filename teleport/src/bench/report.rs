@@ -25,6 +25,12 @@ pub(crate) struct Row {
     /// from earlier cases is in the peak too).
     pub(crate) server_rss_before: Option<u64>,
     pub(crate) client_rss_before: Option<u64>,
+    /// CPU time per call of the client (this) and the server process, in µs
+    /// (small calls only).
+    pub(crate) client_cpu_us_per_call: Option<f64>,
+    pub(crate) server_cpu_us_per_call: Option<f64>,
+    /// UDP datagrams received on the host (both directions) per call.
+    pub(crate) datagrams_per_call: Option<f64>,
 }
 
 /// A reference measured in the same run, and Teleport's ratio to it.
@@ -38,6 +44,10 @@ pub(crate) struct Reference {
     /// Teleport / reference for rates; for `clients`, Teleport's p99 over the
     /// p99 with one client (lower is better).
     pub(crate) ratio: Option<f64>,
+    pub(crate) client_cpu_us_per_call: Option<f64>,
+    pub(crate) server_cpu_us_per_call: Option<f64>,
+    /// UDP datagrams received on the host (both directions) per call.
+    pub(crate) datagrams_per_call: Option<f64>,
 }
 
 /// Teleport's figure over the reference's, when both are there.
@@ -71,6 +81,12 @@ pub(crate) fn json_lines(row: &Row) -> Vec<String> {
             "client_peak_rss_bytes": row.client_peak_rss,
             "server_rss_before_bytes": row.server_rss_before,
             "client_rss_before_bytes": row.client_rss_before,
+            "client_cpu_us_per_call": row.client_cpu_us_per_call,
+            "server_cpu_us_per_call": row.server_cpu_us_per_call,
+            "reference_client_cpu_us_per_call": reference.and_then(|r| r.client_cpu_us_per_call),
+            "reference_server_cpu_us_per_call": reference.and_then(|r| r.server_cpu_us_per_call),
+            "datagrams_per_call": row.datagrams_per_call,
+            "reference_datagrams_per_call": reference.and_then(|r| r.datagrams_per_call),
         })
         .to_string()
     };
@@ -92,6 +108,15 @@ pub(crate) fn size(bytes: u64) -> String {
 
 fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// CPU per call as "client + server".
+fn cpu(client: Option<f64>, server: Option<f64>) -> String {
+    match (client, server) {
+        (Some(c), Some(s)) => format!("{c:.1} + {s:.1}"),
+        (Some(c), None) => format!("{c:.1} + -"),
+        _ => "-".to_owned(),
+    }
 }
 
 fn with_ratio(value: Option<f64>, ratio: Option<f64>, digits: usize) -> String {
@@ -164,22 +189,31 @@ pub(crate) fn tables(rows: &[Row]) -> String {
     let small: Vec<&Row> = rows.iter().filter(|r| r.case == "small").collect();
     if !small.is_empty() {
         out.push_str(
-            "Small calls (1 KiB echo), one client; latencies in µs\n\n| in flight | Teleport calls/s \
-             | p50 | p99 | max | bare quinn calls/s | p50 | p99 | ratio |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+            "Small calls (1 KiB echo), one client; latencies in µs; CPU in µs per call, \
+             client + server process; UDP datagrams per call, both ways\n\n| in flight \
+             | Teleport calls/s | p50 | p99 | max | CPU | datagrams | bare quinn calls/s | p50 \
+             | p99 | CPU | datagrams | ratio |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         );
         for row in small {
             let quinn = reference(row, "quinn");
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 row.inflight,
                 opt(row.calls_per_s, 0),
                 opt(row.p50_us, 0),
                 opt(row.p99_us, 0),
                 opt(row.max_us, 0),
+                cpu(row.client_cpu_us_per_call, row.server_cpu_us_per_call),
+                opt(row.datagrams_per_call, 1),
                 opt(quinn.and_then(|q| q.calls_per_s), 0),
                 opt(quinn.and_then(|q| q.p50_us), 0),
                 opt(quinn.and_then(|q| q.p99_us), 0),
+                cpu(
+                    quinn.and_then(|q| q.client_cpu_us_per_call),
+                    quinn.and_then(|q| q.server_cpu_us_per_call)
+                ),
+                opt(quinn.and_then(|q| q.datagrams_per_call), 1),
                 quinn
                     .and_then(|q| q.ratio)
                     .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
