@@ -6,6 +6,7 @@ use teleport_protocol::client::ClientConfig;
 use teleport_protocol::{Backoff, Limits};
 use teleport_quic::{AddressError, ClientTls, Fingerprint, Identity, ToAddress, TransportConfig};
 
+use crate::dialed::DialedIn;
 use crate::driver::{Driver, Settings};
 use crate::{Client, Error};
 
@@ -32,9 +33,25 @@ impl ClientBuilder {
                 identity: None,
                 transport: TransportConfig::default(),
                 limits: Limits::default(),
+                dialed_in: None,
             },
             config: ClientConfig::default(),
         }
+    }
+
+    /// The builder of [`Client::dialed_in`].
+    pub(crate) fn dialed_in(
+        remote_addr: std::net::SocketAddr,
+        dialed_in: DialedIn,
+        server_token: String,
+    ) -> ClientBuilder {
+        let mut builder = ClientBuilder::new(remote_addr);
+        builder.settings.dialed_in = Some(dialed_in);
+        builder.config.server_token = Some(server_token);
+        // Nothing can dial the server back: once its connection is gone, it
+        // must dial again.
+        builder.config.reconnect = None;
+        builder
     }
 
     /// Trust only the server whose certificate has this SHA-256 fingerprint
@@ -88,7 +105,9 @@ impl ClientBuilder {
         self
     }
 
-    /// The shared token the server requires.
+    /// The shared token the server requires. Not sent to a server that
+    /// dialled in ([`Client::dialed_in`]): before it proves itself it may be
+    /// anyone, and a server that dialled this side checked its certificate.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.config.token = Some(token.into());
         self
@@ -188,7 +207,14 @@ impl ClientBuilder {
     /// A client that is not connected yet: it connects on
     /// [`Client::connect`] or its first call. Must be called inside a tokio
     /// runtime.
-    pub fn build(self) -> Client {
+    pub fn build(mut self) -> Client {
+        if self.settings.dialed_in.is_some() {
+            // See `token`: no secret goes to an unproven peer.
+            self.config.token = None;
+            // The server's handshake is under way already; cutting it short
+            // leaves no attempt to make instead.
+            self.config.first_attempt_timeout = self.config.connect_timeout;
+        }
         Client::from_driver(Driver::new(self.settings, self.config))
     }
 

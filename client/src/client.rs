@@ -48,6 +48,19 @@ impl Client {
         ClientBuilder::new(target)
     }
 
+    /// A client of a server that dialled in ([`ServerListener`](crate::ServerListener)),
+    /// which must present `server_token` in its `Hello` before any call goes
+    /// to it. It has one connection: when that ends, its calls fail and it
+    /// does not reconnect (the server must dial again, giving a new client).
+    /// Connect it ([`ClientBuilder::connect`]) within the connect timeout of
+    /// the server's first packet.
+    pub fn dialed_in(
+        server: crate::DialedServer,
+        server_token: impl Into<String>,
+    ) -> ClientBuilder {
+        server.into_builder(server_token.into())
+    }
+
     pub(crate) fn from_driver(driver: Arc<Driver>) -> Client {
         Client {
             handle: Arc::new(Handle { driver }),

@@ -40,6 +40,9 @@ pub(crate) struct Settings {
     pub(crate) identity: Option<Identity>,
     pub(crate) transport: TransportConfig,
     pub(crate) limits: Limits,
+    /// The server dialled this side: its one connection attempt, taken by the
+    /// first connection (see [`Client::dialed_in`](crate::Client::dialed_in)).
+    pub(crate) dialed_in: Option<crate::dialed::DialedIn>,
 }
 
 /// One call as its caller's future sees it.
@@ -690,6 +693,9 @@ async fn open(
     driver: &Arc<Driver>,
 ) -> Result<(Connection, SendStream, RecvStream), ConnectFailure> {
     let settings = &driver.settings;
+    if let Some(dialed_in) = &settings.dialed_in {
+        return accept_dialed_in(dialed_in, &settings.limits).await;
+    }
     // Resolved again by every attempt, so a server that moved is found.
     let address = settings
         .address
@@ -711,6 +717,29 @@ async fn open(
         Ok((connection, _slower)) => connection,
         Err(e) => return Err(connect_failure(e)),
     };
+    let (send, recv) = connection.open_stream().await.map_err(connect_failure)?;
+    Ok((connection, send, recv))
+}
+
+/// Completes the handshake of the server that dialled in and opens the
+/// control stream; the server proves itself in its `Hello`.
+async fn accept_dialed_in(
+    dialed_in: &crate::dialed::DialedIn,
+    limits: &Limits,
+) -> Result<(Connection, SendStream, RecvStream), ConnectFailure> {
+    let incoming = dialed_in.take().ok_or_else(|| {
+        ConnectFailure::Unreachable(
+            "the server dialled in and its connection is gone; nothing can dial it back: it \
+             must dial again"
+                .to_owned(),
+        )
+    })?;
+    let connection = incoming
+        .accept()
+        .map_err(connect_failure)?
+        .await
+        .map_err(connect_failure)?
+        .with_limits(limits.clone());
     let (send, recv) = connection.open_stream().await.map_err(connect_failure)?;
     Ok((connection, send, recv))
 }

@@ -88,7 +88,9 @@ impl Message {
 pub struct Hello {
     /// A free-form name of the software and peer (`"teleport-rs/0.1 client"`).
     pub agent: String,
-    /// The shared secret, client to server only. Compared in constant time.
+    /// The shared secret, client to server; or server to client from a
+    /// server that dialled its client (see the wire format, "Hello").
+    /// Compared in constant time.
     pub token: Option<String>,
 }
 

@@ -363,7 +363,13 @@ impl ServerBuilder {
                 return Err(e.into());
             }
         };
-        Ok(Server::start(listener, fingerprint, shared, batchers))
+        Ok(Server::start(
+            listener,
+            fingerprint,
+            shared,
+            batchers,
+            (self.transport, self.limits),
+        ))
     }
 }
 

@@ -7,7 +7,8 @@ use teleport_protocol::batcher::BatchPolicyError;
 use teleport_protocol::{ErrorKind, RemoteError};
 use teleport_quic::{AddressError, TransportError};
 
-/// Why a server could not start.
+/// Why a server could not start (or [`Server::dial`](crate::Server::dial) a
+/// client).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
@@ -29,6 +30,13 @@ pub enum ServerError {
         /// Which options clash.
         reason: String,
     },
+    /// [`Server::dial`](crate::Server::dial): the server has as many
+    /// connections as it takes.
+    #[error(
+        "the server has as many connections as it takes (ServerBuilder::max_connections); \
+         the client dialled was not served"
+    )]
+    ConnectionLimit,
     /// A batched function's policy cannot work (`max_batch` 0).
     #[error("the batched function {method:?} cannot be served: {error}")]
     BatchPolicy {

@@ -4,12 +4,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use teleport_protocol::CloseCode;
-use teleport_quic::{Fingerprint, Listener, Traffic};
+use teleport_protocol::{CloseCode, Limits};
+use teleport_quic::{
+    ClientTls, Connection, Connector, Fingerprint, Listener, ToAddress, Traffic, TransportConfig,
+};
 use tokio::task::JoinHandle;
 
 use crate::shared::ServerShared;
-use crate::{connection, HandlerFailure, ServerBuilder, ServerStats};
+use crate::{connection, HandlerFailure, ServerBuilder, ServerError, ServerStats};
 
 /// A running server.
 ///
@@ -29,6 +31,12 @@ pub struct Server {
     accept: Mutex<Option<JoinHandle<()>>>,
     /// The tasks of the batched functions, stopped once the calls have drained.
     batchers: Mutex<Vec<JoinHandle<()>>>,
+    /// For [`dial`](Server::dial): the transport settings and limits of the
+    /// listener, and the connections dialled (closed when the server is
+    /// dropped: the listener's close does not reach them).
+    transport: TransportConfig,
+    limits: Limits,
+    dialed: Mutex<Vec<Connection>>,
 }
 
 impl Server {
@@ -43,6 +51,7 @@ impl Server {
         fingerprint: Fingerprint,
         shared: Arc<ServerShared>,
         batchers: Vec<JoinHandle<()>>,
+        (transport, limits): (TransportConfig, Limits),
     ) -> Server {
         let local_addr = listener.local_addr();
         let accept = tokio::spawn(accept_loop(listener.clone(), shared.clone()));
@@ -54,7 +63,83 @@ impl Server {
             shared,
             accept: Mutex::new(Some(accept)),
             batchers: Mutex::new(batchers),
+            transport,
+            limits,
+            dialed: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Dials a client that listens for servers (`ServerListener` in
+    /// teleport-client; a pool's `accept_workers`) and serves it over that
+    /// connection as if it had connected here: only the client's side must
+    /// be reachable, so a server behind a firewall or NAT that lets it dial
+    /// out can be called. `tls` says how to trust the client's certificate
+    /// (pin it: anyone can listen); `token` is the shared secret this server
+    /// presents in its `Hello`, the client's proof that it is not talking to
+    /// whoever dialled in. The client's own token is not required of it
+    /// here: the certificate, checked before a byte of the protocol, is its
+    /// proof. The connection counts toward
+    /// [`max_connections`](crate::ServerBuilder::max_connections) and drains
+    /// with the server at shutdown.
+    pub async fn dial(
+        &self,
+        addr: impl ToAddress,
+        tls: ClientTls,
+        token: impl Into<String>,
+    ) -> Result<DialedClient, ServerError> {
+        let address = addr.to_address()?;
+        let addrs = address.resolve_for_client().await?;
+        let connector = Connector::new(&tls, &self.transport, self.limits.clone())?;
+        let server_name = address.host_name();
+        let mut first_error = None;
+        let mut connection = None;
+        for addr in addrs {
+            match connector.connect(addr, &server_name).await {
+                Ok(made) => {
+                    connection = Some(made);
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some(connection) = connection else {
+            return Err(first_error.map(ServerError::from).unwrap_or_else(|| {
+                ServerError::Address(teleport_quic::AddressError::Unresolved {
+                    name: address.to_string(),
+                    reason: "it resolved to no address".to_owned(),
+                })
+            }));
+        };
+        let budgets = &self.shared.budgets;
+        let connection = connection.with_memory_budget(
+            budgets
+                .memory
+                .child("connection", budgets.connection_memory),
+        );
+        let Some(slot) = self.shared.admit_connection() else {
+            connection.close(
+                CloseCode::ShuttingDown,
+                "the server is at its connection limit",
+            );
+            return Err(ServerError::ConnectionLimit);
+        };
+        let mut config = self.shared.protocol.clone();
+        config.token = None;
+        config.present_token = Some(token.into());
+        self.dialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(connection.clone());
+        tracing::info!(peer = %connection.remote_addr(), "dialled a client; serving it");
+        connection::spawn(
+            connection::Start::Dialed(connection.clone()),
+            slot,
+            self.shared.clone(),
+            config,
+        );
+        Ok(DialedClient { connection })
     }
 
     /// The address the server listens on.
@@ -200,6 +285,33 @@ impl Drop for Server {
             batcher.abort();
         }
         listener.close(CloseCode::ShuttingDown, "the server was dropped");
+        for connection in self
+            .dialed
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            connection.close(CloseCode::ShuttingDown, "the server was dropped");
+        }
+    }
+}
+
+/// A client the server dialled ([`Server::dial`]) and serves.
+#[derive(Debug)]
+pub struct DialedClient {
+    connection: Connection,
+}
+
+impl DialedClient {
+    /// The client's address.
+    pub fn remote_addr(&self) -> std::net::SocketAddr {
+        self.connection.remote_addr()
+    }
+
+    /// Waits until the connection ends (the client closed it or went away,
+    /// the server shut down), and says why.
+    pub async fn closed(&self) -> String {
+        self.connection.closed().await.to_string()
     }
 }
 
@@ -215,7 +327,12 @@ async fn accept_loop(listener: Listener, shared: Arc<ServerShared>) {
         };
         let Some(incoming) = incoming else { return };
         match shared.admit_connection() {
-            Some(slot) => connection::spawn(incoming, slot, shared.clone()),
+            Some(slot) => connection::spawn(
+                connection::Start::Incoming(Box::new(incoming)),
+                slot,
+                shared.clone(),
+                shared.protocol.clone(),
+            ),
             None => {
                 shared.stats.connection_refused();
                 tracing::info!(

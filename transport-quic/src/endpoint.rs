@@ -444,6 +444,14 @@ impl Connection {
         }
     }
 
+    /// Checks messages received from now on against `limits` instead of the
+    /// endpoint's (a connection accepted for a client, whose limits are its
+    /// own).
+    pub fn with_limits(mut self, limits: Limits) -> Connection {
+        self.limits = limits;
+        self
+    }
+
     /// Charges the data sections received on streams accepted or opened
     /// from now on to `budget`: their memory is reserved as their bytes
     /// arrive, a stream whose next bytes do not fit waits (and so does its

@@ -36,6 +36,12 @@ pub struct ClientConfig {
     pub agent: String,
     /// The shared token the server expects, if any. Never printed by `Debug`.
     pub token: Option<String>,
+    /// The token the server must send in its `Hello`, for a server that
+    /// dialled this client (which anyone can do, so its certificate proves
+    /// nothing): a server whose `Hello` lacks it is refused before any call
+    /// goes to it. Compared in constant time. Default `None` (the
+    /// certificate is the server's proof). Never printed by `Debug`.
+    pub server_token: Option<String>,
     /// Whether, and how fast, a lost connection is replaced. `None`: not at
     /// all; calls after a loss fail with its cause until the application
     /// connects again. Default [`Backoff::default()`].
@@ -75,6 +81,7 @@ impl Default for ClientConfig {
             default_timeout: None,
             agent: String::from(DEFAULT_AGENT),
             token: None,
+            server_token: None,
             reconnect: Some(Backoff::default()),
             resend_lost_calls: false,
             connect_timeout: Duration::from_secs(10),
@@ -95,6 +102,10 @@ impl fmt::Debug for ClientConfig {
             .field("default_timeout", &self.default_timeout)
             .field("agent", &self.agent)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "server_token",
+                &self.server_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("reconnect", &self.reconnect)
             .field("resend_lost_calls", &self.resend_lost_calls)
             .field("connect_timeout", &self.connect_timeout)

@@ -265,6 +265,14 @@ pub enum ConnectError {
         /// The server's explanation.
         message: String,
     },
+    /// The server did not present the token this client requires of it
+    /// ([`ClientConfig::server_token`](super::ClientConfig::server_token)):
+    /// whoever dialled in is not one of the application's servers.
+    #[error(
+        "the server did not present the expected token: whoever dialled in is not one of \
+         yours (or its token differs from this side's)"
+    )]
+    ServerUnauthenticated,
     /// The server broke the protocol during the handshake.
     #[error("the server broke the protocol during the handshake: {message}")]
     ProtocolViolation {

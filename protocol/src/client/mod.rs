@@ -101,6 +101,7 @@ use core::time::Duration;
 
 use crate::deadlines::Deadlines;
 use crate::liveness::{Liveness, LivenessEvent};
+use crate::server::token_matches;
 use crate::{
     Backoff, Call, CloseCode, Goodbye, GoodbyeReason, Hello, Message, Reply, RequestId, StreamCode,
     Timestamp, Tree,
@@ -752,6 +753,19 @@ impl ClientProtocol {
     ) -> Result<(), ClientMessageError> {
         match message {
             Message::Hello(hello) => {
+                if self.config.server_token.is_some()
+                    && !token_matches(self.config.server_token.as_deref(), hello.token.as_deref())
+                {
+                    self.out.push_back(ClientOutput::CloseConnection {
+                        conn,
+                        code: CloseCode::Unauthenticated,
+                        reason: String::from("the server did not present the expected token"),
+                    });
+                    let error = ConnectError::ServerUnauthenticated;
+                    let text = format!("{error}");
+                    self.attempt_failed(now, text, Some(error));
+                    return Ok(());
+                }
                 self.peer_agent = Some(hello.agent);
                 self.timers.remove(Timer::Attempt);
                 self.attempts = 0;

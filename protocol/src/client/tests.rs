@@ -393,6 +393,72 @@ fn connect_gives_up_when_the_server_refuses() {
     }
 }
 
+/// A client that requires the server's token (a server that dialled in):
+/// connected, with the server's `Hello` carrying `token`; returns the outputs.
+fn hello_with_server_token(token: Option<&str>) -> (ClientProtocol, ConnId, Vec<ClientOutput>) {
+    let config = ClientConfig {
+        server_token: Some("s3cret".into()),
+        ..ClientConfig::default()
+    };
+    let mut c = ClientProtocol::new(at(0), config);
+    let id = start(&mut c, at(0), None);
+    c.connect(at(0));
+    let conn = connect_outputs(&drain(&mut c))[0];
+    c.connected(at(0), conn);
+    match &transmitted(&drain(&mut c))[..] {
+        // The client's own token is not the one it requires: nothing secret
+        // goes to a server before it proves itself.
+        [Message::Hello(h)] => assert_eq!(h.token, None),
+        other => panic!("{other:?}"),
+    }
+    let hello = Message::Hello(Hello {
+        agent: "worker".into(),
+        token: token.map(Into::into),
+    });
+    c.handle_message(at_ms(1), conn, hello).unwrap();
+    let out = drain(&mut c);
+    assert!(
+        token != Some("s3cret") || sent(&out) == vec![id],
+        "the waiting call goes out once the server proved itself: {out:?}"
+    );
+    (c, conn, out)
+}
+
+#[test]
+fn a_server_that_presents_the_required_token_gets_calls() {
+    let (c, _conn, out) = hello_with_server_token(Some("s3cret"));
+    assert!(c.is_connected());
+    assert!(closes(&out).is_empty());
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn a_server_without_the_required_token_is_refused_before_any_call() {
+    for token in [None, Some("s3creX"), Some("")] {
+        let (c, conn, out) = hello_with_server_token(token);
+        assert!(sent(&out).is_empty(), "{token:?}: {out:?}");
+        assert_eq!(closes(&out), vec![conn], "{token:?}");
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                ClientOutput::CloseConnection {
+                    code: CloseCode::Unauthenticated,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        assert!(!c.is_connected());
+        // The connect() waiting gives up at once, saying why.
+        assert_eq!(
+            connect_result(&out),
+            Some(Err(ConnectError::ServerUnauthenticated))
+        );
+        let text = alloc::string::String::from(c.last_error().unwrap_or_default());
+        assert!(text.contains("expected token"), "{text}");
+    }
+}
+
 #[test]
 fn connect_gives_up_at_the_connect_timeout() {
     let config = ClientConfig {

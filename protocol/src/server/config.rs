@@ -33,6 +33,13 @@ pub struct ServerConfig {
     /// constant time (only its length is not hidden). `None` accepts any
     /// client (use mutual TLS or a trusted network). Never printed by `Debug`.
     pub token: Option<String>,
+    /// The token this server sends in its own `Hello`, proving itself to a
+    /// client that cannot tell it from anyone else by its certificate: a
+    /// server that dialled its client (a pool's worker), which anyone can
+    /// do. Sent only once the client's `Hello` is accepted, over a
+    /// connection whose certificate the server checked. Default `None`.
+    /// Never printed by `Debug`.
+    pub present_token: Option<String>,
     /// Names this server in its `Hello`. Default [`DEFAULT_AGENT`].
     pub agent: String,
     /// How long a new connection may take, from the moment the state machine
@@ -73,6 +80,7 @@ impl Default for ServerConfig {
             capacity: None,
             methods: None,
             token: None,
+            present_token: None,
             agent: String::from(DEFAULT_AGENT),
             hello_timeout: Duration::from_secs(10),
             call_progress_timeout: Some(Duration::from_secs(30)),
@@ -90,6 +98,10 @@ impl fmt::Debug for ServerConfig {
             .field("capacity", &self.capacity)
             .field("methods", &self.methods.as_ref().map(|m| m.len()))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "present_token",
+                &self.present_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("agent", &self.agent)
             .field("hello_timeout", &self.hello_timeout)
             .field("call_progress_timeout", &self.call_progress_timeout)

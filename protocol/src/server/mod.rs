@@ -440,7 +440,7 @@ impl ServerProtocol {
                 self.out
                     .push_back(ServerOutput::Transmit(Message::Hello(Hello {
                         agent: self.config.agent.clone(),
-                        token: None,
+                        token: self.config.present_token.clone(),
                     })));
                 self.run_gate(now);
                 self.arm_idle(now);
@@ -979,7 +979,7 @@ impl ServerProtocol {
 
 /// Compares the token in constant time (for tokens of equal length; the length
 /// itself is not hidden). `expected == None` accepts any client.
-fn token_matches(expected: Option<&str>, given: Option<&str>) -> bool {
+pub(crate) fn token_matches(expected: Option<&str>, given: Option<&str>) -> bool {
     let Some(expected) = expected else {
         return true;
     };

@@ -152,6 +152,33 @@ fn handshake_with_the_right_token() {
 }
 
 #[test]
+fn a_server_that_dialled_its_client_presents_its_token_only_to_an_accepted_hello() {
+    let config = ServerConfig {
+        present_token: Some("pr00f".into()),
+        ..with_token("s3cret")
+    };
+    // A client refused gets no token back.
+    let mut s = ServerProtocol::new(at(0), config.clone());
+    let _ = s.handle_message(at(0), hello(Some("wrong")));
+    let out = drain(&mut s);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, ServerOutput::Transmit(Message::Hello(_)))),
+        "{out:?}"
+    );
+    // An accepted one does.
+    let mut s = ServerProtocol::new(at(0), config);
+    s.handle_message(at(0), hello(Some("s3cret"))).unwrap();
+    match &drain(&mut s)[..] {
+        [ServerOutput::Transmit(Message::Hello(h))] => {
+            assert_eq!(h.token.as_deref(), Some("pr00f"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!format!("{s:?}").contains("pr00f"));
+}
+
+#[test]
 fn wrong_or_missing_token_is_refused_and_closed_as_unauthenticated() {
     for given in [Some("s3creT"), Some("s3cret "), Some(""), None] {
         let mut s = ServerProtocol::new(at(0), with_token("s3cret"));

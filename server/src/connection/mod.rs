@@ -13,23 +13,54 @@ mod state;
 use std::future::IntoFuture;
 use std::sync::Arc;
 
+use teleport_protocol::server::ServerConfig;
 use teleport_quic::driver::{read_control, spawn_control_writer};
-use teleport_quic::Incoming;
+use teleport_quic::{Connection, Incoming};
 use tracing::Instrument;
 
 use crate::shared::{ConnectionSlot, ServerShared};
 
 pub(crate) use state::Conn;
 
-/// Serves one connection attempt in a task of its own, so a handshake that
-/// stalls delays no other client.
-pub(crate) fn spawn(incoming: Incoming, slot: ConnectionSlot, shared: Arc<ServerShared>) {
+/// How a connection begins.
+pub(crate) enum Start {
+    /// A client's attempt reached the listener: the handshake is to come.
+    Incoming(Box<Incoming>),
+    /// The server dialled a client that listens for servers: the handshake
+    /// is done, and the client's `Hello` comes as from any other (see
+    /// [`Server::dial`](crate::Server::dial)).
+    Dialed(Connection),
+}
+
+impl Start {
+    fn remote_addr(&self) -> std::net::SocketAddr {
+        match self {
+            Start::Incoming(incoming) => incoming.remote_addr(),
+            Start::Dialed(connection) => connection.remote_addr(),
+        }
+    }
+}
+
+/// Serves one connection in a task of its own, so a handshake that stalls
+/// delays no other client. `config` is the machine's.
+pub(crate) fn spawn(
+    start: Start,
+    slot: ConnectionSlot,
+    shared: Arc<ServerShared>,
+    config: ServerConfig,
+) {
     let id = shared.next_connection_id();
-    let peer = incoming.remote_addr();
+    let peer = start.remote_addr();
     let span = tracing::info_span!("connection", id, %peer);
     tokio::spawn(
         async move {
-            let conn = Arc::new(Conn::new(id, peer, shared.clone(), slot.authentication()));
+            let conn = Arc::new(Conn::new(
+                id,
+                peer,
+                shared.clone(),
+                slot.authentication(),
+                config,
+            ));
             // Both held until the task ends, however it ends.
             let _live = shared.register(&conn);
             let _slot = slot;
@@ -51,7 +82,7 @@ pub(crate) fn spawn(incoming: Incoming, slot: ConnectionSlot, shared: Arc<Server
                         .await
                 }
             });
-            drive(&conn, incoming).await;
+            drive(&conn, start).await;
             conn.timer.stop();
             let _ = timer.await;
             tracing::debug!("connection finished");
@@ -60,27 +91,39 @@ pub(crate) fn spawn(incoming: Incoming, slot: ConnectionSlot, shared: Arc<Server
     );
 }
 
-/// The connection's life: handshake, control stream, call streams.
-async fn drive(conn: &Arc<Conn>, incoming: Incoming) {
+/// The TLS handshake of a client's attempt, or `None` if it failed or the
+/// connection ended meanwhile.
+async fn handshake(conn: &Arc<Conn>, incoming: Incoming) -> Option<Connection> {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             tracing::info!(error = %e, "a connection attempt could not be accepted");
-            return;
+            return None;
         }
     };
     // The machine's Hello deadline covers the handshake: when it closes the
     // connection, the handshake is abandoned.
-    let connection = tokio::select! {
+    tokio::select! {
         done = connecting.into_future() => match done {
-            Ok(connection) => connection,
+            Ok(connection) => Some(connection),
             Err(e) => {
                 tracing::info!(error = %e, "a handshake failed");
                 conn.connection_lost();
-                return;
+                None
             }
         },
-        _ = conn.wait_ended() => return,
+        _ = conn.wait_ended() => None,
+    }
+}
+
+/// The connection's life: handshake, control stream, call streams.
+async fn drive(conn: &Arc<Conn>, start: Start) {
+    let connection = match start {
+        Start::Incoming(incoming) => match handshake(conn, *incoming).await {
+            Some(connection) => connection,
+            None => return,
+        },
+        Start::Dialed(connection) => connection,
     };
     // Data sections are charged to the connection's share of the server's
     // receive memory as their bytes arrive.

@@ -126,14 +126,17 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// `config`: the machine's, the server's own unless the connection is one
+    /// the server dialled.
     pub(crate) fn new(
         id: u64,
         peer: SocketAddr,
         shared: Arc<ServerShared>,
         slot: AuthenticationSlot,
+        config: teleport_protocol::server::ServerConfig,
     ) -> Conn {
         let now = shared.clock.now();
-        let machine = ServerProtocol::new(now, shared.protocol.clone());
+        let machine = ServerProtocol::new(now, config);
         Conn {
             id,
             state: Mutex::new(ConnState {
