@@ -120,10 +120,18 @@ impl ServerListener {
         })
     }
 
-    /// Stops accepting; connections already made carry on.
+    /// Stops accepting and closes every connection made through it (their
+    /// clients' calls fail). Await [`wait_idle`](Self::wait_idle) after, or
+    /// keep the listener until then, so the servers are told.
     pub fn close(&self) {
         self.listener
             .close(teleport_quic::CloseCode::Normal, "the listener was closed");
+    }
+
+    /// Waits until every connection made through the listener is fully
+    /// closed (its server was told).
+    pub async fn wait_idle(&self) {
+        self.listener.wait_idle().await;
     }
 }
 

@@ -201,18 +201,18 @@ impl PoolBuilder {
         self
     }
 
-    /// Listens at `addr` for workers that register themselves: `teleport
-    /// worker --connect ADDR --pin FP` with the token on stdin
-    /// (`--token-stdin`) or in `TELEPORT_TOKEN`, all three from
-    /// [`Pool::registration`]. Registering is "register, then the pool dials
-    /// back": the worker tells the pool its port and fingerprint, and the
-    /// pool dials it at the address the registration came from (or the host
-    /// it advertises), so the worker must be reachable from the pool. The
-    /// endpoint always requires the pool's [token](Pool::token), refuses
-    /// port 0, counts a worker registering again at the same address once,
-    /// and takes at most [`max_registered_workers`](Self::max_registered_workers).
-    /// With `identity`, the endpoint's fingerprint stays the same across
-    /// runs (otherwise each start makes a new certificate).
+    /// Listens at `addr` for workers that dial the pool: `teleport worker
+    /// --connect ADDR --pin FP` with the token on stdin (`--token-stdin`) or
+    /// in `TELEPORT_TOKEN`, all three from [`Pool::registration`]. The pool
+    /// calls each worker over the connection the worker opened, so only the
+    /// pool must be reachable: workers behind a firewall or NAT that lets
+    /// them dial out serve as well as any. A worker pins this endpoint's
+    /// certificate; the pool takes it once its `Hello` carries the pool's
+    /// [token](Pool::token), and sends it nothing before (anyone can dial).
+    /// At most [`max_registered_workers`](Self::max_registered_workers) at
+    /// once; a worker whose connection ends is removed (it dials again if it
+    /// runs on). With `identity`, the endpoint's fingerprint stays the same
+    /// across runs (otherwise each start makes a new certificate).
     pub fn accept_workers(mut self, addr: impl Into<String>, identity: Option<Identity>) -> Self {
         self.accept = Some((addr.into(), identity));
         self
@@ -273,9 +273,10 @@ impl PoolBuilder {
         self
     }
 
-    /// The most workers registered at once
-    /// ([`accept_workers`](Self::accept_workers)); more are refused until
-    /// some leave. Default 1024.
+    /// The most workers dialled in at once
+    /// ([`accept_workers`](Self::accept_workers)), counting those whose
+    /// `Hello` has not come yet; more are refused until some leave. Default
+    /// 1024.
     pub fn max_registered_workers(mut self, n: usize) -> Self {
         self.settings.max_registered_workers = n;
         self
@@ -355,7 +356,9 @@ impl PoolBuilder {
         }
         let registration = match self.accept {
             Some((addr, identity)) => {
-                Some(sources::registration_server(&shared, &addr, identity).await?)
+                let (listener, task) = sources::worker_listener(&shared, &addr, identity).await?;
+                tasks.push(task);
+                Some(listener)
             }
             None => None,
         };

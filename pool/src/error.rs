@@ -217,10 +217,10 @@ pub enum StartError {
     /// An address that is not one, or a name that does not resolve.
     #[error("{0}")]
     Address(#[from] teleport_client::AddressError),
-    /// The endpoint workers register at (`PoolBuilder::accept_workers`) could
-    /// not be started.
-    #[error("cannot start the endpoint workers register at: {0}")]
-    Registration(#[from] teleport_server::ServerError),
+    /// The endpoint workers dial (`PoolBuilder::accept_workers`) could not be
+    /// started.
+    #[error("cannot start the endpoint workers dial: {0}")]
+    Registration(String),
     /// The random token for workers could not be made (the operating
     /// system's random source failed).
     #[error("cannot make a random token for the pool: {0} (or give one: PoolBuilder::token)")]

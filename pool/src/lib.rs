@@ -23,8 +23,10 @@
 //! - Sources ([`PoolBuilder`]): servers by address, a name resolved again and
 //!   again (a Kubernetes headless service), worker processes the pool starts
 //!   on this machine or over `ssh://[user@]host[:port]/N`, and workers that
-//!   register themselves ([`worker`]: `--connect`). Every connection is TLS,
-//!   pinned to the fingerprint each worker announces (or one given).
+//!   dial the pool and are called over their own connection ([`worker`]:
+//!   `--connect`). Every connection is TLS, pinned to the fingerprint each
+//!   worker announces (or one given); a worker that dials in proves the
+//!   pool's token instead.
 //! - Scheduling: each server has up to `qsize` calls in flight; the next call
 //!   goes to the server with the fewest outstanding; an input is read only
 //!   when a slot is free.
@@ -41,7 +43,7 @@
 //!
 //! `members`: the servers, their slots and leases, bringing lost ones back;
 //! `pool`: one call and what to do when its server is lost; `map`: the map
-//! stream; `sources`: worker processes, ssh, names, registration;
+//! stream; `sources`: worker processes, ssh, names, the endpoint workers dial;
 //! `builder`: the settings; `worker`: the worker side's entry point.
 
 mod blocking;

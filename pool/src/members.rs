@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::process::Child;
 
-use teleport_client::{Client, ClientTls};
+use teleport_client::{Client, ClientBuilder, ClientTls, DialedServer};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
@@ -27,12 +27,10 @@ pub(crate) enum Origin {
         /// The name as given.
         name: Arc<str>,
     },
-    /// A worker that registered (`teleport worker --connect`), with the
-    /// fingerprint it announced. Removed when lost: a worker that comes back
-    /// registers again.
-    Registered {
-        fingerprint: teleport_client::Fingerprint,
-    },
+    /// A worker that dialled the pool (`teleport worker --connect`) and is
+    /// called over the connection it opened. Removed when lost (or when its
+    /// `Hello` lacks the token): a worker that comes back dials again.
+    Dialed,
     /// A worker process the pool started (locally or over ssh). Removed for
     /// good when the process exits (see [`watch_process`]).
     Process(ProcessHandle),
@@ -418,9 +416,37 @@ impl Shared {
         server_name: Option<String>,
         origin: Origin,
     ) -> u64 {
+        let mut builder = Client::builder(addr).tls(tls);
+        // Dialled by address, the client would check the certificate for the
+        // IP; a CA-signed certificate names the host the user gave.
+        if let Some(server_name) = server_name {
+            builder = builder.server_name(server_name);
+        }
+        self.add_client(name, addr, builder, origin)
+    }
+
+    /// Adds a worker that dialled the pool: called over its own connection
+    /// once its `Hello` shows the pool's token.
+    pub(crate) fn add_dialed(self: &Arc<Self>, server: DialedServer) -> u64 {
+        let addr = server.remote_addr();
+        let builder = Client::dialed_in(server, self.settings.token.clone());
+        self.add_client(
+            format!("worker dialled in from {addr}"),
+            addr,
+            builder,
+            Origin::Dialed,
+        )
+    }
+
+    fn add_client(
+        self: &Arc<Self>,
+        name: String,
+        addr: SocketAddr,
+        builder: ClientBuilder,
+        origin: Origin,
+    ) -> u64 {
         let settings = &self.settings;
-        let mut builder = Client::builder(addr)
-            .tls(tls)
+        let builder = builder
             .max_in_flight(settings.qsize)
             // The pool moves work off a lost server itself; the client must
             // fail its calls at once rather than wait for a reconnection.
@@ -428,12 +454,9 @@ impl Shared {
             .connect_timeout(settings.connect_timeout)
             .raise_unobserved_errors(false)
             .agent(concat!("teleport-pool ", env!("CARGO_PKG_VERSION")))
+            // Not sent to a worker that dialled in: it proves the token to
+            // the pool instead.
             .token(settings.token.clone());
-        // Dialled by address, the client would check the certificate for the
-        // IP; a CA-signed certificate names the host the user gave.
-        if let Some(server_name) = server_name {
-            builder = builder.server_name(server_name);
-        }
         let client = builder.build();
         let id = {
             let mut state = self.lock();
@@ -472,15 +495,13 @@ impl Shared {
             was_up
         };
         let for_good = self
-            .with_member(member, |m| {
-                m.retired || matches!(m.origin, Origin::Registered { .. })
-            })
+            .with_member(member, |m| m.retired || matches!(m.origin, Origin::Dialed))
             .unwrap_or(false);
         if for_good {
             tracing::info!(
                 member,
                 reason,
-                "pool: registered or retired server lost; removed"
+                "pool: dialled-in or retired server lost; removed"
             );
             self.remove_where(|m| m.id == member);
             return;
@@ -535,24 +556,25 @@ impl Shared {
         retired
     }
 
-    /// How many registered workers the pool has, and the id and fingerprint
-    /// of the one at `addr`, if there is one.
-    pub(crate) fn registered(
-        &self,
-        addr: SocketAddr,
-    ) -> (usize, Option<(u64, teleport_client::Fingerprint)>) {
+    /// The clients of the workers that dialled in.
+    pub(crate) fn dialed_clients(&self) -> Vec<Client> {
         let state = self.lock();
-        let mut count = 0;
-        let mut same = None;
-        for m in state.members.iter().filter(|m| !m.removed && !m.retired) {
-            if let Origin::Registered { fingerprint } = &m.origin {
-                count += 1;
-                if m.addr == addr {
-                    same = Some((m.id, *fingerprint));
-                }
-            }
-        }
-        (count, same)
+        state
+            .members
+            .iter()
+            .filter(|m| matches!(m.origin, Origin::Dialed))
+            .map(|m| m.client.clone())
+            .collect()
+    }
+
+    /// How many workers that dialled in the pool has (proven or not yet).
+    pub(crate) fn dialed_count(&self) -> usize {
+        let state = self.lock();
+        state
+            .members
+            .iter()
+            .filter(|m| !m.removed && !m.retired && matches!(m.origin, Origin::Dialed))
+            .count()
     }
 
     /// The addresses of the servers that came from resolving `name`.
@@ -628,7 +650,18 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
                 return;
             }
             Err(e) => {
-                shared.with_member(member, |m| m.last_error = Some(e.to_string()));
+                let dialed = shared
+                    .with_member(member, |m| {
+                        m.last_error = Some(e.to_string());
+                        matches!(m.origin, Origin::Dialed)
+                    })
+                    .unwrap_or(false);
+                // Nothing can dial it back: it dials again if it can.
+                if dialed {
+                    tracing::info!(member, error = %e, "pool: a worker that dialled in was not taken");
+                    shared.remove_where(|m| m.id == member);
+                    return;
+                }
             }
         }
         wait = if wait.is_zero() {

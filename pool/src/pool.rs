@@ -26,8 +26,8 @@ pub struct Pool {
 #[derive(Debug)]
 struct Handle {
     shared: Arc<Shared>,
-    /// The endpoint workers register at, kept alive with the pool.
-    registration: Option<teleport_server::Server>,
+    /// The endpoint workers dial, kept open with the pool.
+    registration: Option<Arc<teleport_client::ServerListener>>,
     /// Background tasks of the pool's sources (re-resolving names), stopped
     /// with it.
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -38,22 +38,43 @@ impl Drop for Handle {
         for task in &self.tasks {
             task.abort();
         }
+        let dialed = self.shared.dialed_clients();
         self.shared.close();
+        if let Some(listener) = self.registration.take() {
+            match tokio::runtime::Handle::try_current() {
+                // The workers that dialled in are told goodbye by their
+                // clients (closed above; each machine bounds how long that
+                // takes), then the endpoint closes what is left and is kept
+                // until the peers were told: dropped at once, it was seen to
+                // go before its close did, and a worker then waited for its
+                // idle timeout.
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        for client in dialed {
+                            client.closed().await;
+                        }
+                        listener.close();
+                        listener.wait_idle().await;
+                    });
+                }
+                Err(_) => listener.close(),
+            }
+        }
     }
 }
 
-/// Where and how a worker registers with a pool
-/// ([`Pool::registration`]): `teleport worker --connect ADDR --pin
-/// FINGERPRINT --token-stdin`, with the token written to its stdin (or in
-/// `TELEPORT_TOKEN`). Its `Debug` hides the token.
+/// Where and how a worker joins a pool ([`Pool::registration`]): `teleport
+/// worker --connect ADDR --pin FINGERPRINT --token-stdin`, with the token
+/// written to its stdin (or in `TELEPORT_TOKEN`). Its `Debug` hides the
+/// token.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Registration {
-    /// The address the registration endpoint listens at.
+    /// The address the endpoint workers dial listens at.
     pub addr: SocketAddr,
     /// The fingerprint of its certificate, for the worker to pin.
     pub fingerprint: teleport_client::Fingerprint,
-    /// The token the worker must present.
+    /// The token the worker must present in its `Hello`.
     pub token: String,
 }
 
@@ -91,7 +112,7 @@ impl Pool {
 
     pub(crate) fn from_parts(
         shared: Arc<Shared>,
-        registration: Option<teleport_server::Server>,
+        registration: Option<Arc<teleport_client::ServerListener>>,
         tasks: Vec<tokio::task::JoinHandle<()>>,
     ) -> Pool {
         Pool {
@@ -281,7 +302,7 @@ impl Pool {
         }
     }
 
-    /// What a worker needs to register with this pool, if it accepts
+    /// What a worker needs to join this pool, if it accepts
     /// workers ([`PoolBuilder::accept_workers`]).
     pub fn registration(&self) -> Option<Registration> {
         self.handle

@@ -7,15 +7,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use teleport_client::{Address, ClientTls, Fingerprint, Host, ToAddress};
-use teleport_protocol::{tree, Tree};
-use teleport_server::{Context, HandlerError, Server};
+use teleport_client::{Address, ClientTls, Fingerprint, Host, ServerListener, ToAddress};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::error::StartError;
 use crate::members::{watch_process, Origin, Shared};
-use crate::worker::{parse_announcement, JOIN_METHOD};
+use crate::worker::parse_announcement;
 
 /// An `ssh://[user@]host[:port]/N` source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -391,90 +389,53 @@ pub(crate) fn resolve_periodically(
     })
 }
 
-/// The endpoint `teleport worker --connect` registers at: a Teleport server
-/// with one function, [`JOIN_METHOD`], that adds the worker as a server.
-/// It always requires the pool's token.
-pub(crate) async fn registration_server(
+/// The endpoint `teleport worker --connect` dials: every worker that dials
+/// in becomes a server of the pool, called over the connection it opened,
+/// once its `Hello` carries the pool's token (anyone can dial; the worker
+/// pinned this endpoint's certificate). At most `max_registered_workers` at
+/// once, proven or not yet; more are refused without a handshake.
+pub(crate) async fn worker_listener(
     shared: &Arc<Shared>,
     listen: &str,
     identity: Option<teleport_client::Identity>,
-) -> Result<Server, StartError> {
-    let weak = Arc::downgrade(shared);
-    let join = move |args: Tree, ctx: Context| {
-        let weak = weak.clone();
-        async move {
-            let shared = weak
-                .upgrade()
-                .ok_or_else(|| HandlerError::with_type("PoolClosed", "the pool was closed"))?;
-            register(&shared, &args, ctx.peer_addr()).await
-        }
+) -> Result<(Arc<ServerListener>, tokio::task::JoinHandle<()>), StartError> {
+    let identity = match identity {
+        Some(identity) => identity,
+        None => teleport_client::Identity::self_signed(["localhost"])
+            .map_err(|e| StartError::Registration(e.to_string()))?,
     };
-    let mut builder = Server::builder()
-        .bind(JOIN_METHOD, join)
-        .token(shared.settings.token.clone());
-    if let Some(identity) = identity {
-        builder = builder.identity(identity);
-    }
-    Ok(builder.listen(listen).await?)
+    let listener = ServerListener::bind(
+        listen,
+        identity,
+        &teleport_client::TransportConfig::default(),
+    )
+    .await
+    .map_err(|e| StartError::Registration(e.to_string()))?;
+    let listener = Arc::new(listener);
+    let task = tokio::spawn(accept_workers(Arc::downgrade(shared), listener.clone()));
+    Ok((listener, task))
 }
 
-/// Adds the worker a registration describes, unless it is there already
-/// (the same address and fingerprint) or the pool has as many registered
-/// workers as it takes.
-async fn register(
-    shared: &Arc<Shared>,
-    args: &Tree,
-    peer: SocketAddr,
-) -> Result<Tree, HandlerError> {
-    let value_error = |message: String| HandlerError::with_type("ValueError", message);
-    let port = u16::try_from(args.get("port")?.as_int()?)
-        .map_err(|_| value_error("port is not a UDP port (1 to 65535)".to_owned()))?;
-    if port == 0 {
-        return Err(value_error(
-            "port 0 is no port to dial: register the port the worker listens on".to_owned(),
-        ));
+async fn accept_workers(shared: std::sync::Weak<Shared>, listener: Arc<ServerListener>) {
+    while let Some(dialed) = listener.accept().await {
+        let Some(shared) = shared.upgrade().filter(|s| !s.is_closed()) else {
+            dialed.refuse();
+            return;
+        };
+        let count = shared.dialed_count();
+        if count >= shared.settings.max_registered_workers {
+            tracing::warn!(
+                peer = %dialed.remote_addr(),
+                count,
+                "pool: a worker dialled in but the pool has as many as it takes \
+                 (PoolBuilder::max_registered_workers); refused"
+            );
+            dialed.refuse();
+            continue;
+        }
+        tracing::info!(peer = %dialed.remote_addr(), "pool: a worker dialled in");
+        shared.add_dialed(dialed);
     }
-    let fingerprint: Fingerprint = args
-        .get("fingerprint")?
-        .as_str()?
-        .parse()
-        .map_err(|e| value_error(format!("{e}")))?;
-    let addr = match args.get("host")? {
-        Tree::None => SocketAddr::new(peer.ip(), port),
-        host => dial_address(host.as_str()?, SocketAddr::from(([0, 0, 0, 0], port)))
-            .await
-            .map_err(|e| value_error(e.to_string()))?,
-    };
-    let (count, same) = shared.registered(addr);
-    match same {
-        Some((_, known)) if known == fingerprint => {
-            tracing::debug!(%addr, "pool: worker registered again; already known");
-            return Ok(tree!({"addr": (addr.to_string())}));
-        }
-        // A worker that restarted on the same port with a new certificate.
-        Some((old, _)) => {
-            shared.retire_where(|m| m.id == old);
-        }
-        None if count >= shared.settings.max_registered_workers => {
-            return Err(HandlerError::with_type(
-                "PoolFull",
-                format!(
-                    "the pool has {count} registered workers, as many as it takes \
-                     (PoolBuilder::max_registered_workers)"
-                ),
-            ));
-        }
-        None => {}
-    }
-    tracing::info!(%addr, "pool: worker registered");
-    shared.add(
-        format!("registered worker {addr}"),
-        addr,
-        ClientTls::pinned(fingerprint),
-        None,
-        Origin::Registered { fingerprint },
-    );
-    Ok(tree!({"addr": (addr.to_string())}))
 }
 
 #[cfg(test)]

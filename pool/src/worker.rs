@@ -22,14 +22,15 @@
 //! that started it learns where it is and which certificate to pin.
 //!
 //! With `--connect ADDR --pin FP` and the pool's token (`--token-stdin`,
-//! `--token`, or `TELEPORT_TOKEN`) the worker registers with a pool that
-//! listens ([`PoolBuilder::accept_workers`](crate::PoolBuilder::accept_workers)):
-//! "register, then the pool dials back". It still listens itself (on
-//! `0.0.0.0:0` unless `--listen` says otherwise), tells the pool its port
-//! and fingerprint, and the pool dials it back. The pool must therefore be
-//! able to reach the worker (UDP to its port): `--connect` saves telling the
-//! pool where workers are, it does not get through a firewall in front of
-//! the worker. It stops when its connection to the pool ends.
+//! `--token`, or `TELEPORT_TOKEN`) the worker dials a pool that listens
+//! ([`PoolBuilder::accept_workers`](crate::PoolBuilder::accept_workers)) and
+//! is called over the connection it opened
+//! ([`Server::dial`](teleport_server::Server::dial)): only the pool must be
+//! reachable, so a worker behind a firewall or NAT that lets it dial out
+//! serves as well as any. The worker pins the pool's certificate and proves
+//! itself with the token in its `Hello`. It still listens for clients of its
+//! own (on `127.0.0.1:0` unless `--listen` says otherwise), and stops when
+//! its connection to the pool ends.
 //!
 //! The token is best given on stdin (`--token-stdin`: the first line), as a
 //! pool that starts workers does: a command line is visible to every user
@@ -41,17 +42,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use teleport_client::{Client, Fingerprint, Identity};
-use teleport_protocol::{tree, Tree};
-use teleport_server::ServerBuilder;
-
-/// The method a pool's registration endpoint binds.
-pub const JOIN_METHOD: &str = "teleport.pool.join";
+use teleport_client::{ClientTls, Fingerprint, Identity};
+use teleport_server::{DialedClient, ServerBuilder};
 
 /// What a worker announces on stdout before the address.
 pub(crate) const ANNOUNCE_PREFIX: &str = "teleport worker listening on ";
 /// What a worker started with `--connect` prints, before the pool's
-/// address, once the pool has taken its registration.
+/// address, once its connection to the pool is up.
 pub const REGISTERED_PREFIX: &str = "teleport worker registered with ";
 /// Between the address and the fingerprint in the announcement.
 pub(crate) const ANNOUNCE_FINGERPRINT: &str = " fingerprint ";
@@ -75,16 +72,12 @@ pub fn parse_announcement(line: &str) -> Option<(SocketAddr, Fingerprint)> {
 #[non_exhaustive]
 pub struct WorkerOptions {
     /// Where to listen (`--listen`). Default: `127.0.0.1:0` (a free port on
-    /// loopback), or `0.0.0.0:0` with `connect` (the pool dials the worker
-    /// back, from another host as like as not).
+    /// loopback; a worker that dials its pool needs no other).
     pub listen: Option<String>,
-    /// A pool's registration endpoint to register with (`--connect`).
+    /// A pool that accepts workers, to dial and serve (`--connect`).
     pub connect: Option<String>,
-    /// The fingerprint of that endpoint's certificate (`--pin`).
+    /// The fingerprint of that pool's certificate (`--pin`).
     pub pin: Option<Fingerprint>,
-    /// The host name or address the pool should dial back (`--advertise`);
-    /// default: the address the pool sees the registration come from.
-    pub advertise: Option<String>,
     /// Stop when stdin closes (`--exit-on-stdin-close`): how a pool that
     /// started the worker, locally or over ssh, takes it down with itself.
     pub exit_on_stdin_close: bool,
@@ -105,7 +98,6 @@ impl Default for WorkerOptions {
             listen: None,
             connect: None,
             pin: None,
-            advertise: None,
             exit_on_stdin_close: false,
             identity_dir: None,
             token: std::env::var("TELEPORT_TOKEN").ok(),
@@ -120,7 +112,6 @@ impl std::fmt::Debug for WorkerOptions {
             .field("listen", &self.listen)
             .field("connect", &self.connect)
             .field("pin", &self.pin)
-            .field("advertise", &self.advertise)
             .field("exit_on_stdin_close", &self.exit_on_stdin_close)
             .field("identity_dir", &self.identity_dir)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
@@ -134,7 +125,7 @@ impl std::fmt::Debug for WorkerOptions {
 #[non_exhaustive]
 pub enum WorkerError {
     /// The command line is not one a worker takes.
-    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--advertise HOST] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN | --token-stdin]")]
+    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN | --token-stdin]")]
     Usage(String),
     /// The server could not be started.
     #[error(transparent)]
@@ -147,13 +138,13 @@ pub enum WorkerError {
         /// What went wrong.
         error: String,
     },
-    /// Registering with the pool failed.
-    #[error("registering with the pool at {pool}: {error}")]
+    /// Dialling the pool failed.
+    #[error("dialling the pool at {pool}: {error}")]
     Register {
         /// The pool's address as given.
         pool: String,
         /// What went wrong.
-        error: Box<teleport_client::Error>,
+        error: teleport_server::ServerError,
     },
     /// The token could not be read from stdin (`--token-stdin`).
     #[error("reading the token from stdin (--token-stdin): {0}")]
@@ -198,7 +189,13 @@ impl WorkerOptions {
                             .map_err(|e| WorkerError::Usage(format!("--pin: {e}")))?,
                     );
                 }
-                "--advertise" => options.advertise = Some(value("--advertise")?),
+                "--advertise" => {
+                    return Err(WorkerError::Usage(
+                        "--advertise is gone: the pool calls a worker over the connection the \
+                         worker opens, so it never dials one back"
+                            .to_owned(),
+                    ))
+                }
                 "--identity-dir" => options.identity_dir = Some(value("--identity-dir")?.into()),
                 "--token" => options.token = Some(value("--token")?),
                 "--token-stdin" => options.token_stdin = true,
@@ -211,7 +208,7 @@ impl WorkerOptions {
     }
 
     /// Checks options that go together: `--connect` with `--pin` and a
-    /// token (a pool's registration endpoint always requires one).
+    /// token (a pool takes no worker without one).
     pub fn check(&self) -> Result<(), WorkerError> {
         if self.connect.is_some() != self.pin.is_some() {
             return Err(WorkerError::Usage(
@@ -230,17 +227,13 @@ impl WorkerOptions {
 
     /// Where the worker listens: `listen`, or its default.
     pub fn listen_addr(&self) -> &str {
-        match (&self.listen, &self.connect) {
-            (Some(listen), _) => listen,
-            (None, Some(_)) => "0.0.0.0:0",
-            (None, None) => "127.0.0.1:0",
-        }
+        self.listen.as_deref().unwrap_or("127.0.0.1:0")
     }
 }
 
 /// Serves the functions bound on `builder` as `options` say, until stopped:
 /// by Ctrl-C, by stdin closing (with `exit_on_stdin_close`), or by the end
-/// of the connection to the pool it registered with (with `connect`).
+/// of its connection to the pool (with `connect`).
 /// Prints the announcement line first.
 pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(), WorkerError> {
     let mut options = options;
@@ -267,7 +260,7 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     let registration = match (&options.connect, options.pin) {
         (Some(pool), Some(pin)) => {
             let client = register(pool, pin, &server, &options).await?;
-            // Says the pool has it (and dials it back): scripts, and tests,
+            // Says the connection to the pool is up: scripts, and tests,
             // wait for this line.
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
@@ -336,36 +329,23 @@ fn load_identity(dir: &std::path::Path) -> Result<Identity, WorkerError> {
     .map_err(|e| error(&e))
 }
 
-/// Tells the pool at `pool` where this worker listens; the returned client's
-/// connection is the worker's tie to the pool.
+/// Dials the pool at `pool` and serves it over that connection; the
+/// returned handle's end is the worker's.
 async fn register(
     pool: &str,
     pin: Fingerprint,
     server: &teleport_server::Server,
     options: &WorkerOptions,
-) -> Result<Client, WorkerError> {
-    let failed = |error| WorkerError::Register {
-        pool: pool.to_owned(),
-        error: Box::new(error),
-    };
-    let mut client = Client::builder(pool).pin(pin).reconnect(false);
-    // `check` made sure there is one: the endpoint refuses workers without.
-    if let Some(token) = &options.token {
-        client = client.token(token.clone());
-    }
-    let client = client
-        .agent(concat!("teleport-worker ", env!("CARGO_PKG_VERSION")))
-        .connect()
+) -> Result<DialedClient, WorkerError> {
+    // `check` made sure there is one: a pool takes no worker without.
+    let token = options.token.clone().unwrap_or_default();
+    server
+        .dial(pool, ClientTls::pinned(pin), token)
         .await
-        .map_err(failed)?;
-    let host = options.advertise.clone().map_or(Tree::None, Tree::from);
-    let args = tree!({
-        "port": (i64::from(server.local_addr().port())),
-        "fingerprint": (server.fingerprint().to_string()),
-        "host": (host),
-    });
-    client.call(JOIN_METHOD, args).await.map_err(failed)?;
-    Ok(client)
+        .map_err(|error| WorkerError::Register {
+            pool: pool.to_owned(),
+            error,
+        })
 }
 
 /// A worker's `main`: parses the command line (see [`WorkerOptions`]),

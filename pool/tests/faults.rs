@@ -1,7 +1,7 @@
 //! The pool when servers are busy, refuse calls, retire or leave, and the
-//! registration endpoint's checks: busy servers never end a map, a terminal
-//! error comes last, `size_hint` counts unanswered inputs, names are checked
-//! against CA-signed certificates, registering needs the token.
+//! endpoint workers dial: busy servers never end a map, a terminal error
+//! comes last, `size_hint` counts unanswered inputs, names are checked
+//! against CA-signed certificates, dialling in needs the token.
 
 mod common;
 
@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures_util::{Stream as _, StreamExt};
 use teleport_client::{Client, ClientTls, ErrorKind, Identity};
-use teleport_pool::worker::JOIN_METHOD;
 use teleport_pool::{Pool, PoolError};
 use teleport_protocol::{tree, Tree};
 use teleport_server::{Server, ServerBuilder};
@@ -253,36 +252,33 @@ async fn servers_trusted_by_a_ca_are_checked_for_the_name_given() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Calls the pool's registration endpoint as a worker would.
-async fn register(
+/// Dials the pool's worker endpoint as `teleport worker --connect` does.
+async fn dial_in(
     pool: &Pool,
-    token: Option<&str>,
-    args: Tree,
-) -> Result<Tree, teleport_client::Error> {
+    server: &Server,
+    token: &str,
+) -> Result<teleport_server::DialedClient, teleport_server::ServerError> {
     let registration = pool.registration().unwrap();
-    let mut builder = Client::builder(registration.addr)
-        .pin(registration.fingerprint)
-        .reconnect(false)
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(token) = token {
-        builder = builder.token(token);
-    }
-    let client = builder.connect().await?;
-    let reply = client.call(JOIN_METHOD, args).await;
-    client.close();
-    reply
+    server
+        .dial(
+            registration.addr,
+            ClientTls::pinned(registration.fingerprint),
+            token,
+        )
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registering_needs_the_token_and_is_bounded() {
+async fn dialling_in_needs_the_token_and_is_bounded() {
     let (_open, gate) = watch::channel(true);
-    let (a, _) = gated_server(Server::builder(), gate.clone()).await;
+    let (a, ran_a) = gated_server(Server::builder(), gate.clone()).await;
     let (b, _) = gated_server(Server::builder(), gate).await;
     let pool = timeout(
         LIMIT,
         Pool::builder()
             .accept_workers("127.0.0.1:0", None)
             .max_registered_workers(1)
+            .server_wait(Duration::from_secs(2))
             .start(),
     )
     .await
@@ -293,55 +289,60 @@ async fn registering_needs_the_token_and_is_bounded() {
     assert_eq!(token.len(), 64, "{token}");
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
     assert!(!format!("{:?}", pool.registration().unwrap()).contains(&token));
-    let join = |server: &Server, port: Option<u16>| {
-        let port = port.unwrap_or(server.local_addr().port());
-        tree!({
-            "port": (i64::from(port)),
-            "fingerprint": (server.fingerprint().to_string()),
-            "host": (Tree::None),
-        })
-    };
 
-    for wrong in [None, Some("not the token")] {
-        let e = timeout(LIMIT, register(&pool, wrong, join(&a, None)))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert!(e.to_string().contains("token"), "{e}");
-    }
-    assert!(pool.servers().is_empty());
-
-    let e = timeout(LIMIT, register(&pool, Some(&token), join(&a, Some(0))))
+    // A worker with the wrong token is dropped before any call goes to it.
+    let impostor = timeout(LIMIT, dial_in(&pool, &a, "not the token"))
         .await
         .unwrap()
-        .unwrap_err();
-    assert!(e.to_string().contains("port 0"), "{e}");
+        .unwrap();
+    timeout(LIMIT, impostor.closed()).await.unwrap();
+    until("the pool has no server", || pool.servers().is_empty()).await;
+    assert_eq!(a.stats().calls_received, 0);
+    assert_eq!(ran_a.load(Ordering::SeqCst), 0);
 
-    // The same worker registering twice is one server.
-    for _ in 0..2 {
-        timeout(LIMIT, register(&pool, Some(&token), join(&a, None)))
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    // The right token: a server of the pool, called over its own connection.
+    let worker = timeout(LIMIT, dial_in(&pool, &a, &token))
+        .await
+        .unwrap()
+        .unwrap();
     timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(pool.servers().len(), 1);
     let y = timeout(LIMIT, pool.submit("g", 40i64))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(y.as_int().unwrap(), 42);
+    let name = &pool.servers()[0].name;
+    assert!(
+        name.starts_with("worker dialled in from 127.0.0.1:"),
+        "{name}"
+    );
 
-    // One more is over max_registered_workers.
-    let e = timeout(LIMIT, register(&pool, Some(&token), join(&b, None)))
+    // One more is over max_registered_workers: refused without a handshake.
+    let e = timeout(LIMIT, dial_in(&pool, &b, &token))
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(e.remote().unwrap().type_name, "PoolFull", "{e}");
+    assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
     assert_eq!(pool.servers().len(), 1);
+
+    // A worker whose connection ends leaves the pool, and its place is free.
+    drop(a);
+    timeout(LIMIT, worker.closed()).await.unwrap();
+    until("the pool has no server", || pool.servers().is_empty()).await;
+    let worker = timeout(LIMIT, dial_in(&pool, &b, &token))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    // The pool goes: so does the connection its worker opened.
+    drop(pool);
+    timeout(LIMIT, worker.closed()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

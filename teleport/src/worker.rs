@@ -11,21 +11,17 @@ use crate::builtins::bind_builtins;
 pub(crate) struct WorkerArgs {
     /// Where to listen (UDP); the worker prints
     /// `teleport worker listening on ADDR fingerprint FP`. Default
-    /// 127.0.0.1:0, or 0.0.0.0:0 with --connect (the pool dials back).
+    /// 127.0.0.1:0.
     #[arg(long)]
     listen: Option<String>,
-    /// Register with a pool that accepts workers at this address: register,
-    /// then the pool dials this worker back at its --listen port. Needs the
-    /// pool's token (--token-stdin or TELEPORT_TOKEN).
+    /// Dial a pool that accepts workers at this address and serve it over
+    /// that connection (only the pool must be reachable). Needs the pool's
+    /// token (--token-stdin or TELEPORT_TOKEN).
     #[arg(long, requires = "pin")]
     connect: Option<String>,
-    /// The fingerprint of the pool's registration endpoint (with --connect).
+    /// The fingerprint of the pool's certificate (with --connect).
     #[arg(long, requires = "connect")]
     pin: Option<teleport::Fingerprint>,
-    /// The host the pool should dial back (with --connect); default: the
-    /// address the registration comes from.
-    #[arg(long, requires = "connect")]
-    advertise: Option<String>,
     /// Stop when stdin closes (how a pool stops the workers it started).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -33,7 +29,7 @@ pub(crate) struct WorkerArgs {
     #[arg(long)]
     identity_dir: Option<std::path::PathBuf>,
     /// Shared token clients must present (and the worker presents to the
-    /// pool it registers with). Visible in `ps`: prefer --token-stdin or
+    /// pool it dials). Visible in `ps`: prefer --token-stdin or
     /// TELEPORT_TOKEN.
     #[arg(long, env = "TELEPORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -53,7 +49,6 @@ pub(crate) async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     options.listen = args.listen;
     options.connect = args.connect;
     options.pin = args.pin;
-    options.advertise = args.advertise;
     options.exit_on_stdin_close = args.exit_on_stdin_close;
     options.identity_dir = args.identity_dir;
     options.token = args.token;

@@ -256,7 +256,7 @@ async fn workers_over_ssh_with_a_fake_ssh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_registers_with_connect() {
+async fn a_worker_dials_its_pool_with_connect() {
     let pool = within(
         "the pool starts",
         Pool::builder()
@@ -285,8 +285,7 @@ async fn a_worker_registers_with_connect() {
     // The token on stdin, never on the command line; stdin stays open.
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{}", registration.token).unwrap();
-    // The worker says when the pool's reply reached it (a pool dropped
-    // before that fails the worker's registration instead).
+    // The worker says when its connection to the pool is up.
     let stdout = child.stdout.take().unwrap();
     let registered = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -305,7 +304,7 @@ async fn a_worker_registers_with_connect() {
     assert_eq!(y.as_int().unwrap(), 42);
     assert!(pool.servers()[0]
         .name
-        .starts_with("registered worker 127.0.0.1:"));
+        .starts_with("worker dialled in from 127.0.0.1:"));
     // The worker stops when its pool goes.
     drop(pool);
     let exited = within("the worker exits with the pool", async {
