@@ -62,6 +62,7 @@ impl PoolBuilder {
                 // Set by `start`: the token given, or a random one.
                 token: String::new(),
                 max_registered_workers: 1024,
+                restart_workers: true,
             },
             trust: None,
             servers: Vec::new(),
@@ -138,6 +139,18 @@ impl PoolBuilder {
     /// They stop with the pool.
     pub fn local_workers(mut self, n: usize) -> Self {
         self.local_workers += n;
+        self
+    }
+
+    /// Whether a local worker whose process exits on its own (it crashed, was
+    /// killed, ran out of memory) is started again, as a new server of the
+    /// pool: after the reconnect backoff's first wait, doubling while new
+    /// ones fail to start or die within the backoff's longest wait. Default
+    /// true. Its calls in flight fail or move as a lost server's either way;
+    /// workers the pool stops (`remove_server`, the pool closing) are not
+    /// restarted, nor are workers over ssh.
+    pub fn restart_workers(mut self, restart: bool) -> Self {
+        self.settings.restart_workers = restart;
         self
     }
 

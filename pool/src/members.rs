@@ -108,6 +108,8 @@ pub(crate) struct Settings {
     /// Always set: a pool given none makes a random one.
     pub(crate) token: String,
     pub(crate) max_registered_workers: usize,
+    /// Start a local worker again when its process exits on its own.
+    pub(crate) restart_workers: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -123,6 +125,7 @@ impl std::fmt::Debug for Settings {
             .field("idempotent", &self.idempotent)
             .field("token", &"<redacted>")
             .field("max_registered_workers", &self.max_registered_workers)
+            .field("restart_workers", &self.restart_workers)
             .finish()
     }
 }
@@ -676,11 +679,15 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
 /// soon as the process exits (its calls in flight fail, or go elsewhere if
 /// idempotent, without waiting for the connection to time out), and kills
 /// the process when the handle says so or is dropped.
+///
+/// The receiver returned hears when the process exited on its own (not when
+/// it was killed): the pool may start another.
 pub(crate) fn watch_process(
     shared: &Arc<Shared>,
     mut child: Child,
-) -> (ProcessHandle, impl FnOnce(u64)) {
+) -> (ProcessHandle, impl FnOnce(u64), oneshot::Receiver<()>) {
     let (kill, killed) = oneshot::channel::<()>();
+    let (exited_tx, exited) = oneshot::channel::<()>();
     let weak = Arc::downgrade(shared);
     let start = move |member: u64| {
         tokio::spawn(async move {
@@ -698,6 +705,7 @@ pub(crate) fn watch_process(
                         shared.with_member(member, |m| m.last_error = Some(why));
                         shared.remove_where(|m| m.id == member);
                     }
+                    let _ = exited_tx.send(());
                 }
                 // Told to stop, or the handle was dropped with its server.
                 _ = killed => {
@@ -706,5 +714,5 @@ pub(crate) fn watch_process(
             }
         });
     };
-    (ProcessHandle { kill: Some(kill) }, start)
+    (ProcessHandle { kill: Some(kill) }, start, exited)
 }

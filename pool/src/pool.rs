@@ -653,6 +653,7 @@ mod tests {
             idempotent: Vec::new(),
             token: "t".to_owned(),
             max_registered_workers: 1,
+            restart_workers: false,
         });
         let ids: Vec<u64> = servers
             .iter()

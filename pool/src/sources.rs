@@ -207,44 +207,120 @@ async fn start_worker(
     Ok((child, addr, fingerprint, shown))
 }
 
-/// Starts `n` local worker processes concurrently and adds them.
+/// Starts `n` local worker processes concurrently and adds them; with
+/// `restart_workers`, each is started again when it exits on its own.
 pub(crate) async fn start_local(
     shared: &Arc<Shared>,
     command: &WorkerCommand,
     n: usize,
 ) -> Result<(), StartError> {
+    let mut command = command.clone();
+    command.args.extend(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--exit-on-stdin-close",
+            "--token-stdin",
+        ]
+        .iter()
+        .map(OsString::from),
+    );
     let starts = (0..n).map(|_| {
-        let mut command = command.clone();
-        command.args.extend(
-            [
-                "--listen",
-                "127.0.0.1:0",
-                "--exit-on-stdin-close",
-                "--token-stdin",
-            ]
-            .iter()
-            .map(OsString::from),
-        );
         start_worker(
-            command,
+            command.clone(),
             &shared.settings.token,
             shared.settings.connect_timeout,
         )
     });
     for started in futures_util::future::join_all(starts).await {
         let (child, addr, fingerprint, _) = started?;
-        let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
-        let (process, watch) = watch_process(shared, child);
-        let member = shared.add(
-            name,
-            addr,
-            ClientTls::pinned(fingerprint),
-            None,
-            Origin::Process(process),
-        );
-        watch(member);
+        let exited = add_local(shared, child, addr, fingerprint);
+        if shared.settings.restart_workers {
+            tokio::spawn(keep_local_worker(
+                Arc::downgrade(shared),
+                command.clone(),
+                exited,
+            ));
+        }
     }
     Ok(())
+}
+
+/// Adds a local worker process that announced `addr` and `fingerprint`;
+/// the receiver hears when it exits on its own.
+fn add_local(
+    shared: &Arc<Shared>,
+    child: Child,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
+    let (process, watch, exited) = watch_process(shared, child);
+    let member = shared.add(
+        name,
+        addr,
+        ClientTls::pinned(fingerprint),
+        None,
+        Origin::Process(process),
+    );
+    watch(member);
+    exited
+}
+
+/// Starts a local worker again each time its process exits on its own
+/// (`exited` fires), until the pool stops it or closes. Waits the reconnect
+/// backoff first, doubling while new workers fail to start or die within the
+/// backoff's longest wait.
+async fn keep_local_worker(
+    shared: std::sync::Weak<Shared>,
+    command: WorkerCommand,
+    mut exited: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut started = tokio::time::Instant::now();
+    let mut failures = 0u32;
+    loop {
+        // An error: the pool stopped the worker (or is gone), so no restart.
+        if exited.await.is_err() {
+            return;
+        }
+        let Some((initial, max)) = shared
+            .upgrade()
+            .map(|s| (s.settings.backoff_initial, s.settings.backoff_max))
+        else {
+            return;
+        };
+        if started.elapsed() >= max {
+            failures = 0;
+        }
+        loop {
+            let wait = initial.saturating_mul(1u32 << failures.min(16)).min(max);
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(wait).await;
+            let Some(shared) = shared.upgrade().filter(|s| !s.is_closed()) else {
+                return;
+            };
+            let attempt = start_worker(
+                command.clone(),
+                &shared.settings.token,
+                shared.settings.connect_timeout,
+            )
+            .await;
+            match attempt {
+                // Dropped at once if the pool closed meanwhile (the child is
+                // killed on drop).
+                Ok(_) if shared.is_closed() => return,
+                Ok((child, addr, fingerprint, _)) => {
+                    tracing::info!(%addr, "pool: a local worker exited; started another");
+                    exited = add_local(&shared, child, addr, fingerprint);
+                    started = tokio::time::Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pool: a local worker could not be started again; retrying");
+                }
+            }
+        }
+    }
 }
 
 /// Starts the workers of an ssh source through `ssh` and adds them.
@@ -287,7 +363,7 @@ pub(crate) async fn start_ssh(
             source.destination(),
             source.workers
         );
-        let (process, watch) = watch_process(shared, child);
+        let (process, watch, _exited) = watch_process(shared, child);
         let member = shared.add(
             name,
             addr,

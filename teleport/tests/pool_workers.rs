@@ -127,10 +127,14 @@ async fn token_stays_off_command_lines(pool: &Pool, pids: &[u32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_map() {
+    // Idempotent calls with workers restarted (the default); others without.
     for idempotent in [true, false] {
-        let pool = within("the pool starts", local_pool(2).qsize(4).start())
-            .await
-            .unwrap();
+        let pool = within(
+            "the pool starts",
+            local_pool(2).qsize(4).restart_workers(idempotent).start(),
+        )
+        .await
+        .unwrap();
         within("both up", pool.wait_for_servers(2, WAIT))
             .await
             .unwrap();
@@ -167,8 +171,33 @@ async fn a_worker_killed_mid_map() {
                 assert!(e.to_string().contains("exited"), "{e}");
             }
         }
-        // The dead worker's process is gone, so it is out of the pool for good.
-        wait_until("the killed worker is removed", || pool.servers().len() == 1).await;
+        let victim_name = format!("pid {victim})");
+        if idempotent {
+            // Another process takes the dead one's place, and gets work.
+            wait_until("a new worker replaces the killed one", || {
+                let servers = pool.servers();
+                servers.len() == 2
+                    && servers
+                        .iter()
+                        .all(|s| s.up && !s.name.contains(&victim_name))
+            })
+            .await;
+            let pids_now = worker_pids(&pool).await;
+            assert_eq!(pids_now.len(), 2);
+            assert!(!pids_now.contains(&victim), "{pids_now:?}");
+            let ys: Vec<Result<Tree, PoolError>> = within(
+                "a map over both",
+                pool.map("add2", (0..40i64).map(Tree::from))
+                    .collect::<Vec<_>>(),
+            )
+            .await;
+            assert!(ys.iter().all(Result::is_ok), "{ys:?}");
+        } else {
+            // Not restarted: the dead worker is out of the pool for good.
+            wait_until("the killed worker is removed", || pool.servers().len() == 1).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(pool.servers().len(), 1);
+        }
     }
 }
 
