@@ -130,6 +130,9 @@ pub struct RecvStream {
     decoder: Decoder,
     /// Bytes of the last chunk beyond the message it completed.
     leftover: Bytes,
+    /// The peer's end of the stream was read (so `try_finish` needs no
+    /// second look, which would take the connection's lock).
+    ended: bool,
     /// Where data sections are charged, if they are.
     memory: Option<Arc<BudgetedMemory>>,
     /// The reservation of the data section arriving now.
@@ -157,6 +160,7 @@ impl RecvStream {
             inner,
             decoder,
             leftover: Bytes::new(),
+            ended: false,
             memory,
             reservation: None,
             credit,
@@ -275,6 +279,7 @@ impl RecvStream {
                     self.leftover = chunk.bytes;
                 }
                 None => {
+                    self.ended = true;
                     return match self.decoder.finish() {
                         Ok(()) => Ok(None),
                         Err(e) => Err(TransportError::Truncated(e)),
@@ -292,7 +297,10 @@ impl RecvStream {
             return Err(TransportError::TrailingBytes);
         }
         match self.inner.read_chunk(usize::MAX, true).await? {
-            None => Ok(()),
+            None => {
+                self.ended = true;
+                Ok(())
+            }
             Some(chunk) => {
                 self.leftover = chunk.bytes;
                 Err(TransportError::TrailingBytes)
@@ -306,11 +314,17 @@ impl RecvStream {
     /// peer a `STOP_SENDING`, an extra frame per call. Returns true if the end
     /// was read.
     pub fn try_finish(&mut self) -> bool {
+        if self.ended {
+            return true;
+        }
         if !self.leftover.is_empty() {
             return false;
         }
         match self.inner.read_chunk(usize::MAX, true).now_or_never() {
-            Some(Ok(None)) => true,
+            Some(Ok(None)) => {
+                self.ended = true;
+                true
+            }
             Some(Ok(Some(chunk))) => {
                 // More bytes after the message: keep them for `receive`.
                 self.leftover = chunk.bytes;

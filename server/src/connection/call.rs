@@ -54,9 +54,18 @@ pub(crate) async fn serve_call(
                 reply,
                 stop_reading,
             } => {
-                if let Some(code) = stop_reading {
-                    recv.stop(code);
+                match stop_reading {
+                    Some(code) => recv.stop(code),
+                    // Reading the end spares the client a STOP_SENDING.
+                    None => {
+                        recv.try_finish();
+                    }
                 }
+                // Done with before the reply goes: each touch of a stream
+                // takes the connection's lock, and once the reply is written
+                // the connection's driver is running, on another thread as
+                // like as not.
+                drop(recv);
                 let outcome = reply.result.as_ref().map(|_| ()).map_err(|e| e.kind);
                 // Each piece QUIC takes of a large reply shows the client
                 // is reading it (the machine's peer timeout).
@@ -66,8 +75,6 @@ pub(crate) async fn serve_call(
                         // quinn delivers (and retransmits) a finished stream
                         // while the connection lives.
                         send.finish();
-                        // Reading the end spares the client a STOP_SENDING.
-                        recv.try_finish();
                         true
                     }
                     Err(e) => {
