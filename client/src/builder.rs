@@ -211,6 +211,8 @@ impl ClientBuilder {
         if self.settings.dialed_in.is_some() {
             // See `token`: no secret goes to an unproven peer.
             self.config.token = None;
+            // Nothing can dial the server back (whatever `reconnect` said).
+            self.config.reconnect = None;
             // The server's handshake is under way already; cutting it short
             // leaves no attempt to make instead.
             self.config.first_attempt_timeout = self.config.connect_timeout;

@@ -51,9 +51,14 @@ impl Client {
     /// A client of a server that dialled in ([`ServerListener`](crate::ServerListener)),
     /// which must present `server_token` in its `Hello` before any call goes
     /// to it. It has one connection: when that ends, its calls fail and it
-    /// does not reconnect (the server must dial again, giving a new client).
-    /// Connect it ([`ClientBuilder::connect`]) within the connect timeout of
-    /// the server's first packet.
+    /// does not reconnect, whatever [`reconnect`](ClientBuilder::reconnect)
+    /// says (the server must dial again, giving a new client). Connect it
+    /// ([`ClientBuilder::connect`]) soon: the server's handshake waits for
+    /// it only up to its QUIC idle timeout. The builder's `token` is not
+    /// sent, and its TLS and transport settings (`pin`, `tls`, `identity`,
+    /// `server_name`, `transport`) do not apply: the
+    /// [`ServerListener`](crate::ServerListener) holds the certificate and
+    /// the transport settings.
     pub fn dialed_in(
         server: crate::DialedServer,
         server_token: impl Into<String>,

@@ -29,13 +29,8 @@ use crate::ClientBuilder;
 #[non_exhaustive]
 pub enum ListenError {
     /// The address does not parse or resolve.
-    #[error("cannot listen for servers at {addr}: {error}")]
-    Address {
-        /// The address as given.
-        addr: String,
-        /// What is wrong with it.
-        error: teleport_quic::AddressError,
-    },
+    #[error("cannot listen for servers: {0}")]
+    Address(#[source] teleport_quic::AddressError),
     /// The socket could not be bound (the port is taken, the address is not
     /// this host's), or the identity cannot serve TLS.
     #[error("cannot listen for servers at {addr}: {error}")]
@@ -63,18 +58,12 @@ impl ServerListener {
         identity: Identity,
         transport: &TransportConfig,
     ) -> Result<ServerListener, ListenError> {
-        let address = addr.to_address().map_err(|error| ListenError::Address {
-            addr: "the address given".to_owned(),
-            error,
-        })?;
+        let address = addr.to_address().map_err(ListenError::Address)?;
         let text = address.to_string();
         let addrs = address
             .resolve_for_server()
             .await
-            .map_err(|error| ListenError::Address {
-                addr: text.clone(),
-                error,
-            })?;
+            .map_err(ListenError::Address)?;
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity);
         let mut first_error = None;
@@ -91,13 +80,15 @@ impl ServerListener {
                 }
             }
         }
-        Err(ListenError::Bind {
-            addr: text,
-            error: first_error.unwrap_or_else(|| TransportError::Connect {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                reason: "the address resolved to nothing".to_owned(),
-            }),
-        })
+        match first_error {
+            Some(error) => Err(ListenError::Bind { addr: text, error }),
+            None => Err(ListenError::Address(
+                teleport_quic::AddressError::Unresolved {
+                    name: text,
+                    reason: "it resolved to no address".to_owned(),
+                },
+            )),
+        }
     }
 
     /// The address bound.

@@ -728,9 +728,9 @@ async fn accept_dialed_in(
     limits: &Limits,
 ) -> Result<(Connection, SendStream, RecvStream), ConnectFailure> {
     let incoming = dialed_in.take().ok_or_else(|| {
-        ConnectFailure::Unreachable(
-            "the server dialled in and its connection is gone; nothing can dial it back: it \
-             must dial again"
+        ConnectFailure::Spent(
+            "the server that dialled in gave one connection, and it was refused or lost; \
+             nothing can dial it back: it must dial again (a new client)"
                 .to_owned(),
         )
     })?;

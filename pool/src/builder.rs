@@ -16,7 +16,7 @@ use crate::Pool;
 ///
 /// Sources combine freely: servers by address, a name resolved again and
 /// again, worker processes started locally or over ssh, and workers that
-/// register themselves.
+/// dial the pool.
 ///
 /// ```no_run
 /// use teleport_pool::Pool;
@@ -223,8 +223,8 @@ impl PoolBuilder {
     /// certificate; the pool takes it once its `Hello` carries the pool's
     /// [token](Pool::token), and sends it nothing before (anyone can dial).
     /// At most [`max_registered_workers`](Self::max_registered_workers) at
-    /// once; a worker whose connection ends is removed (it dials again if it
-    /// runs on). With `identity`, the endpoint's fingerprint stays the same
+    /// once; a worker whose connection ends is removed (and exits: a
+    /// worker does not dial again). With `identity`, the endpoint's fingerprint stays the same
     /// across runs (otherwise each start makes a new certificate).
     pub fn accept_workers(mut self, addr: impl Into<String>, identity: Option<Identity>) -> Self {
         self.accept = Some((addr.into(), identity));
@@ -297,7 +297,7 @@ impl PoolBuilder {
 
     /// A shared token presented to every server, given to the workers the
     /// pool starts (on their stdin, never on a command line), and required
-    /// of workers that register. Without one the pool makes a random
+    /// of workers that dial the pool. Without one the pool makes a random
     /// 256-bit token ([`Pool::token`]).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());

@@ -19,8 +19,7 @@ use crate::error::PoolError;
 #[derive(Debug)]
 pub(crate) enum Origin {
     /// Given by address ([`PoolBuilder::server`](crate::PoolBuilder::server),
-    /// [`Pool::add_server`](crate::Pool::add_server)), or announced by a worker
-    /// that registered.
+    /// [`Pool::add_server`](crate::Pool::add_server)).
     Given,
     /// One of the addresses a name resolved to; removed when it no longer does.
     Resolved {
@@ -29,7 +28,7 @@ pub(crate) enum Origin {
     },
     /// A worker that dialled the pool (`teleport worker --connect`) and is
     /// called over the connection it opened. Removed when lost (or when its
-    /// `Hello` lacks the token): a worker that comes back dials again.
+    /// `Hello` lacks the token).
     Dialed,
     /// A worker process the pool started (locally or over ssh). Removed for
     /// good when the process exits (see [`watch_process`]).
@@ -104,7 +103,8 @@ pub(crate) struct Settings {
     pub(crate) backoff_max: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) idempotent: Vec<String>,
-    /// Presented to every server, and required of workers that register.
+    /// Presented to every server the pool dials, and required of workers
+    /// that dial the pool.
     /// Always set: a pool given none makes a random one.
     pub(crate) token: String,
     pub(crate) max_registered_workers: usize,
@@ -428,28 +428,38 @@ impl Shared {
         self.add_client(name, addr, builder, origin)
     }
 
-    /// Adds a worker that dialled the pool: called over its own connection
-    /// once its `Hello` shows the pool's token.
-    pub(crate) fn add_dialed(self: &Arc<Self>, server: DialedServer) -> u64 {
+    /// The client of a worker that dialled the pool, connected once its
+    /// `Hello` showed the pool's token; then the worker is added. Until
+    /// then it is no server of the pool (an impostor takes no place).
+    pub(crate) async fn connect_dialed(
+        shared: std::sync::Weak<Shared>,
+        server: DialedServer,
+    ) -> Result<(), String> {
         let addr = server.remote_addr();
-        let builder = Client::dialed_in(server, self.settings.token.clone());
-        self.add_client(
+        let client = {
+            let shared = shared.upgrade().ok_or("the pool is gone")?;
+            shared
+                .client_settings(Client::dialed_in(server, shared.settings.token.clone()))
+                .build()
+        };
+        if let Err(e) = client.connect().await {
+            client.close();
+            return Err(e.to_string());
+        }
+        let shared = shared.upgrade().ok_or("the pool is gone")?;
+        shared.add_built(
             format!("worker dialled in from {addr}"),
             addr,
-            builder,
+            client,
             Origin::Dialed,
-        )
+        );
+        Ok(())
     }
 
-    fn add_client(
-        self: &Arc<Self>,
-        name: String,
-        addr: SocketAddr,
-        builder: ClientBuilder,
-        origin: Origin,
-    ) -> u64 {
+    /// The settings every client of the pool's servers has.
+    fn client_settings(&self, builder: ClientBuilder) -> ClientBuilder {
         let settings = &self.settings;
-        let builder = builder
+        builder
             .max_in_flight(settings.qsize)
             // The pool moves work off a lost server itself; the client must
             // fail its calls at once rather than wait for a reconnection.
@@ -459,12 +469,38 @@ impl Shared {
             .agent(concat!("teleport-pool ", env!("CARGO_PKG_VERSION")))
             // Not sent to a worker that dialled in: it proves the token to
             // the pool instead.
-            .token(settings.token.clone());
-        let client = builder.build();
-        let id = {
+            .token(settings.token.clone())
+    }
+
+    fn add_client(
+        self: &Arc<Self>,
+        name: String,
+        addr: SocketAddr,
+        builder: ClientBuilder,
+        origin: Origin,
+    ) -> u64 {
+        let client = self.client_settings(builder).build();
+        self.add_built(name, addr, client, origin)
+    }
+
+    /// Adds a server with its client and starts bringing it up. On a pool
+    /// that closed meanwhile it is removed at once (its client closed, its
+    /// process killed).
+    fn add_built(
+        self: &Arc<Self>,
+        name: String,
+        addr: SocketAddr,
+        client: Client,
+        origin: Origin,
+    ) -> u64 {
+        let (id, closed) = {
             let mut state = self.lock();
             let id = state.next_id;
             state.next_id += 1;
+            let closed = state.closed;
+            if closed {
+                client.close();
+            }
             state.members.push(Member {
                 id,
                 name: name.into(),
@@ -472,16 +508,20 @@ impl Shared {
                 client,
                 outstanding: 0,
                 up: false,
-                removed: false,
+                removed: closed,
                 retired: false,
                 busy_until: None,
                 overloads: 0,
                 last_error: None,
                 origin,
             });
-            id
+            // Dropping a removed member's origin kills its process.
+            state.drop_finished();
+            (id, closed)
         };
-        tokio::spawn(revive(self.clone(), id, Duration::ZERO));
+        if !closed {
+            tokio::spawn(revive(self.clone(), id, Duration::ZERO));
+        }
         id
     }
 
@@ -659,7 +699,7 @@ async fn revive(shared: Arc<Shared>, member: u64, first_wait: Duration) {
                         matches!(m.origin, Origin::Dialed)
                     })
                     .unwrap_or(false);
-                // Nothing can dial it back: it dials again if it can.
+                // Nothing can dial it back.
                 if dialed {
                     tracing::info!(member, error = %e, "pool: a worker that dialled in was not taken");
                     shared.remove_where(|m| m.id == member);
@@ -703,9 +743,12 @@ pub(crate) fn watch_process(
                             Err(e) => format!("the worker process is gone ({e})"),
                         };
                         shared.with_member(member, |m| m.last_error = Some(why));
-                        shared.remove_where(|m| m.id == member);
+                        // Removed already (remove_server, the pool closing):
+                        // not to be started again.
+                        if shared.remove_where(|m| m.id == member) > 0 {
+                            let _ = exited_tx.send(());
+                        }
                     }
-                    let _ = exited_tx.send(());
                 }
                 // Told to stop, or the handle was dropped with its server.
                 _ = killed => {

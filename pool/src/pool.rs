@@ -316,8 +316,8 @@ impl Pool {
     }
 
     /// The token the pool presents to every server and requires of workers
-    /// that register: the one given ([`PoolBuilder::token`]) or the random
-    /// one the pool made. A secret: whoever has it can register workers.
+    /// that dial the pool: the one given ([`PoolBuilder::token`]) or the
+    /// random one the pool made. A secret: whoever has it can add workers.
     pub fn token(&self) -> &str {
         &self.shared().settings.token
     }

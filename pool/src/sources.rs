@@ -1,5 +1,5 @@
 //! Where a pool's servers come from: worker processes it starts (locally or
-//! over ssh), names it resolves again and again, and workers that register.
+//! over ssh), names it resolves again and again, and workers that dial in.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -492,25 +492,42 @@ pub(crate) async fn worker_listener(
     Ok((listener, task))
 }
 
-async fn accept_workers(shared: std::sync::Weak<Shared>, listener: Arc<ServerListener>) {
+async fn accept_workers(weak: std::sync::Weak<Shared>, listener: Arc<ServerListener>) {
+    // Dialled in and not proven yet: counted apart, so impostors cannot
+    // take the places of proven workers.
+    let unproven = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while let Some(dialed) = listener.accept().await {
-        let Some(shared) = shared.upgrade().filter(|s| !s.is_closed()) else {
+        let Some(shared) = weak.upgrade().filter(|s| !s.is_closed()) else {
             dialed.refuse();
             return;
         };
+        let most = shared.settings.max_registered_workers;
         let count = shared.dialed_count();
-        if count >= shared.settings.max_registered_workers {
+        let waiting = unproven.load(std::sync::atomic::Ordering::Acquire);
+        if count >= most || waiting >= most {
             tracing::warn!(
                 peer = %dialed.remote_addr(),
                 count,
+                waiting,
                 "pool: a worker dialled in but the pool has as many as it takes \
-                 (PoolBuilder::max_registered_workers); refused"
+                 (PoolBuilder::max_registered_workers), or as many unproven; refused"
             );
             dialed.refuse();
             continue;
         }
-        tracing::info!(peer = %dialed.remote_addr(), "pool: a worker dialled in");
-        shared.add_dialed(dialed);
+        drop(shared);
+        let peer = dialed.remote_addr();
+        tracing::info!(%peer, "pool: a worker dialled in");
+        unproven.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (weak, unproven) = (weak.clone(), unproven.clone());
+        // Each in a task of its own: a dialler that stalls delays no other.
+        tokio::spawn(async move {
+            let result = Shared::connect_dialed(weak, dialed).await;
+            unproven.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            if let Err(error) = result {
+                tracing::info!(%peer, error, "pool: a worker that dialled in was not taken");
+            }
+        });
     }
 }
 

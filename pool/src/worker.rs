@@ -43,12 +43,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use teleport_client::{ClientTls, Fingerprint, Identity};
-use teleport_server::{DialedClient, ServerBuilder};
+use teleport_server::{DialedClient, DialedEnd, ServerBuilder};
 
 /// What a worker announces on stdout before the address.
 pub(crate) const ANNOUNCE_PREFIX: &str = "teleport worker listening on ";
 /// What a worker started with `--connect` prints, before the pool's
-/// address, once its connection to the pool is up.
+/// address, once its connection to the pool is up (the pool checks its
+/// token next; a worker it refuses exits with [`WorkerError::Refused`]).
 pub const REGISTERED_PREFIX: &str = "teleport worker registered with ";
 /// Between the address and the fingerprint in the announcement.
 pub(crate) const ANNOUNCE_FINGERPRINT: &str = " fingerprint ";
@@ -66,7 +67,7 @@ pub fn parse_announcement(line: &str) -> Option<(SocketAddr, Fingerprint)> {
     Some((addr.parse().ok()?, fingerprint.parse().ok()?))
 }
 
-/// How a worker runs: where it listens, and the pool it registers with.
+/// How a worker runs: where it listens, and the pool it dials.
 /// (`Debug` hides the token.)
 #[derive(Clone)]
 #[non_exhaustive]
@@ -85,7 +86,7 @@ pub struct WorkerOptions {
     /// fingerprint stays the same across restarts (`--identity-dir`).
     pub identity_dir: Option<PathBuf>,
     /// A shared token clients must present, and the worker presents to the
-    /// pool it registers with (`--token`, or `TELEPORT_TOKEN`).
+    /// pool it dials (`--token`, or `TELEPORT_TOKEN`).
     pub token: Option<String>,
     /// Read the token from the first line of stdin (`--token-stdin`), before
     /// listening.
@@ -145,6 +146,18 @@ pub enum WorkerError {
         pool: String,
         /// What went wrong.
         error: teleport_server::ServerError,
+    },
+    /// The pool refused the worker's token (`--connect`): it is not the
+    /// pool's, or the pool's changed.
+    #[error(
+        "the pool at {pool} refused this worker's token ({reason}); give the token \
+         Pool::registration() shows"
+    )]
+    Refused {
+        /// The pool's address as given.
+        pool: String,
+        /// What the connection's end said.
+        reason: String,
     },
     /// The token could not be read from stdin (`--token-stdin`).
     #[error("reading the token from stdin (--token-stdin): {0}")]
@@ -271,10 +284,13 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     };
     let pool_gone = async {
         match &registration {
-            Some(client) => {
-                let reason = client.closed().await;
-                tracing::info!(reason, "worker: the pool's connection ended; stopping");
-            }
+            Some(client) => match client.closed().await {
+                DialedEnd::Refused(reason) => Err(reason),
+                end => {
+                    tracing::info!(%end, "worker: the pool's connection ended; stopping");
+                    Ok(())
+                }
+            },
             None => std::future::pending().await,
         }
     };
@@ -287,13 +303,19 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = stdin_closed => {}
-        () = pool_gone => {}
-    }
+    let refused = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        () = stdin_closed => None,
+        gone = pool_gone => gone.err(),
+    };
     server.shutdown(Duration::from_secs(1)).await;
-    Ok(())
+    match (refused, &options.connect) {
+        (Some(reason), Some(pool)) => Err(WorkerError::Refused {
+            pool: pool.clone(),
+            reason,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The first line of stdin, without its line end.

@@ -2,7 +2,7 @@
 //! finite and endless inputs, backpressure, lost and joining servers,
 //! run_on_all, cancellation, chunking, errors and timeouts.
 //!
-//! Worker processes (started locally, over a fake ssh, registering) are
+//! Worker processes (started locally, over a fake ssh, dialling in) are
 //! tested in `teleport/tests/pool_workers.rs`, next to the `teleport` binary.
 
 mod common;

@@ -120,7 +120,7 @@ pub use function::{
     marker, stack_calls, AsyncHandler, Binding, BlockingHandler, CallQueue, Context, Function,
     FunctionOutput, IntoFunction, QueuedCall, Responder, StackedCalls, Workers,
 };
-pub use server::{DialedClient, Server};
+pub use server::{DialedClient, DialedEnd, Server};
 pub use stats::ServerStats;
 pub use teleport_protocol::batcher::{BatchPolicy, BatchPolicyError};
 pub use teleport_quic::{ClientAuth, Fingerprint, Identity, TransportConfig};

@@ -89,6 +89,10 @@ impl Server {
     ) -> Result<DialedClient, ServerError> {
         let address = addr.to_address()?;
         let addrs = address.resolve_for_client().await?;
+        // Admitted before the handshake, as a client that connects is.
+        let Some(slot) = self.shared.admit_connection() else {
+            return Err(ServerError::ConnectionLimit);
+        };
         let connector = Connector::new(&tls, &self.transport, self.limits.clone())?;
         let server_name = address.host_name();
         let mut first_error = None;
@@ -118,20 +122,15 @@ impl Server {
                 .memory
                 .child("connection", budgets.connection_memory),
         );
-        let Some(slot) = self.shared.admit_connection() else {
-            connection.close(
-                CloseCode::ShuttingDown,
-                "the server is at its connection limit",
-            );
-            return Err(ServerError::ConnectionLimit);
-        };
         let mut config = self.shared.protocol.clone();
         config.token = None;
         config.present_token = Some(token.into());
-        self.dialed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(connection.clone());
+        {
+            let mut dialed = self.dialed.lock().unwrap_or_else(|p| p.into_inner());
+            // Those that ended need no closing at drop.
+            dialed.retain(|c| c.close_reason().is_none());
+            dialed.push(connection.clone());
+        }
         tracing::info!(peer = %connection.remote_addr(), "dialled a client; serving it");
         connection::spawn(
             connection::Start::Dialed(connection.clone()),
@@ -308,11 +307,30 @@ impl DialedClient {
         self.connection.remote_addr()
     }
 
-    /// Waits until the connection ends (the client closed it or went away,
-    /// the server shut down), and says why.
-    pub async fn closed(&self) -> String {
-        self.connection.closed().await.to_string()
+    /// Waits until the connection ends, and says how.
+    pub async fn closed(&self) -> DialedEnd {
+        match self.connection.closed().await {
+            e @ teleport_quic::TransportError::ClosedByPeer {
+                code: CloseCode::Unauthenticated,
+                ..
+            } => DialedEnd::Refused(e.to_string()),
+            e => DialedEnd::Closed(e.to_string()),
+        }
     }
+}
+
+/// How the connection of a [`DialedClient`] ended.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialedEnd {
+    /// The client refused this server: the token it presented is not the
+    /// one the client requires.
+    #[error("the client refused this server's token: {0}")]
+    Refused(String),
+    /// It ended otherwise: the client closed it or went away, or this
+    /// server shut down.
+    #[error("{0}")]
+    Closed(String),
 }
 
 /// Takes connection attempts until shutdown begins; each is served in a task

@@ -1,8 +1,8 @@
 //! The pool with worker processes: `teleport worker` started and stopped by
 //! the pool, a worker killed with SIGKILL mid-map, workers started through a
 //! fake `ssh` (a script that runs the remote command here) and through a
-//! real `sshd` on loopback (`pool_sshd.rs`), and a worker that registers
-//! with `--connect`.
+//! real `sshd` on loopback (`pool_sshd.rs`), and a worker that dials its
+//! pool with `--connect` (and one with the wrong token, refused).
 //!
 //! Every wait is bounded.
 
@@ -297,6 +297,34 @@ async fn a_worker_dials_its_pool_with_connect() {
     .unwrap();
     let registration = pool.registration().unwrap();
     assert_eq!(registration.token, pool.token());
+    // A worker with another token is refused, and says so in its exit.
+    let mut impostor = Command::new(TELEPORT)
+        .args([
+            "worker",
+            "--connect",
+            &registration.addr.to_string(),
+            "--pin",
+            &registration.fingerprint.to_string(),
+            "--token-stdin",
+        ])
+        .env_remove("TELEPORT_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(impostor.stdin.take().unwrap(), "not the pool's token").unwrap();
+    let output = within(
+        "the refused worker exits",
+        tokio::task::spawn_blocking(move || impostor.wait_with_output()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("refused this worker's token"), "{stderr}");
+    assert!(pool.servers().is_empty());
     let mut child = Command::new(TELEPORT)
         .args([
             "worker",

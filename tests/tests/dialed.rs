@@ -91,7 +91,7 @@ async fn a_dialled_in_server_without_the_token_gets_no_call_and_no_secret() {
     let listener = listener().await;
     let ran = Arc::new(AtomicUsize::new(0));
     let impostor = server(ran.clone()).await;
-    let (dialled, (call, err)) = within("dial and connect", async {
+    let (dialled, (client, call, err)) = within("dial and connect", async {
         tokio::join!(
             impostor.dial(
                 listener.local_addr(),
@@ -103,9 +103,12 @@ async fn a_dialled_in_server_without_the_token_gets_no_call_and_no_secret() {
                 let client = Client::dialed_in(incoming, TOKEN)
                     // Never sent to a server that dialled in, right or wrong.
                     .token("the client's own secret")
+                    // Nothing can dial it back: no effect.
+                    .reconnect(true)
                     .build();
                 let call = client.call("add2", tree!(1));
-                (call, client.connect().await.unwrap_err())
+                let err = client.connect().await.unwrap_err();
+                (client, call, err)
             }
         )
     })
@@ -122,8 +125,15 @@ async fn a_dialled_in_server_without_the_token_gets_no_call_and_no_secret() {
         "{err}"
     );
     assert!(err.to_string().contains("expected token"), "{err}");
-    // The call waiting for the connection fails; nothing ran on the impostor.
-    assert!(within("the waiting call", call).await.is_err());
+    // The call waiting for the connection fails, saying why (no retries:
+    // nothing can dial the impostor back); nothing ran on it.
+    let err = within("the waiting call", call).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("expected token") || text.contains("dial again"),
+        "{text}"
+    );
+    assert_eq!(client.stats().connections, 0);
     within("the impostor's connection ends", dialled.closed()).await;
     assert_eq!(ran.load(Ordering::SeqCst), 0);
     assert_eq!(impostor.stats().calls_received, 0);

@@ -237,6 +237,10 @@ pub enum ConnectFailure {
     /// or this side's TLS settings cannot work.
     #[error("{0}")]
     Tls(String),
+    /// There is nothing to connect to any more: the one connection a
+    /// server that dialled in gave was used (refused or lost). Not retried.
+    #[error("{0}")]
+    Spent(String),
 }
 
 impl ConnectFailure {

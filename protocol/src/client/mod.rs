@@ -656,7 +656,12 @@ impl ClientProtocol {
             conn,
             message: Message::Hello(Hello {
                 agent: self.config.agent.clone(),
-                token: self.config.token.clone(),
+                // A server that must prove itself may be anyone: no secret
+                // goes to it first.
+                token: match self.config.server_token {
+                    Some(_) => None,
+                    None => self.config.token.clone(),
+                },
             }),
         });
     }
@@ -668,10 +673,22 @@ impl ClientProtocol {
             return;
         }
         let reason = format!("{failure}");
+        let spent = matches!(failure, ConnectFailure::Spent(_));
         let give_up = failure
             .is_permanent()
             .then_some(ConnectError::Failed(failure));
         self.attempt_failed(now, reason, give_up);
+        if spent {
+            // No attempt can ever succeed: the calls waiting for one fail
+            // now instead of at their connect wait.
+            for id in self.queue.clone() {
+                if let Some(Where::Queued { since }) = self.calls.get(&id).map(|e| e.at) {
+                    let error = self.not_connected(now, since);
+                    self.complete(now, id, Err(error));
+                }
+            }
+            self.stop_trying_if_unwanted();
+        }
     }
 
     /// Bytes arrived from the server on `conn`: it is alive. Call this as data

@@ -398,6 +398,7 @@ fn connect_gives_up_when_the_server_refuses() {
 fn hello_with_server_token(token: Option<&str>) -> (ClientProtocol, ConnId, Vec<ClientOutput>) {
     let config = ClientConfig {
         server_token: Some("s3cret".into()),
+        token: Some("own secret".into()),
         ..ClientConfig::default()
     };
     let mut c = ClientProtocol::new(at(0), config);
@@ -406,8 +407,8 @@ fn hello_with_server_token(token: Option<&str>) -> (ClientProtocol, ConnId, Vec<
     let conn = connect_outputs(&drain(&mut c))[0];
     c.connected(at(0), conn);
     match &transmitted(&drain(&mut c))[..] {
-        // The client's own token is not the one it requires: nothing secret
-        // goes to a server before it proves itself.
+        // Nothing secret goes to a server before it proves itself, not even
+        // the client's own token.
         [Message::Hello(h)] => assert_eq!(h.token, None),
         other => panic!("{other:?}"),
     }
@@ -457,6 +458,31 @@ fn a_server_without_the_required_token_is_refused_before_any_call() {
         let text = alloc::string::String::from(c.last_error().unwrap_or_default());
         assert!(text.contains("expected token"), "{text}");
     }
+}
+
+#[test]
+fn calls_waiting_fail_at_once_when_no_connection_can_ever_come() {
+    let config = ClientConfig {
+        reconnect: None,
+        ..ClientConfig::default()
+    };
+    let mut c = ClientProtocol::new(at(0), config);
+    let id = start(&mut c, at(0), None);
+    let conn = connect_outputs(&drain(&mut c))[0];
+    c.connect_failed(at_ms(1), conn, ConnectFailure::Spent("dial again".into()));
+    let out = drain(&mut c);
+    match &completed(&out)[..] {
+        [(done, Err(CallError::NotConnected { last_error, .. }))] => {
+            assert_eq!(*done, id);
+            assert!(last_error.as_deref().unwrap_or("").contains("dial again"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        connect_outputs(&out).is_empty(),
+        "no more attempts: {out:?}"
+    );
+    assert_eq!(c.poll_timeout(), None);
 }
 
 #[test]

@@ -56,7 +56,8 @@ pub(crate) async fn serve_call(
             } => {
                 match stop_reading {
                     Some(code) => recv.stop(code),
-                    // Reading the end spares the client a STOP_SENDING.
+                    // Reading the end (usually seen already) spares the
+                    // client a STOP_SENDING when the stream is dropped.
                     None => {
                         recv.try_finish();
                     }
