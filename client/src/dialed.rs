@@ -42,8 +42,11 @@ pub enum ListenError {
     },
 }
 
-/// Accepts the connections of servers that dial this side. See the
-/// [module docs](self).
+/// Accepts the connections of servers that dial this side (`Server::dial`
+/// in teleport-server); make a client of each with
+/// [`Client::dialed_in`](crate::Client::dialed_in). Only this side must be
+/// reachable. Anyone can dial it: a dialled-in server proves itself with the
+/// shared token in its `Hello` before any call, or any secret, goes to it.
 #[derive(Debug)]
 pub struct ServerListener {
     listener: Listener,
