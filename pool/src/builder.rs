@@ -223,8 +223,8 @@ impl PoolBuilder {
     /// certificate; the pool takes it once its `Hello` carries the pool's
     /// [token](Pool::token), and sends it nothing before (anyone can dial).
     /// At most [`max_registered_workers`](Self::max_registered_workers) at
-    /// once; a worker whose connection ends is removed (and exits: a
-    /// worker does not dial again). With `identity`, the endpoint's fingerprint stays the same
+    /// once; a worker whose connection ends is removed (a worker whose
+    /// connection was lost dials again for a while: `--redial-for`). With `identity`, the endpoint's fingerprint stays the same
     /// across runs (otherwise each start makes a new certificate).
     pub fn accept_workers(mut self, addr: impl Into<String>, identity: Option<Identity>) -> Self {
         self.accept = Some((addr.into(), identity));

@@ -29,8 +29,9 @@
 //! reachable, so a worker behind a firewall or NAT that lets it dial out
 //! serves as well as any. The worker pins the pool's certificate and proves
 //! itself with the token in its `Hello`. It still listens for clients of its
-//! own (on `127.0.0.1:0` unless `--listen` says otherwise), and stops when
-//! its connection to the pool ends.
+//! own (on `127.0.0.1:0` unless `--listen` says otherwise), dials the pool
+//! again when the connection is lost (for up to `--redial-for`), and stops
+//! when the pool closes it.
 //!
 //! The token is best given on stdin (`--token-stdin`: the first line), as a
 //! pool that starts workers does: a command line is visible to every user
@@ -91,6 +92,13 @@ pub struct WorkerOptions {
     /// Read the token from the first line of stdin (`--token-stdin`), before
     /// listening.
     pub token_stdin: bool,
+    /// With `connect`: how long to keep dialling the pool again after the
+    /// connection was lost (silent past its idle timeout, or forgotten by a
+    /// restarted pool), before the worker gives up and exits with an error
+    /// (`--redial-for SECONDS`). A pool that closed the connection, or
+    /// refused the worker, is not dialled again. Default 60 s; zero never
+    /// dials again.
+    pub redial_for: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -103,6 +111,7 @@ impl Default for WorkerOptions {
             identity_dir: None,
             token: std::env::var("TELEPORT_TOKEN").ok(),
             token_stdin: false,
+            redial_for: Duration::from_secs(60),
         }
     }
 }
@@ -117,6 +126,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("identity_dir", &self.identity_dir)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_stdin", &self.token_stdin)
+            .field("redial_for", &self.redial_for)
             .finish()
     }
 }
@@ -126,7 +136,7 @@ impl std::fmt::Debug for WorkerOptions {
 #[non_exhaustive]
 pub enum WorkerError {
     /// The command line is not one a worker takes.
-    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN | --token-stdin]")]
+    #[error("{0}\nusage: worker [--listen ADDR] [--connect ADDR --pin FINGERPRINT] [--exit-on-stdin-close] [--identity-dir DIR] [--token TOKEN | --token-stdin] [--redial-for SECONDS]")]
     Usage(String),
     /// The server could not be started.
     #[error(transparent)]
@@ -212,6 +222,19 @@ impl WorkerOptions {
                 "--identity-dir" => options.identity_dir = Some(value("--identity-dir")?.into()),
                 "--token" => options.token = Some(value("--token")?),
                 "--token-stdin" => options.token_stdin = true,
+                "--redial-for" => {
+                    let text = value("--redial-for")?;
+                    let seconds: f64 = text
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                        .ok_or_else(|| {
+                            WorkerError::Usage(format!(
+                                "--redial-for takes seconds (0 or more), not {text:?}"
+                            ))
+                        })?;
+                    options.redial_for = Duration::from_secs_f64(seconds);
+                }
                 "--exit-on-stdin-close" => options.exit_on_stdin_close = true,
                 other => return Err(WorkerError::Usage(format!("unknown argument {other:?}"))),
             }
@@ -245,8 +268,9 @@ impl WorkerOptions {
 }
 
 /// Serves the functions bound on `builder` as `options` say, until stopped:
-/// by Ctrl-C, by stdin closing (with `exit_on_stdin_close`), or by the end
-/// of its connection to the pool (with `connect`).
+/// by Ctrl-C, by stdin closing (with `exit_on_stdin_close`), or by the pool
+/// closing its connection (with `connect`; a lost connection is dialled
+/// again for up to `redial_for`, and a refused one is an error).
 /// Prints the announcement line first.
 pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(), WorkerError> {
     let mut options = options;
@@ -273,25 +297,33 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     let registration = match (&options.connect, options.pin) {
         (Some(pool), Some(pin)) => {
             let client = register(pool, pin, &server, &options).await?;
-            // Says the connection to the pool is up: scripts, and tests,
-            // wait for this line.
-            let mut stdout = std::io::stdout().lock();
-            writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
-            stdout.flush().map_err(WorkerError::Stdout)?;
-            Some(client)
+            announce_registered(pool)?;
+            Some((pool.as_str(), pin, client))
         }
         _ => None,
     };
     let pool_gone = async {
-        match &registration {
-            Some(client) => match client.closed().await {
-                DialedEnd::Refused(reason) => Err(reason),
+        let Some((pool, pin, mut client)) = registration else {
+            return std::future::pending().await;
+        };
+        loop {
+            match client.closed().await {
+                DialedEnd::Refused(reason) => {
+                    return Err(WorkerError::Refused {
+                        pool: pool.to_owned(),
+                        reason,
+                    })
+                }
+                DialedEnd::Lost(reason) if !options.redial_for.is_zero() => {
+                    tracing::warn!(reason, "worker: lost the pool; dialling it again");
+                    client = redial(pool, pin, &server, &options).await?;
+                    announce_registered(pool)?;
+                }
                 end => {
                     tracing::info!(%end, "worker: the pool's connection ended; stopping");
-                    Ok(())
+                    return Ok(());
                 }
-            },
-            None => std::future::pending().await,
+            }
         }
     };
     let stdin_closed = async {
@@ -303,18 +335,44 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
             std::future::pending::<()>().await;
         }
     };
-    let refused = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        () = stdin_closed => None,
-        gone = pool_gone => gone.err(),
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = stdin_closed => Ok(()),
+        gone = pool_gone => gone,
     };
     server.shutdown(Duration::from_secs(1)).await;
-    match (refused, &options.connect) {
-        (Some(reason), Some(pool)) => Err(WorkerError::Refused {
-            pool: pool.clone(),
-            reason,
-        }),
-        _ => Ok(()),
+    result
+}
+
+/// Says the connection to the pool is up: scripts, and tests, wait for
+/// this line.
+fn announce_registered(pool: &str) -> Result<(), WorkerError> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
+    stdout.flush().map_err(WorkerError::Stdout)
+}
+
+/// Dials the pool again after a lost connection, with a backoff from
+/// 100 ms doubling to 5 s, for up to `redial_for`; then fails with the last
+/// attempt's error.
+async fn redial(
+    pool: &str,
+    pin: Fingerprint,
+    server: &teleport_server::Server,
+    options: &WorkerOptions,
+) -> Result<DialedClient, WorkerError> {
+    let give_up = tokio::time::Instant::now() + options.redial_for;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(wait).await;
+        match register(pool, pin, server, options).await {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() >= give_up => return Err(e),
+            Err(e) => {
+                tracing::info!(error = %e, "worker: the pool did not answer; trying again");
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 
@@ -396,6 +454,47 @@ where
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_arguments_parse_and_wrong_ones_say_why() {
+        let fp = teleport_client::Identity::self_signed(["localhost"])
+            .unwrap()
+            .fingerprint();
+        let pin = fp.to_string();
+        let options = WorkerOptions::from_args([
+            "--connect",
+            "pool:4500",
+            "--pin",
+            &pin,
+            "--token",
+            "t",
+            "--redial-for=2.5",
+        ])
+        .unwrap();
+        assert_eq!(options.connect.as_deref(), Some("pool:4500"));
+        assert_eq!(options.pin, Some(fp));
+        assert_eq!(options.redial_for, Duration::from_millis(2500));
+        assert_eq!(options.listen_addr(), "127.0.0.1:0");
+        assert!(!format!("{options:?}").contains("\"t\""));
+
+        for (args, why) in [
+            (vec!["--redial-for", "-1"], "--redial-for takes seconds"),
+            (vec!["--redial-for", "soon"], "--redial-for takes seconds"),
+            (vec!["--advertise", "h"], "--advertise is gone"),
+            (
+                vec!["--connect", "pool:4500"],
+                "--connect and --pin go together",
+            ),
+        ] {
+            let e = WorkerOptions::from_args(args).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
         }
     }
 }

@@ -422,3 +422,76 @@ async fn run_on_all_waits_for_a_busy_server_instead_of_running_twice_elsewhere()
     expected.sort();
     assert_eq!(answers, expected, "each server ran it once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_pool_dials_it_again() {
+    use teleport_netsim::{LinkConfig, Relay};
+    let pool = timeout(
+        LIMIT,
+        Pool::builder()
+            .accept_workers("127.0.0.1:0", None)
+            .server_wait(Duration::from_secs(5))
+            .start(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let registration = pool.registration().unwrap();
+    // The worker reaches the pool through a link that can go dark.
+    let relay = Relay::start(
+        registration.addr,
+        LinkConfig::default(),
+        LinkConfig::default(),
+        7,
+    )
+    .unwrap();
+    let mut transport = teleport_client::TransportConfig::default();
+    // Silence is noticed in under a second on both sides (QUIC takes the
+    // shorter idle timeout of the two).
+    transport.idle_timeout = Duration::from_millis(800);
+    transport.keep_alive = Some(Duration::from_millis(200));
+    let functions = Server::builder()
+        .bind("g", |x: Tree| async move { Ok(tree!((x.as_int()? + 2))) })
+        .transport(transport);
+    let mut options = teleport_pool::worker::WorkerOptions::default();
+    options.connect = Some(relay.addr().to_string());
+    options.pin = Some(registration.fingerprint);
+    options.token = Some(registration.token.clone());
+    options.redial_for = Duration::from_secs(15);
+    let worker = tokio::spawn(teleport_pool::worker::serve(functions, options));
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    let y = timeout(LIMIT, pool.submit("g", 1i64))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(y.as_int().unwrap(), 3);
+
+    // The link goes dark: both sides give the connection up.
+    relay.set(LinkConfig::cut(), LinkConfig::cut());
+    until("the lost worker leaves the pool", || {
+        pool.servers().is_empty()
+    })
+    .await;
+    assert!(
+        !worker.is_finished(),
+        "the worker dials again instead of exiting"
+    );
+    // The link comes back: the worker dials in again and gets work.
+    relay.set(LinkConfig::default(), LinkConfig::default());
+    timeout(LIMIT, pool.wait_for_servers(1, LIMIT))
+        .await
+        .unwrap()
+        .unwrap();
+    let y = timeout(LIMIT, pool.submit("g", 40i64))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(y.as_int().unwrap(), 42);
+
+    // The pool closing is no loss: the worker stops, successfully.
+    drop(pool);
+    timeout(LIMIT, worker).await.unwrap().unwrap().unwrap();
+}

@@ -314,6 +314,10 @@ impl DialedClient {
                 code: CloseCode::Unauthenticated,
                 ..
             } => DialedEnd::Refused(e.to_string()),
+            e
+            @ (teleport_quic::TransportError::TimedOut | teleport_quic::TransportError::Reset) => {
+                DialedEnd::Lost(e.to_string())
+            }
             e => DialedEnd::Closed(e.to_string()),
         }
     }
@@ -327,8 +331,12 @@ pub enum DialedEnd {
     /// one the client requires.
     #[error("the client refused this server's token: {0}")]
     Refused(String),
-    /// It ended otherwise: the client closed it or went away, or this
-    /// server shut down.
+    /// The client fell silent past the idle timeout, or forgot the
+    /// connection (it restarted): the path or the client failed, not the
+    /// client's wish. Dialling again may work.
+    #[error("the connection to the client was lost: {0}")]
+    Lost(String),
+    /// The client closed it, or this server did (it shut down).
     #[error("{0}")]
     Closed(String),
 }

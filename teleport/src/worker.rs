@@ -37,6 +37,11 @@ pub(crate) struct WorkerArgs {
     /// workers gives it); overrides --token.
     #[arg(long)]
     token_stdin: bool,
+    /// With --connect: for how many seconds to keep dialling the pool again
+    /// after the connection was lost (not after the pool closed it or
+    /// refused the worker); 0 never dials again.
+    #[arg(long, default_value_t = 60.0)]
+    redial_for: f64,
 }
 
 /// The functions `teleport worker` serves.
@@ -53,6 +58,10 @@ pub(crate) async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     options.identity_dir = args.identity_dir;
     options.token = args.token;
     options.token_stdin = args.token_stdin;
+    if !(args.redial_for.is_finite() && args.redial_for >= 0.0) {
+        anyhow::bail!("--redial-for takes seconds (0 or more)");
+    }
+    options.redial_for = std::time::Duration::from_secs_f64(args.redial_for);
     worker::serve(functions(), options).await?;
     Ok(())
 }
