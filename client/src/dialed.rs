@@ -69,29 +69,12 @@ impl ServerListener {
             .map_err(ListenError::Address)?;
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity);
-        let mut first_error = None;
-        for addr in addrs {
-            match Listener::bind(addr, &tls, transport, Limits::default()) {
-                Ok(listener) => {
-                    return Ok(ServerListener {
-                        listener,
-                        fingerprint,
-                    })
-                }
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        match first_error {
-            Some(error) => Err(ListenError::Bind { addr: text, error }),
-            None => Err(ListenError::Address(
-                teleport_quic::AddressError::Unresolved {
-                    name: text,
-                    reason: "it resolved to no address".to_owned(),
-                },
-            )),
-        }
+        let listener = Listener::bind_first(&addrs, &tls, transport, &Limits::default())
+            .map_err(|error| ListenError::Bind { addr: text, error })?;
+        Ok(ServerListener {
+            listener,
+            fingerprint,
+        })
     }
 
     /// The address bound.

@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 use crate::error::StartError;
 use crate::members::{watch_process, Origin, Shared};
 use crate::worker::parse_announcement;
+use teleport_protocol::Backoff;
 
 /// An `ssh://[user@]host[:port]/N` source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,6 +256,19 @@ fn add_local(
     fingerprint: Fingerprint,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
+    add_process(shared, name, child, addr, fingerprint)
+}
+
+/// Adds the worker process `child` (local or over ssh) that announced
+/// `addr` and `fingerprint`, watched: removed when it exits, which the
+/// receiver hears.
+fn add_process(
+    shared: &Arc<Shared>,
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+) -> tokio::sync::oneshot::Receiver<()> {
     let (process, watch, exited) = watch_process(shared, child);
     let member = shared.add(
         name,
@@ -278,24 +292,24 @@ async fn keep_local_worker(
 ) {
     let mut started = tokio::time::Instant::now();
     let mut failures = 0u32;
+    let backoff = |s: &Shared| Backoff {
+        initial: s.settings.backoff_initial,
+        max: s.settings.backoff_max,
+    };
     loop {
         // An error: the pool stopped the worker (or is gone), so no restart.
         if exited.await.is_err() {
             return;
         }
-        let Some((initial, max)) = shared
-            .upgrade()
-            .map(|s| (s.settings.backoff_initial, s.settings.backoff_max))
-        else {
+        let Some(backoff) = shared.upgrade().map(|s| backoff(&s)) else {
             return;
         };
-        if started.elapsed() >= max {
+        if started.elapsed() >= backoff.max {
             failures = 0;
         }
         loop {
-            let wait = initial.saturating_mul(1u32 << failures.min(16)).min(max);
             failures = failures.saturating_add(1);
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(backoff.wait(failures)).await;
             let Some(shared) = shared.upgrade().filter(|s| !s.is_closed()) else {
                 return;
             };
@@ -363,15 +377,8 @@ pub(crate) async fn start_ssh(
             source.destination(),
             source.workers
         );
-        let (process, watch, _exited) = watch_process(shared, child);
-        let member = shared.add(
-            name,
-            addr,
-            ClientTls::pinned(fingerprint),
-            None,
-            Origin::Process(process),
-        );
-        watch(member);
+        // Not started again when it exits (see `restart_workers`).
+        let _exited = add_process(shared, name, child, addr, fingerprint);
     }
     Ok(())
 }

@@ -288,16 +288,11 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
         builder = builder.token(token.clone());
     }
     let server = builder.listen(options.listen_addr()).await?;
-    let line = announcement(server.local_addr(), server.fingerprint());
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{line}").map_err(WorkerError::Stdout)?;
-        stdout.flush().map_err(WorkerError::Stdout)?;
-    }
+    say(&announcement(server.local_addr(), server.fingerprint()))?;
     let registration = match (&options.connect, options.pin) {
         (Some(pool), Some(pin)) => {
             let client = register(pool, pin, &server, &options).await?;
-            announce_registered(pool)?;
+            say(&format!("{REGISTERED_PREFIX}{pool}"))?;
             Some((pool.as_str(), pin, client))
         }
         _ => None,
@@ -317,7 +312,7 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
                 DialedEnd::Lost(reason) if !options.redial_for.is_zero() => {
                     tracing::warn!(reason, "worker: lost the pool; dialling it again");
                     client = redial(pool, pin, &server, &options).await?;
-                    announce_registered(pool)?;
+                    say(&format!("{REGISTERED_PREFIX}{pool}"))?;
                 }
                 end => {
                     tracing::info!(%end, "worker: the pool's connection ended; stopping");
@@ -344,11 +339,12 @@ pub async fn serve(builder: ServerBuilder, options: WorkerOptions) -> Result<(),
     result
 }
 
-/// Says the connection to the pool is up: scripts, and tests, wait for
-/// this line.
-fn announce_registered(pool: &str) -> Result<(), WorkerError> {
+/// Prints one line of what the worker announces (where it listens, that its
+/// connection to the pool is up) and flushes it: pools, scripts and tests
+/// wait for these lines.
+fn say(line: &str) -> Result<(), WorkerError> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{REGISTERED_PREFIX}{pool}").map_err(WorkerError::Stdout)?;
+    writeln!(stdout, "{line}").map_err(WorkerError::Stdout)?;
     stdout.flush().map_err(WorkerError::Stdout)
 }
 
@@ -362,15 +358,19 @@ async fn redial(
     options: &WorkerOptions,
 ) -> Result<DialedClient, WorkerError> {
     let give_up = tokio::time::Instant::now() + options.redial_for;
-    let mut wait = Duration::from_millis(100);
+    let backoff = teleport_protocol::Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+    };
+    let mut failures = 0u32;
     loop {
-        tokio::time::sleep(wait).await;
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff.wait(failures)).await;
         match register(pool, pin, server, options).await {
             Ok(client) => return Ok(client),
             Err(e) if tokio::time::Instant::now() >= give_up => return Err(e),
             Err(e) => {
                 tracing::info!(error = %e, "worker: the pool did not answer; trying again");
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -1,7 +1,6 @@
 //! Binding functions and choosing settings: the [`ServerBuilder`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +8,6 @@ use teleport_protocol::server::{Capacity, ServerConfig};
 use teleport_protocol::Limits;
 use teleport_quic::{
     ClientAuth, Host, Identity, Listener, MemoryBudget, ServerTls, ToAddress, TransportConfig,
-    TransportError,
 };
 use tokio::task::JoinHandle;
 
@@ -356,7 +354,7 @@ impl ServerBuilder {
         let batchers = start_batchers(&shared)?;
         let fingerprint = identity.fingerprint();
         let tls = ServerTls::new(identity).with_client_auth(self.client_auth);
-        let listener = match bind_first(&addrs, &tls, &self.transport, &self.limits) {
+        let listener = match Listener::bind_first(&addrs, &tls, &self.transport, &self.limits) {
             Ok(listener) => listener,
             Err(e) => {
                 batchers.iter().for_each(JoinHandle::abort);
@@ -371,27 +369,6 @@ impl ServerBuilder {
             (self.transport, self.limits),
         ))
     }
-}
-
-/// Binds the first of `addrs` that can be bound (a name may resolve to an
-/// IPv6 and an IPv4 address, and only one may be available), or fails with
-/// the first address's error.
-fn bind_first(
-    addrs: &[SocketAddr],
-    tls: &ServerTls,
-    transport: &TransportConfig,
-    limits: &Limits,
-) -> Result<Listener, TransportError> {
-    let mut first_error = None;
-    for &addr in addrs {
-        match Listener::bind(addr, tls, transport, limits.clone()) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    Err(first_error.expect("an address resolves to at least one socket address"))
 }
 
 /// Starts the task of every batched function, or fails if a policy cannot

@@ -284,6 +284,24 @@ async fn workers_over_ssh_with_a_fake_ssh() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `teleport worker --connect` to the pool `registration` names, its token
+/// to come on stdin (never on the command line).
+fn connecting_worker(registration: &teleport::pool::Registration) -> Command {
+    let mut command = Command::new(TELEPORT);
+    command
+        .args([
+            "worker",
+            "--connect",
+            &registration.addr.to_string(),
+            "--pin",
+            &registration.fingerprint.to_string(),
+            "--token-stdin",
+        ])
+        .env_remove("TELEPORT_TOKEN")
+        .stdin(Stdio::piped());
+    command
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_dials_its_pool_with_connect() {
     let pool = within(
@@ -298,17 +316,7 @@ async fn a_worker_dials_its_pool_with_connect() {
     let registration = pool.registration().unwrap();
     assert_eq!(registration.token, pool.token());
     // A worker with another token is refused, and says so in its exit.
-    let mut impostor = Command::new(TELEPORT)
-        .args([
-            "worker",
-            "--connect",
-            &registration.addr.to_string(),
-            "--pin",
-            &registration.fingerprint.to_string(),
-            "--token-stdin",
-        ])
-        .env_remove("TELEPORT_TOKEN")
-        .stdin(Stdio::piped())
+    let mut impostor = connecting_worker(&registration)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -325,17 +333,7 @@ async fn a_worker_dials_its_pool_with_connect() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("refused this worker's token"), "{stderr}");
     assert!(pool.servers().is_empty());
-    let mut child = Command::new(TELEPORT)
-        .args([
-            "worker",
-            "--connect",
-            &registration.addr.to_string(),
-            "--pin",
-            &registration.fingerprint.to_string(),
-            "--token-stdin",
-        ])
-        .env_remove("TELEPORT_TOKEN")
-        .stdin(Stdio::piped())
+    let mut child = connecting_worker(&registration)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -158,6 +158,30 @@ impl Listener {
         })
     }
 
+    /// Binds the first of `addrs` that can be bound (a name may resolve to
+    /// an IPv6 and an IPv4 address, and only one may be available), or fails
+    /// with the first address's error.
+    pub fn bind_first(
+        addrs: &[SocketAddr],
+        tls: &ServerTls,
+        transport: &TransportConfig,
+        limits: &Limits,
+    ) -> Result<Listener, TransportError> {
+        let mut first_error = None;
+        for &addr in addrs {
+            match Listener::bind(addr, tls, transport, limits.clone()) {
+                Ok(listener) => return Ok(listener),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| TransportError::Bind {
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind"),
+        }))
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint
