@@ -973,8 +973,10 @@ fn attach_data(message: &mut Message, data: &Bytes, regions: &[Region]) {
         _ => return,
     };
     let mut regions = regions.iter();
-    let mut stack = alloc::vec![root];
-    while let Some(node) = stack.pop() {
+    // The root is not on the stack, so a tree that is one leaf allocates none.
+    let mut stack = Vec::new();
+    let mut next = Some(root);
+    while let Some(node) = next.take().or_else(|| stack.pop()) {
         // Regions were validated against data_len, which is data.len().
         let mut slice = || {
             regions

@@ -69,10 +69,14 @@ impl Serialize for Shape<'_> {
     }
 }
 
-/// Where the data regions go: their buffers in order and the running end offset.
+/// The gather list being built: a slot for the head, then each data region's
+/// buffer in order with the zero padding before it.
 struct Regions {
-    buffers: Vec<(u64, Bytes)>,
+    chunks: Vec<Bytes>,
+    /// The data section's end so far (an empty region counts at its offset).
     end: u64,
+    /// The bytes of the data section in `chunks` so far.
+    written: u64,
 }
 
 impl Regions {
@@ -83,9 +87,20 @@ impl Regions {
             .checked_add(data.len() as u64)
             .ok_or(EncodeError::SizeOverflow)?;
         if !data.is_empty() {
-            self.buffers.push((offset, data.clone()));
+            self.pad_to(offset);
+            self.chunks.push(data.clone());
+            self.written = self.end;
         }
         Ok(offset)
+    }
+
+    /// Zero padding up to `offset`: under 64 bytes by construction.
+    fn pad_to(&mut self, offset: u64) {
+        let gap = (offset - self.written) as usize;
+        if gap > 0 {
+            self.chunks.push(Bytes::from_static(&ZEROS[..gap]));
+            self.written = offset;
+        }
     }
 }
 
@@ -95,9 +110,11 @@ fn put_tree(buf: &mut Vec<u8>, root: &Tree, regions: &mut Regions) -> Result<(),
         Node(&'a Tree),
         Key(&'a str),
     }
-    // An explicit stack: a deep tree must not overflow the call stack.
-    let mut stack = alloc::vec![Item::Node(root)];
-    while let Some(item) = stack.pop() {
+    // An explicit stack: a deep tree must not overflow the call stack. The
+    // root is not on it, so a tree that is one leaf allocates none.
+    let mut stack = Vec::new();
+    let mut next = Some(Item::Node(root));
+    while let Some(item) = next.take().or_else(|| stack.pop()) {
         let node = match item {
             Item::Key(k) => {
                 put(buf, k)?;
@@ -142,9 +159,13 @@ fn put_tree(buf: &mut Vec<u8>, root: &Tree, regions: &mut Regions) -> Result<(),
 pub fn encode(message: &Message) -> Result<Encoded, EncodeError> {
     let mut buf = Vec::with_capacity(128);
     buf.extend_from_slice(&[0u8; PREAMBLE_LEN]);
+    // The head's slot comes first; it is filled in last.
+    let mut chunks = Vec::with_capacity(4);
+    chunks.push(Bytes::new());
     let mut regions = Regions {
-        buffers: Vec::new(),
+        chunks,
         end: 0,
+        written: 0,
     };
     match message {
         Message::Hello(h) => put(
@@ -219,23 +240,11 @@ pub fn encode(message: &Message) -> Result<Encoded, EncodeError> {
     buf[16..24].copy_from_slice(&data_len.to_le_bytes());
 
     let head_len = buf.len() as u64;
-    let mut chunks = Vec::with_capacity(1 + 2 * regions.buffers.len());
-    chunks.push(Bytes::from(buf));
-    let mut cursor = 0u64;
-    for (offset, data) in regions.buffers {
-        // Gaps are under 64 bytes by construction.
-        let gap = (offset - cursor) as usize;
-        if gap > 0 {
-            chunks.push(Bytes::from_static(&ZEROS[..gap]));
-        }
-        cursor = offset + data.len() as u64;
-        chunks.push(data);
-    }
     // An empty region last in the tree still starts on a boundary, so the data
     // section can end in padding.
-    if data_len > cursor {
-        chunks.push(Bytes::from_static(&ZEROS[..(data_len - cursor) as usize]));
-    }
+    regions.pad_to(data_len);
+    let mut chunks = regions.chunks;
+    chunks[0] = Bytes::from(buf);
     let len = head_len
         .checked_add(data_len)
         .ok_or(EncodeError::SizeOverflow)?;
