@@ -7,7 +7,9 @@
 //! call started, a reply read, a timer firing) is fed under the lock and
 //! followed by [`pump`](Driver::pump), which carries out the outputs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -118,8 +120,8 @@ impl Driver {
         let driver = Arc::new(Driver {
             state: Mutex::new(State {
                 machine: ClientProtocol::new(clock.now(), config),
-                calls: HashMap::new(),
-                conns: HashMap::new(),
+                calls: HashMap::default(),
+                conns: HashMap::default(),
                 connect_results: 0,
                 last_connect_result: None,
                 connector: None,

@@ -21,7 +21,9 @@ use crate::HandlerFailure;
 #[derive(Debug)]
 pub(crate) struct ServerShared {
     /// The bound functions by name; the name is shared, not copied, per call.
-    pub(crate) functions: HashMap<String, (Arc<str>, BoundFunction)>,
+    /// Looked up once per call, with names the server chose (no peer can add
+    /// one), so a fast hash rather than a keyed one.
+    pub(crate) functions: rustc_hash::FxHashMap<String, (Arc<str>, BoundFunction)>,
     /// The state machine settings every connection starts from (token,
     /// limits, the shared capacity, the method names, timeouts).
     pub(crate) protocol: ServerConfig,

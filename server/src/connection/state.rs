@@ -8,11 +8,12 @@
 //! calling stream task takes its own next action under the same lock, so the
 //! common path of a small call crosses no task boundary.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use rustc_hash::FxHashMap as HashMap;
 use teleport_protocol::server::{
     CallHead, CallStreamError, ServerOutput, ServerProtocol, StreamIndex,
 };
@@ -60,10 +61,32 @@ impl std::fmt::Debug for Action {
     }
 }
 
+/// A stream's actions in order. Most streams have one waiting at a time, so
+/// the first is kept inline and only a second takes the heap.
+#[derive(Debug, Default)]
+struct Actions {
+    first: Option<Action>,
+    rest: VecDeque<Action>,
+}
+
+impl Actions {
+    fn push_back(&mut self, action: Action) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(action);
+        } else {
+            self.rest.push_back(action);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Action> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+}
+
 /// Outputs of the machine for one stream, waiting for its task.
 #[derive(Debug, Default)]
 struct Mailbox {
-    actions: VecDeque<Action>,
+    actions: Actions,
     waker: Option<Waker>,
     /// The function of the stream's admitted call, until its arguments come.
     function: Option<(Arc<str>, BoundFunction)>,
@@ -143,7 +166,7 @@ impl Conn {
                 machine,
                 transport: None,
                 control: None,
-                streams: HashMap::new(),
+                streams: HashMap::default(),
                 ended: false,
                 pending_close: None,
                 agent: None,
@@ -510,5 +533,25 @@ impl Conn {
     pub(crate) fn handle_timeout(&self, state: &mut ConnState, now: Timestamp) {
         state.machine.handle_timeout(now);
         self.pump(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_actions_come_out_in_the_order_they_went_in() {
+        let mut actions = Actions::default();
+        actions.push_back(Action::Stop);
+        actions.push_back(Action::Reset(StreamCode::Cancelled));
+        assert!(matches!(actions.pop_front(), Some(Action::Stop)));
+        actions.push_back(Action::Ended);
+        assert!(matches!(actions.pop_front(), Some(Action::Reset(_))));
+        assert!(matches!(actions.pop_front(), Some(Action::Ended)));
+        assert!(actions.pop_front().is_none());
+        actions.push_back(Action::Stop);
+        assert!(matches!(actions.pop_front(), Some(Action::Stop)));
+        assert!(actions.pop_front().is_none());
     }
 }

@@ -42,8 +42,11 @@ use crate::HandlerError;
 /// What an async function's future yields.
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Tree, HandlerError>> + Send>>;
 
-/// An async function, type-erased.
-pub(crate) type AsyncFn = dyn Fn(Tree, Context) -> HandlerFuture + Send + Sync;
+/// An async function with no options, type-erased: it makes the whole work
+/// of one call, catching its panics, as one future.
+pub(crate) trait StartAsync: Send + Sync {
+    fn start(&self, method: &Arc<str>, args: Tree, ctx: Context) -> JobFuture;
+}
 
 /// An async function of a batch, type-erased.
 pub(crate) type BatchAsyncFn = dyn Fn(Tree) -> HandlerFuture + Send + Sync;
@@ -64,7 +67,7 @@ pub(crate) type JobFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 #[derive(Clone)]
 pub(crate) enum BoundFunction {
     /// Runs on the async runtime, in its call's stream task, with no options.
-    Async(Arc<AsyncFn>),
+    Async(Arc<dyn StartAsync>),
     /// Runs with options: on a worker thread or the runtime, with its pool,
     /// admission bound and hook.
     Runner(Arc<dyn RunFunction>),
@@ -100,16 +103,7 @@ impl BoundFunction {
         workers: &Arc<Semaphore>,
     ) -> JobFuture {
         match self {
-            BoundFunction::Async(f) => {
-                let (f, method) = (f.clone(), method.clone());
-                Box::pin(async move {
-                    // It may panic making its future, or while the future runs.
-                    let future = panic::catch(&method, || f(args, ctx))?;
-                    panic::catch_async(&method, future)
-                        .await?
-                        .map_err(HandlerError::into_remote)
-                })
-            }
+            BoundFunction::Async(f) => f.start(method, args, ctx),
             BoundFunction::Runner(f) => f.start(method.clone(), args, ctx, workers),
             BoundFunction::Deferred(f) => {
                 let (responder, answer) = Responder::new(ctx);

@@ -14,7 +14,7 @@ use super::batched::{BatchFn, BatchedFunction};
 use super::blocking::{Body, Runner};
 use super::hook::Hook;
 use super::queue::{call_queue, CallQueue, QueueSender};
-use super::{BoundFunction, Context, DeferredFn, Responder};
+use super::{panic, BoundFunction, Context, DeferredFn, JobFuture, Responder, StartAsync};
 use crate::HandlerError;
 
 /// What an async function's future yields, with its by-product.
@@ -586,8 +586,22 @@ impl<B: Send + 'static> Function<B> {
 /// An async function with no options: it runs in its call's task, with
 /// nothing to wait for.
 fn plain_async<B: Send + 'static>(body: Arc<AsyncBody<B>>) -> BoundFunction {
-    BoundFunction::Async(Arc::new(move |args, ctx| {
-        let future = body(args, ctx);
-        Box::pin(async move { future.await.map(|(tree, _)| tree) })
-    }))
+    BoundFunction::Async(Arc::new(PlainAsync(body)))
+}
+
+/// See [`plain_async`]: one future per call besides the function's own.
+struct PlainAsync<B>(Arc<AsyncBody<B>>);
+
+impl<B: Send + 'static> StartAsync for PlainAsync<B> {
+    fn start(&self, method: &Arc<str>, args: Tree, ctx: Context) -> JobFuture {
+        let (body, method) = (self.0.clone(), method.clone());
+        Box::pin(async move {
+            // It may panic making its future, or while the future runs.
+            let future = panic::catch(&method, || body(args, ctx))?;
+            panic::catch_async(&method, future)
+                .await?
+                .map(|(tree, _)| tree)
+                .map_err(HandlerError::into_remote)
+        })
+    }
 }
