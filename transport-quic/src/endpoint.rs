@@ -13,7 +13,7 @@ use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
 use teleport_protocol::{CloseCode, Limits};
 
-use crate::memory::MemoryBudget;
+use crate::memory::{LargeMessageMemory, MemoryBudget};
 use crate::recycle::{KeptMemory, Recycler};
 use crate::socket::{enlarge_buffers, ObservedSocket, Released, SocketBuffers, SOCKET_BUFFER};
 use crate::{
@@ -418,6 +418,9 @@ pub struct Connection {
     credit: Option<Arc<WaitingCredit>>,
     /// Large receive mappings kept for this connection's next messages.
     recycler: Arc<Recycler>,
+    /// Where streams without a budget receive large data sections: one for
+    /// the connection, not one per stream.
+    unbudgeted: Arc<LargeMessageMemory>,
 }
 
 /// What every connection of an endpoint starts from: its windows, and the
@@ -458,13 +461,15 @@ impl Windows {
 
 impl Connection {
     fn new(inner: quinn::Connection, limits: Limits, settings: &PerConnection) -> Connection {
+        let recycler = Recycler::new(settings.kept.clone(), settings.recycled_receive_memory);
         Connection {
             inner,
             limits,
             windows: settings.windows,
             memory: None,
             credit: None,
-            recycler: Recycler::new(settings.kept.clone(), settings.recycled_receive_memory),
+            recycler: recycler.clone(),
+            unbudgeted: Arc::new(LargeMessageMemory::new(Some(recycler))),
         }
     }
 
@@ -507,6 +512,7 @@ impl Connection {
             self.memory.as_ref(),
             self.credit.clone(),
             &self.recycler,
+            &self.unbudgeted,
         )
     }
 

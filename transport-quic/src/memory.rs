@@ -1,10 +1,10 @@
 //! Where received messages are written, and the budget their memory is
 //! charged to.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rustc_hash::FxHashMap as HashMap;
 use teleport_protocol::wire::{DataAllocator, DataBuffer};
 use tokio::sync::Notify;
 
@@ -233,6 +233,34 @@ impl MemoryBudget {
         true
     }
 
+    /// Reserves `n` bytes for a data section that takes them whole, now, if
+    /// they fit every budget of the chain together with everything the
+    /// sections still arriving there declared. That is what a claim of `n`
+    /// granted whole would be allowed while the claims all fit at once (see
+    /// [`safe_after`](Self::safe_after)), without the bookkeeping of a claim:
+    /// a section that holds all it needs can never wait, so it cannot take
+    /// part in a deadlock. Small sections, most of them, come this way.
+    fn try_grant_whole(&self, n: usize) -> bool {
+        let _one_at_a_time = lock(&self.grants);
+        for budget in self.chain() {
+            let used = budget.used.load(Ordering::Acquire);
+            if used.checked_add(n).is_none_or(|total| total > budget.limit) {
+                return false;
+            }
+            let declared = lock(&budget.claims).declared;
+            if declared
+                .checked_add(n)
+                .is_none_or(|total| total > budget.limit)
+            {
+                return false;
+            }
+        }
+        for budget in self.chain() {
+            budget.used.fetch_add(n, Ordering::AcqRel);
+        }
+        true
+    }
+
     /// Whether, with `n` more bytes held by claim `id`, the open claims here
     /// can all still complete in some order: the one needing least first,
     /// each adding what it holds to what is free once its arrays are gone.
@@ -440,11 +468,33 @@ impl BudgetedMemory {
     }
 }
 
-/// A buffer and the reservation it holds.
+/// A buffer and the memory of the budget it holds.
 struct Charged<B> {
     buf: B,
     range: std::ops::Range<usize>,
-    _reservation: Arc<Reservation>,
+    _held: Held,
+}
+
+/// What a received data section holds of its budget until its buffer is
+/// dropped (kept for its `Drop` only, hence never read).
+#[allow(dead_code)]
+enum Held {
+    /// A reservation grown as the bytes arrived.
+    Reservation(Arc<Reservation>),
+    /// Bytes granted whole at the section's start.
+    Whole(Whole),
+}
+
+/// Bytes of a budget granted whole to one data section.
+struct Whole {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl Drop for Whole {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 impl<B: AsRef<[u8]>> AsRef<[u8]> for Charged<B> {
@@ -461,8 +511,19 @@ impl<B: AsMut<[u8]>> AsMut<[u8]> for Charged<B> {
 
 impl DataAllocator for BudgetedMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
+        if len < LARGE_DATA && self.budget.try_grant_whole(len) {
+            // No reservation for the stream to grow: everything is granted.
+            *lock(&self.made) = None;
+            return heap_buffer(
+                len,
+                Held::Whole(Whole {
+                    budget: self.budget.clone(),
+                    bytes: len,
+                }),
+            );
+        }
         let reservation = Arc::new(Reservation::new(self.budget.clone()));
-        *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation.clone());
+        *lock(&self.made) = Some(reservation.clone());
         if len >= LARGE_DATA {
             let recycler = self.recycler.as_ref();
             // A kept mapping is memory already: it is charged whole, now, or
@@ -480,22 +541,27 @@ impl DataAllocator for BudgetedMemory {
                 return Some(Box::new(Charged {
                     buf: Mapping::new(map, len, recycler),
                     range: 0..len,
-                    _reservation: reservation,
+                    _held: Held::Reservation(reservation),
                 }));
             }
         }
-        // Zeroed memory: large allocations come from the kernel untouched,
-        // so pages still count only as they are written.
-        let mut buf: Vec<u8> = Vec::new();
-        buf.try_reserve_exact(len.checked_add(63)?).ok()?;
-        buf.resize(len + 63, 0);
-        let skip = (64 - (buf.as_ptr() as usize) % 64) % 64;
-        Some(Box::new(Charged {
-            buf,
-            range: skip..skip + len,
-            _reservation: reservation,
-        }))
+        heap_buffer(len, Held::Reservation(reservation))
     }
+}
+
+/// A 64-byte aligned buffer of `len` bytes on the heap, holding `held`.
+fn heap_buffer(len: usize, held: Held) -> Option<Box<dyn DataBuffer>> {
+    // Zeroed memory: large allocations come from the kernel untouched, so
+    // pages still count only as they are written.
+    let mut buf: Vec<u8> = Vec::new();
+    buf.try_reserve_exact(len.checked_add(63)?).ok()?;
+    buf.resize(len + 63, 0);
+    let skip = (64 - (buf.as_ptr() as usize) % 64) % 64;
+    Some(Box::new(Charged {
+        buf,
+        range: skip..skip + len,
+        _held: held,
+    }))
 }
 
 #[cfg(test)]
@@ -644,14 +710,43 @@ mod tests {
             let buf = memory.allocate(len).expect("a buffer");
             assert_eq!((*buf).as_ref().len(), len);
             assert_eq!((*buf).as_ref().as_ptr() as usize % 64, 0);
-            let reservation = memory.take().expect("its reservation");
-            futures_util::FutureExt::now_or_never(reservation.grow_to(charge(1, len)))
-                .expect("fits");
-            assert!(budget.reserved() > 0);
-            drop(reservation);
+            if len < LARGE_DATA {
+                // Granted whole: nothing for the stream to grow.
+                assert!(memory.take().is_none());
+                assert_eq!(budget.reserved(), len);
+            } else {
+                let reservation = memory.take().expect("its reservation");
+                futures_util::FutureExt::now_or_never(reservation.grow_to(charge(1, len)))
+                    .expect("fits");
+                assert!(budget.reserved() > 0);
+                drop(reservation);
+            }
             assert!(budget.reserved() > 0, "the buffer still holds it");
             drop(buf);
             assert_eq!(budget.reserved(), 0);
         }
+    }
+
+    /// A small section is granted whole only where it fits beside what the
+    /// sections still arriving declared; otherwise it claims like any other,
+    /// so it cannot take memory a claim needs to complete.
+    #[test]
+    fn a_small_section_is_granted_whole_only_beside_the_open_claims() {
+        let budget = MemoryBudget::new("server", 1 << 20);
+        let connection = budget.child("connection", 100_000);
+        let memory = BudgetedMemory::new(connection.clone(), None);
+        let arriving = Reservation::new(connection.clone());
+        arriving.claim(60_000);
+        let fits = memory.allocate(40_000).expect("a buffer");
+        assert!(memory.take().is_none(), "granted whole");
+        assert_eq!(connection.reserved(), 40_000);
+        // 50,000 would fit what is free, but not beside the 60,000 declared.
+        let beyond = memory.allocate(50_000).expect("a buffer");
+        let reservation = memory.take().expect("a claim of its own");
+        assert_eq!(reservation.held(), 0, "nothing granted up front");
+        assert_eq!(connection.reserved(), 40_000);
+        drop((fits, beyond, reservation));
+        assert_eq!(connection.reserved(), 0);
+        assert_eq!(budget.reserved(), 0);
     }
 }

@@ -148,13 +148,16 @@ impl RecvStream {
         budget: Option<&Arc<MemoryBudget>>,
         credit: Option<Arc<WaitingCredit>>,
         recycler: &Arc<Recycler>,
+        unbudgeted: &Arc<LargeMessageMemory>,
     ) -> RecvStream {
-        let recycler = Some(recycler.clone());
-        let memory = budget.map(|b| Arc::new(BudgetedMemory::new(b.clone(), recycler.clone())));
+        // A budgeted stream's allocator is its own: it hands the stream the
+        // reservation of the buffer it made.
+        let memory =
+            budget.map(|b| Arc::new(BudgetedMemory::new(b.clone(), Some(recycler.clone()))));
         let decoder = Decoder::new(limits);
         let decoder = match &memory {
             Some(memory) => decoder.with_allocator(memory.clone()),
-            None => decoder.with_allocator(Arc::new(LargeMessageMemory::new(recycler))),
+            None => decoder.with_allocator(unbudgeted.clone()),
         };
         RecvStream {
             inner,
@@ -195,37 +198,60 @@ impl RecvStream {
 
     /// How many bytes of data the decoder may write from the next `available`
     /// bytes of input: all of them without a budget; with one, as many as the
-    /// reservation covers, grown (waiting for memory if need be) to cover
-    /// them. Fails if the message being received can never fit the budget.
-    async fn data_allowance(&mut self, available: usize) -> Result<usize, TransportError> {
+    /// reservation covers, grown to cover them if that may be granted now.
+    /// [`Allowance::Wait`] if it must wait for memory. Fails if the message
+    /// being received can never fit the budget.
+    fn data_allowance(&mut self, available: usize) -> Result<Allowance, TransportError> {
         if self.memory.is_none() {
-            return Ok(usize::MAX);
+            return Ok(Allowance::Now(usize::MAX));
         }
         let Some((filled, total)) = self.decoder.data_progress() else {
             // Headers are bounded by the limits; the data section starts
             // with nothing allowed, so its buffer is made and charged first.
-            return Ok(0);
+            return Ok(Allowance::Now(0));
         };
         self.claim_reservation()?;
         let Some(reservation) = &self.reservation else {
-            // The decoder fell back to memory of its own (no allocation
-            // was possible): nothing to charge.
-            return Ok(usize::MAX);
+            // Granted whole when its buffer was made, or the decoder fell
+            // back to memory of its own: nothing (more) to charge.
+            return Ok(Allowance::Now(usize::MAX));
         };
         let end = filled.saturating_add(available).min(total);
         let target = charge(end, total);
         if !reservation.try_grow_to(target) {
+            return Ok(Allowance::Wait(target));
+        }
+        Ok(Allowance::Now(
+            reservation.held().min(total).saturating_sub(filled),
+        ))
+    }
+
+    /// Waits until the reservation is `target` bytes; then what
+    /// [`data_allowance`](Self::data_allowance) would say.
+    async fn wait_for_memory(
+        &mut self,
+        target: usize,
+        available: usize,
+    ) -> Result<usize, TransportError> {
+        if let Some(reservation) = &self.reservation {
             let _waiting = self.credit.as_ref().map(|credit| credit.waiting());
             reservation.grow_to(target).await;
         }
-        Ok(reservation.held().min(total).saturating_sub(filled))
+        match self.data_allowance(available)? {
+            Allowance::Now(allowed) => Ok(allowed),
+            // Granted meanwhile to `target`, so only more than that waits:
+            // the next round asks again.
+            Allowance::Wait(_) => Ok(0),
+        }
     }
 
     /// Reads the next message, or `None` if the peer finished the stream
     /// cleanly between messages.
     ///
-    /// `on_bytes` is told the size of every chunk that arrives, so a caller can
-    /// count a large message still arriving as a sign that the peer is alive.
+    /// `on_bytes` is told how many bytes arrived whenever the rest of the
+    /// message must be waited for, so a caller can count a large message
+    /// still arriving as a sign that the peer is alive (a message that
+    /// arrives in one piece is told by its return).
     /// Every array of the message is 64-byte aligned: the one copy of its bytes
     /// is the decoder's, from quinn's buffers into the message's own memory.
     pub async fn receive(
@@ -240,21 +266,31 @@ impl RecvStream {
         .await
     }
 
-    /// [`receive`](Self::receive), also reporting the header of a `Call` as
-    /// soon as it is decoded, while its arrays are still arriving (once per
-    /// message, and only for calls with a data section).
+    /// [`receive`](Self::receive), also reporting the header of a `Call`
+    /// once it is decoded, if its arrays are still to arrive (once per
+    /// message, only for calls with a data section, and not for a call
+    /// whose bytes are all here: that one is returned at once).
     pub async fn receive_watching(
         &mut self,
         mut watch: impl FnMut(Progress<'_>),
     ) -> Result<Option<Message>, TransportError> {
-        let mut header_told = false;
+        // Progress is told only when the rest of the message must be waited
+        // for (more bytes, or memory): a message that is all here goes to the
+        // caller whole, in one step, and is itself the sign of progress.
+        let mut told = Told::default();
         loop {
             if !self.leftover.is_empty() {
-                let allowed = self.data_allowance(self.leftover.len()).await?;
+                let available = self.leftover.len();
+                let allowed = match self.data_allowance(available)? {
+                    Allowance::Now(allowed) => allowed,
+                    Allowance::Wait(target) => {
+                        told.tell(&self.decoder, &mut watch);
+                        self.wait_for_memory(target, available).await?
+                    }
+                };
                 let mut input: &[u8] = &self.leftover;
-                let before = input.len();
                 let result = self.decoder.feed_bounded(&mut input, allowed);
-                let consumed = before - input.len();
+                let consumed = available - input.len();
                 let _ = self.leftover.split_to(consumed);
                 if let Some(message) = result? {
                     // Its buffer holds the reservation from now on; it
@@ -265,17 +301,12 @@ impl RecvStream {
                     return Ok(Some(message));
                 }
                 self.claim_reservation()?;
-                if !header_told {
-                    if let Some(header) = self.decoder.partial_call() {
-                        header_told = true;
-                        watch(Progress::CallHeader(header));
-                    }
-                }
                 continue;
             }
+            told.tell(&self.decoder, &mut watch);
             match self.inner.read_chunk(usize::MAX, true).await? {
                 Some(chunk) => {
-                    watch(Progress::Bytes(chunk.bytes.len()));
+                    told.untold_bytes += chunk.bytes.len();
                     self.leftover = chunk.bytes;
                 }
                 None => {
@@ -340,11 +371,43 @@ impl RecvStream {
     }
 }
 
+/// What [`RecvStream::receive_watching`] has yet to report.
+#[derive(Default)]
+struct Told {
+    untold_bytes: usize,
+    header: bool,
+}
+
+impl Told {
+    /// Reports the bytes that arrived since the last report and, once, the
+    /// header of a call whose arrays are still to come.
+    fn tell(&mut self, decoder: &Decoder, watch: &mut impl FnMut(Progress<'_>)) {
+        if self.untold_bytes > 0 {
+            watch(Progress::Bytes(std::mem::take(&mut self.untold_bytes)));
+        }
+        if !self.header {
+            if let Some(header) = decoder.partial_call() {
+                self.header = true;
+                watch(Progress::CallHeader(header));
+            }
+        }
+    }
+}
+
+/// How much data the decoder may write now.
+enum Allowance {
+    /// This many bytes.
+    Now(usize),
+    /// None until the reservation grows to this many bytes.
+    Wait(usize),
+}
+
 /// What [`RecvStream::receive_watching`] reports while a message arrives.
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub enum Progress<'a> {
-    /// A chunk of this many bytes arrived.
+    /// This many bytes arrived since the last report, and the message is
+    /// not complete: more are awaited.
     Bytes(usize),
     /// The header of the `Call` being received; its arrays are still arriving.
     CallHeader(CallHeader<'a>),
