@@ -142,13 +142,14 @@ impl PoolBuilder {
         self
     }
 
-    /// Whether a local worker whose process exits on its own (it crashed, was
-    /// killed, ran out of memory) is started again, as a new server of the
+    /// Whether a worker the pool started (local, or over ssh) whose process
+    /// exits on its own (it crashed, was killed, ran out of memory, its ssh
+    /// session died) is started again the same way, as a new server of the
     /// pool: after the reconnect backoff's first wait, doubling while new
     /// ones fail to start or die within the backoff's longest wait. Default
     /// true. Its calls in flight fail or move as a lost server's either way;
     /// workers the pool stops (`remove_server`, the pool closing) are not
-    /// restarted, nor are workers over ssh.
+    /// restarted.
     pub fn restart_workers(mut self, restart: bool) -> Self {
         self.settings.restart_workers = restart;
         self

@@ -237,9 +237,9 @@ pub(crate) async fn start_local(
         let (child, addr, fingerprint, _) = started?;
         let exited = add_local(shared, child, addr, fingerprint);
         if shared.settings.restart_workers {
-            tokio::spawn(keep_local_worker(
+            tokio::spawn(keep_worker(
                 Arc::downgrade(shared),
-                command.clone(),
+                Respawn::Local(command.clone()),
                 exited,
             ));
         }
@@ -255,8 +255,7 @@ fn add_local(
     addr: SocketAddr,
     fingerprint: Fingerprint,
 ) -> tokio::sync::oneshot::Receiver<()> {
-    let name = format!("local worker {addr} (pid {})", child.id().unwrap_or(0));
-    add_process(shared, name, child, addr, fingerprint)
+    add_process(shared, local_name(&child, addr), child, addr, fingerprint)
 }
 
 /// Adds the worker process `child` (local or over ssh) that announced
@@ -281,13 +280,68 @@ fn add_process(
     exited
 }
 
-/// Starts a local worker again each time its process exits on its own
-/// (`exited` fires), until the pool stops it or closes. Waits the reconnect
-/// backoff first, doubling while new workers fail to start or die within the
+/// How to start one worker process again, once its predecessor exited.
+#[derive(Clone, Debug)]
+enum Respawn {
+    /// A local worker: the pool's worker command.
+    Local(WorkerCommand),
+    /// Worker `index` of an ssh source: the whole `ssh` command line.
+    Ssh {
+        command: WorkerCommand,
+        source: SshSource,
+        index: usize,
+    },
+}
+
+/// A worker process started and announced, not yet a pool member.
+struct Launched {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+}
+
+impl Respawn {
+    async fn launch(&self, shared: &Shared) -> Result<Launched, StartError> {
+        let token = &shared.settings.token;
+        let wait = shared.settings.connect_timeout;
+        match self {
+            Respawn::Local(command) => {
+                let (child, addr, fingerprint, _) =
+                    start_worker(command.clone(), token, wait).await?;
+                Ok(Launched {
+                    name: local_name(&child, addr),
+                    child,
+                    addr,
+                    fingerprint,
+                })
+            }
+            Respawn::Ssh {
+                command,
+                source,
+                index,
+            } => {
+                let (child, announced, fingerprint, _) =
+                    start_worker(command.clone(), token, wait).await?;
+                let addr = dial_address(&source.host, announced).await?;
+                Ok(Launched {
+                    name: ssh_name(source, *index, addr),
+                    child,
+                    addr,
+                    fingerprint,
+                })
+            }
+        }
+    }
+}
+
+/// Starts a worker again each time its process exits on its own (`exited`
+/// fires), until the pool stops it or closes. Waits the reconnect backoff
+/// first, doubling while new workers fail to start or die within the
 /// backoff's longest wait.
-async fn keep_local_worker(
+async fn keep_worker(
     shared: std::sync::Weak<Shared>,
-    command: WorkerCommand,
+    respawn: Respawn,
     mut exited: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut started = tokio::time::Instant::now();
@@ -313,31 +367,47 @@ async fn keep_local_worker(
             let Some(shared) = shared.upgrade().filter(|s| !s.is_closed()) else {
                 return;
             };
-            let attempt = start_worker(
-                command.clone(),
-                &shared.settings.token,
-                shared.settings.connect_timeout,
-            )
-            .await;
-            match attempt {
+            match respawn.launch(&shared).await {
                 // Dropped at once if the pool closed meanwhile (the child is
                 // killed on drop).
                 Ok(_) if shared.is_closed() => return,
-                Ok((child, addr, fingerprint, _)) => {
-                    tracing::info!(%addr, "pool: a local worker exited; started another");
-                    exited = add_local(&shared, child, addr, fingerprint);
+                Ok(launched) => {
+                    tracing::info!(worker = %launched.name, "pool: a worker exited; started another");
+                    exited = add_process(
+                        &shared,
+                        launched.name,
+                        launched.child,
+                        launched.addr,
+                        launched.fingerprint,
+                    );
                     started = tokio::time::Instant::now();
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "pool: a local worker could not be started again; retrying");
+                    tracing::warn!(error = %e, "pool: a worker could not be started again; retrying");
                 }
             }
         }
     }
 }
 
-/// Starts the workers of an ssh source through `ssh` and adds them.
+/// A worker's name in the pool's figures and errors.
+fn ssh_name(source: &SshSource, index: usize, addr: SocketAddr) -> String {
+    let port = source.port.map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "ssh://{}{port}/{} worker {index} at {addr}",
+        source.destination(),
+        source.workers
+    )
+}
+
+fn local_name(child: &Child, addr: SocketAddr) -> String {
+    format!("local worker {addr} (pid {})", child.id().unwrap_or(0))
+}
+
+/// Starts the workers of an ssh source through `ssh` and adds them; with
+/// `restart_workers`, each is started again (through `ssh`, on the same
+/// host) when it exits on its own.
 pub(crate) async fn start_ssh(
     shared: &Arc<Shared>,
     ssh: &WorkerCommand,
@@ -352,33 +422,40 @@ pub(crate) async fn start_ssh(
             .map(|w| shell_quote(w)),
     );
     let remote_line = remote_words.join(" ");
-    let starts = (0..source.workers).map(|_| {
-        let mut command = ssh.clone();
-        if let Some(port) = source.port {
-            command.args.push("-p".into());
-            command.args.push(port.to_string().into());
-        }
-        command.args.push(source.destination().into());
-        command.args.push("--".into());
-        command.args.push(remote_line.clone().into());
-        start_worker(
+    let commands: Vec<WorkerCommand> = (0..source.workers)
+        .map(|_| {
+            let mut command = ssh.clone();
+            if let Some(port) = source.port {
+                command.args.push("-p".into());
+                command.args.push(port.to_string().into());
+            }
+            command.args.push(source.destination().into());
+            command.args.push("--".into());
+            command.args.push(remote_line.clone().into());
+            command
+        })
+        .collect();
+    let respawns: Vec<Respawn> = commands
+        .into_iter()
+        .enumerate()
+        .map(|(index, command)| Respawn::Ssh {
             command,
-            &shared.settings.token,
-            shared.settings.connect_timeout,
-        )
-    });
-    let started = futures_util::future::join_all(starts).await;
-    for (i, started) in started.into_iter().enumerate() {
-        let (child, announced, fingerprint, _) = started?;
-        let addr = dial_address(&source.host, announced).await?;
-        let port = source.port.map(|p| format!(":{p}")).unwrap_or_default();
-        let name = format!(
-            "ssh://{}{port}/{} worker {i} at {addr}",
-            source.destination(),
-            source.workers
-        );
-        // Not started again when it exits (see `restart_workers`).
-        let _exited = add_process(shared, name, child, addr, fingerprint);
+            source: source.clone(),
+            index,
+        })
+        .collect();
+    let launched = futures_util::future::join_all(respawns.iter().map(|r| r.launch(shared))).await;
+    for (launched, respawn) in launched.into_iter().zip(respawns) {
+        let Launched {
+            name,
+            child,
+            addr,
+            fingerprint,
+        } = launched?;
+        let exited = add_process(shared, name, child, addr, fingerprint);
+        if shared.settings.restart_workers {
+            tokio::spawn(keep_worker(Arc::downgrade(shared), respawn, exited));
+        }
     }
     Ok(())
 }

@@ -276,12 +276,55 @@ async fn workers_over_ssh_with_a_fake_ssh() {
     assert_eq!(ys.len(), 100);
     let pids = worker_pids(&pool).await;
     token_stays_off_command_lines(&pool, &pids).await;
+    // A worker killed is started again through ssh, as worker 1 of the source.
+    let victim = pool
+        .servers()
+        .into_iter()
+        .find(|s| s.name.contains("/2 worker 1 at "))
+        .expect("worker 1");
+    let victim_pid = pids_by_name(&pool).await[&victim.name];
+    let status = Command::new("kill")
+        .args(["-9", &victim_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_until("another ssh worker takes the killed one's place", || {
+        let servers = pool.servers();
+        servers.len() == 2
+            && servers.iter().all(|s| s.up && s.name != victim.name)
+            && servers.iter().any(|s| s.name.contains("/2 worker 1 at "))
+    })
+    .await;
+    let args = std::fs::read_to_string(dir.join("ssh-args")).unwrap();
+    assert_eq!(args.lines().count(), 3, "started again through ssh: {args}");
+    let ys: Vec<i64> = within(
+        "a map after the restart",
+        pool.map_unordered("add2", 0i64..100)
+            .map(|r| r.unwrap().as_int().unwrap())
+            .collect(),
+    )
+    .await;
+    assert_eq!(ys.len(), 100);
+    let pids = worker_pids(&pool).await;
+    assert!(!pids.contains(&victim_pid), "{pids:?}");
     drop(pool);
     wait_until("the ssh workers exit with the pool", || {
         pids.iter().all(|&p| !alive(p))
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each server's pid (from `info`), by its name in the pool.
+async fn pids_by_name(pool: &Pool) -> std::collections::HashMap<String, u32> {
+    let results = within("info on every worker", pool.run_on_all("info", ())).await;
+    results
+        .into_iter()
+        .map(|(name, r)| {
+            let info = r.unwrap_or_else(|e| panic!("info on {name}: {e}"));
+            (name, info.get("pid").unwrap().as_int().unwrap() as u32)
+        })
+        .collect()
 }
 
 /// `teleport worker --connect` to the pool `registration` names, its token
