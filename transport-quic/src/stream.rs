@@ -49,9 +49,10 @@ impl SendStream {
     }
 
     /// [`send`](Self::send), calling `on_written` with the size of every
-    /// piece QUIC takes. QUIC takes a stream's bytes only as far as the
-    /// peer's flow-control credit reaches, so beyond the first window each
-    /// piece is a sign that the peer is reading.
+    /// piece QUIC takes after the first. QUIC takes a stream's bytes only as
+    /// far as the peer's flow-control credit reaches, so each piece after
+    /// the first is a sign that the peer is reading; the first (all of a
+    /// small message) shows nothing, and is not reported.
     pub async fn send_watching(
         &mut self,
         message: &Message,
@@ -59,10 +60,13 @@ impl SendStream {
     ) -> Result<(), TransportError> {
         let mut chunks: Vec<Bytes> = encode(message)?.into_chunks();
         let mut pending = &mut chunks[..];
+        let mut first = true;
         while !pending.is_empty() {
             let written = self.inner.write_chunks(pending).await?;
             pending = &mut pending[written.chunks..];
-            on_written(written.bytes);
+            if !std::mem::take(&mut first) {
+                on_written(written.bytes);
+            }
         }
         Ok(())
     }
