@@ -32,11 +32,12 @@ pub struct Server {
     /// The tasks of the batched functions, stopped once the calls have drained.
     batchers: Mutex<Vec<JoinHandle<()>>>,
     /// For [`dial`](Server::dial): the transport settings and limits of the
-    /// listener, and the connections dialled (closed when the server is
-    /// dropped: the listener's close does not reach them).
+    /// listener, and the connections dialled with the connector each went
+    /// out through (closed when the server is dropped, waited for at
+    /// shutdown: the listener's close and release do not reach them).
     transport: TransportConfig,
     limits: Limits,
-    dialed: Mutex<Vec<Connection>>,
+    dialed: Mutex<Vec<(Connection, Connector)>>,
 }
 
 impl Server {
@@ -128,8 +129,8 @@ impl Server {
         {
             let mut dialed = self.dialed.lock().unwrap_or_else(|p| p.into_inner());
             // Those that ended need no closing at drop.
-            dialed.retain(|c| c.close_reason().is_none());
-            dialed.push(connection.clone());
+            dialed.retain(|(c, _)| c.close_reason().is_none());
+            dialed.push((connection.clone(), connector));
         }
         tracing::info!(peer = %connection.remote_addr(), "dialled a client; serving it");
         connection::spawn(
@@ -214,7 +215,9 @@ impl Server {
     /// `ShuttingDown` error), lets running calls finish and their replies go
     /// out for up to `grace`, then says goodbye to every client, gives each
     /// the server's close timeout (2 s by default) to read its replies and
-    /// close, and releases the port. Calling it again does nothing more.
+    /// close, and releases the port. The clients it [dialled](Self::dial)
+    /// are closed the same way, and their closes are sent before it returns.
+    /// Calling it again does nothing more.
     pub async fn shutdown(&self, grace: Duration) {
         let deadline = self.shared.clock.now() + grace;
         self.shared.begin_shutdown(deadline);
@@ -247,6 +250,18 @@ impl Server {
             // Returns once the socket is closed: a server started on this port
             // right after `shutdown` returns can bind it.
             listener.release().await;
+        }
+        // The clients the server dialled were said goodbye to and closed
+        // with the rest; their closes are on the wire once this returns,
+        // however soon the process exits after it.
+        let dialed: Vec<_> = self
+            .dialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for (_, connector) in dialed {
+            connector.wait_idle().await;
         }
     }
 }
@@ -284,7 +299,7 @@ impl Drop for Server {
             batcher.abort();
         }
         listener.close(CloseCode::ShuttingDown, "the server was dropped");
-        for connection in self
+        for (connection, _) in self
             .dialed
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())

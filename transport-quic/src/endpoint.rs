@@ -380,6 +380,18 @@ impl Connector {
         Ok(endpoint)
     }
 
+    /// Waits until every connection made through this connector is fully
+    /// closed (so its peer was told), as [`Listener::wait_idle`] does.
+    pub async fn wait_idle(&self) {
+        let endpoints: Vec<quinn::Endpoint> = [&self.v4, &self.v6]
+            .into_iter()
+            .filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        for endpoint in endpoints {
+            endpoint.wait_idle().await;
+        }
+    }
+
     /// Connects to `addr` and completes the TLS handshake. `server_name` is the
     /// name checked against the certificate when trusting CA roots.
     pub async fn connect(
