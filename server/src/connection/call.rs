@@ -39,9 +39,12 @@ pub(crate) async fn serve_call(
         };
         match action {
             Action::Run { id, method, job } => {
-                let span = tracing::Span::current();
-                span.record("id", id);
-                span.record("method", &*method);
+                // The call's span exists only with debug on (see `drive`).
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let span = tracing::Span::current();
+                    span.record("id", id);
+                    span.record("method", &*method);
+                }
                 tokio::select! {
                     outcome = job => next = conn.reply(stream, id, &method, outcome),
                     // A stop (cancel, expiry, shutdown) drops the job: an

@@ -180,15 +180,21 @@ async fn drive(conn: &Arc<Conn>, start: Start) {
                 // Reported here, in accept (= stream id) order: the order the
                 // machine admits calls in.
                 conn.call_opened(next_stream);
-                let span = tracing::debug_span!(
-                    "call",
-                    stream = next_stream,
-                    id = tracing::field::Empty,
-                    method = tracing::field::Empty,
-                );
-                tokio::spawn(
-                    call::serve_call(conn.clone(), next_stream, send, recv).instrument(span),
-                );
+                let serve = call::serve_call(conn.clone(), next_stream, send, recv);
+                // A span per call only when its level is on: even a disabled
+                // one is entered on every poll of the call's task. (Without
+                // it the task runs in no span, as under a disabled one.)
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let span = tracing::debug_span!(
+                        "call",
+                        stream = next_stream,
+                        id = tracing::field::Empty,
+                        method = tracing::field::Empty,
+                    );
+                    tokio::spawn(serve.instrument(span));
+                } else {
+                    tokio::spawn(serve);
+                }
                 next_stream += 1;
             }
             Err(e) => {
