@@ -87,8 +87,9 @@ fn map(len: usize) -> Option<memmap2::MmapMut> {
 /// A bound on the memory that received data sections may hold: bytes are
 /// reserved from it as they arrive (never the whole declared size up front,
 /// except for a section received into a kept mapping, which is memory
-/// already and is charged whole when taken) and given back when the last
-/// array of the message is dropped.
+/// already and is charged whole when taken, and a section no larger than
+/// the first 64 KiB step, charged whole at its start) and given back when
+/// the last array of the message is dropped.
 ///
 /// A budget may have a parent ([`child`](Self::child)): a reservation must fit
 /// in both. A server has one budget for all its connections and a child per
@@ -239,7 +240,8 @@ impl MemoryBudget {
     /// granted whole would be allowed while the claims all fit at once (see
     /// [`safe_after`](Self::safe_after)), without the bookkeeping of a claim:
     /// a section that holds all it needs can never wait, so it cannot take
-    /// part in a deadlock. Small sections, most of them, come this way.
+    /// part in a deadlock. Sections of up to one charging step, most of
+    /// them, come this way.
     fn try_grant_whole(&self, n: usize) -> bool {
         let _one_at_a_time = lock(&self.grants);
         for budget in self.chain() {
@@ -511,7 +513,10 @@ impl<B: AsMut<[u8]>> AsMut<[u8]> for Charged<B> {
 
 impl DataAllocator for BudgetedMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
-        if len < LARGE_DATA && self.budget.try_grant_whole(len) {
+        // Only up to the first charging step: the old way charges that much
+        // at the section's first byte anyway, so a peer that declares a
+        // section and sends nothing holds no more than it would have.
+        if len <= SMALL_STEP && self.budget.try_grant_whole(len) {
             // No reservation for the stream to grow: everything is granted.
             *lock(&self.made) = None;
             return heap_buffer(
@@ -706,11 +711,11 @@ mod tests {
     fn budgeted_buffers_are_aligned_and_give_their_memory_back() {
         let budget = MemoryBudget::new("server", 1 << 30);
         let memory = BudgetedMemory::new(budget.child("connection", 1 << 30), None);
-        for len in [1, 1000, LARGE_DATA] {
+        for len in [1, 1000, SMALL_STEP, SMALL_STEP + 1, LARGE_DATA] {
             let buf = memory.allocate(len).expect("a buffer");
             assert_eq!((*buf).as_ref().len(), len);
             assert_eq!((*buf).as_ref().as_ptr() as usize % 64, 0);
-            if len < LARGE_DATA {
+            if len <= SMALL_STEP {
                 // Granted whole: nothing for the stream to grow.
                 assert!(memory.take().is_none());
                 assert_eq!(budget.reserved(), len);
