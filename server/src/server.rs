@@ -252,15 +252,19 @@ impl Server {
             listener.release().await;
         }
         // The clients the server dialled were said goodbye to and closed
-        // with the rest; their closes are on the wire once this returns,
-        // however soon the process exits after it.
+        // with the rest (closing again does nothing; it only matters for
+        // one whose task ended without closing it, which would otherwise
+        // keep its endpoint busy for ever); their closes are on the wire
+        // once this returns, however soon the process exits after it.
         let dialed: Vec<_> = self
             .dialed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain(..)
             .collect();
-        for (_, connector) in dialed {
+        for (connection, connector) in dialed {
+            connection.close(CloseCode::ShuttingDown, "the server is shutting down");
+            drop(connection);
             connector.wait_idle().await;
         }
     }

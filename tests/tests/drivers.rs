@@ -417,3 +417,36 @@ async fn a_dropped_server_tells_its_clients_at_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_call_whose_last_bytes_came_whole_waits_for_its_end_within_the_progress_timeout() {
+    // Found in review: a call whose remaining bytes arrived in one piece was
+    // not reported as progress, so the wait for its stream's end counted
+    // from the bytes before, and a call still arriving at a steady pace was
+    // refused as stalled.
+    let progress = Duration::from_millis(1000);
+    let fixture = Fixture::start_with(|b| b.call_progress_timeout(Some(progress))).await;
+    let (_connector, connection, _control) = raw_session(&fixture).await;
+    let (mut send, mut recv) = connection.open_stream().await.unwrap();
+    let data: Vec<f32> = (0..1024).map(|i| i as f32).collect();
+    let args = Tree::Array(Array::from_vec1(data));
+    let call = Message::Call(Call {
+        request_id: 1,
+        method: "echo".into(),
+        timeout: None,
+        args: args.clone(),
+    });
+    let bytes = encode(&call).unwrap().to_vec();
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    // The header and half the array; the rest after 0.7 timeouts, whole;
+    // the stream's end 0.7 timeouts after that: no gap is a stall.
+    send.send_raw(first).await.unwrap();
+    tokio::time::sleep(progress * 7 / 10).await;
+    send.send_raw(rest).await.unwrap();
+    tokio::time::sleep(progress * 7 / 10).await;
+    send.finish();
+    match within("the reply", recv.receive(|_| {})).await {
+        Ok(Some(Message::Reply(reply))) => assert_eq!(reply.result.unwrap(), args),
+        other => panic!("{other:?}"),
+    }
+}

@@ -513,9 +513,9 @@ impl<B: AsMut<[u8]>> AsMut<[u8]> for Charged<B> {
 
 impl DataAllocator for BudgetedMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
-        // Only up to the first charging step: the old way charges that much
-        // at the section's first byte anyway, so a peer that declares a
-        // section and sends nothing holds no more than it would have.
+        // Only up to the first charging step: a section is charged that much
+        // at its first byte anyway, so a peer that declares sections holds
+        // no more than it would with one byte of each.
         if len <= SMALL_STEP && self.budget.try_grant_whole(len) {
             // No reservation for the stream to grow: everything is granted.
             *lock(&self.made) = None;

@@ -331,6 +331,9 @@ impl RecvStream {
         if !self.leftover.is_empty() {
             return Err(TransportError::TrailingBytes);
         }
+        if self.ended {
+            return Ok(());
+        }
         match self.inner.read_chunk(usize::MAX, true).await? {
             None => {
                 self.ended = true;

@@ -11,11 +11,14 @@ use teleport_quic::{Progress, RecvStream, SendStream, TransportError};
 use super::state::{Action, Conn};
 
 /// Serves call stream `stream` until the machine is done with it.
+/// `in_span`: the task runs in a call span of its own, whose id and method
+/// it records.
 pub(crate) async fn serve_call(
     conn: Arc<Conn>,
     stream: StreamIndex,
     mut send: SendStream,
     mut recv: RecvStream,
+    in_span: bool,
 ) {
     // Read from the clock only for the debug line that reports it.
     let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
@@ -40,7 +43,7 @@ pub(crate) async fn serve_call(
         match action {
             Action::Run { id, method, job } => {
                 // The call's span exists only with debug on (see `drive`).
-                if tracing::enabled!(tracing::Level::DEBUG) {
+                if in_span {
                     let span = tracing::Span::current();
                     span.record("id", id);
                     span.record("method", &*method);
@@ -132,10 +135,18 @@ async fn read_call(conn: &Conn, stream: StreamIndex, recv: &mut RecvStream) -> O
         })
         .await;
     let error = match received {
-        Ok(Some(Message::Call(call))) => match recv.expect_end().await {
-            Ok(()) => return conn.call_received(stream, call),
-            Err(e) => e,
-        },
+        Ok(Some(Message::Call(call))) => {
+            // The stream's end usually came with the call. If it has not,
+            // the machine hears of the call's bytes (a call that arrived
+            // whole was not reported as progress) before the wait for it.
+            if !recv.try_finish() {
+                conn.call_progress(stream);
+            }
+            match recv.expect_end().await {
+                Ok(()) => return conn.call_received(stream, call),
+                Err(e) => e,
+            }
+        }
         Ok(Some(other)) => {
             return conn.call_unreadable(stream, CallStreamError::NotACall(other.kind()))
         }

@@ -180,11 +180,12 @@ async fn drive(conn: &Arc<Conn>, start: Start) {
                 // Reported here, in accept (= stream id) order: the order the
                 // machine admits calls in.
                 conn.call_opened(next_stream);
-                let serve = call::serve_call(conn.clone(), next_stream, send, recv);
                 // A span per call only when its level is on: even a disabled
                 // one is entered on every poll of the call's task. (Without
                 // it the task runs in no span, as under a disabled one.)
-                if tracing::enabled!(tracing::Level::DEBUG) {
+                let in_span = tracing::enabled!(tracing::Level::DEBUG);
+                let serve = call::serve_call(conn.clone(), next_stream, send, recv, in_span);
+                if in_span {
                     let span = tracing::debug_span!(
                         "call",
                         stream = next_stream,
