@@ -212,21 +212,12 @@ impl MemoryBudget {
     /// budget of the chain and, for a claim, leave the claims of each able
     /// to complete (see the type's docs).
     fn try_grant(&self, n: usize, claim: Option<&(u64, Arc<Claim>)>) -> bool {
-        let _one_at_a_time = lock(&self.grants);
-        for budget in self.chain() {
-            let used = budget.used.load(Ordering::Acquire);
-            if used.checked_add(n).is_none_or(|total| total > budget.limit) {
-                return false;
-            }
-            if let Some((id, _)) = claim {
-                if !budget.safe_after(*id, n) {
-                    return false;
-                }
-            }
-        }
-        for budget in self.chain() {
-            budget.used.fetch_add(n, Ordering::AcqRel);
-        }
+        let granted = self.grant_if(n, |budget| {
+            claim.is_none_or(|(id, _)| budget.safe_after(*id, n))
+        });
+        let Some(_one_at_a_time) = granted else {
+            return false;
+        };
         if let Some((_, claim)) = claim {
             // Under the lock, so the next grant sees it.
             claim.held.fetch_add(n, Ordering::AcqRel);
@@ -243,24 +234,34 @@ impl MemoryBudget {
     /// part in a deadlock. Sections of up to one charging step, most of
     /// them, come this way.
     fn try_grant_whole(&self, n: usize) -> bool {
-        let _one_at_a_time = lock(&self.grants);
+        self.grant_if(n, |budget| {
+            let declared = lock(&budget.claims).declared;
+            declared
+                .checked_add(n)
+                .is_some_and(|total| total <= budget.limit)
+        })
+        .is_some()
+    }
+
+    /// Reserves `n` bytes if they fit every budget of the chain and
+    /// `allowed` says yes for each; if it did, returns the lock under which
+    /// grants are decided, still held.
+    fn grant_if(
+        &self,
+        n: usize,
+        allowed: impl Fn(&MemoryBudget) -> bool,
+    ) -> Option<MutexGuard<'_, ()>> {
+        let one_at_a_time = lock(&self.grants);
         for budget in self.chain() {
             let used = budget.used.load(Ordering::Acquire);
-            if used.checked_add(n).is_none_or(|total| total > budget.limit) {
-                return false;
-            }
-            let declared = lock(&budget.claims).declared;
-            if declared
-                .checked_add(n)
-                .is_none_or(|total| total > budget.limit)
-            {
-                return false;
+            if used.checked_add(n).is_none_or(|total| total > budget.limit) || !allowed(budget) {
+                return None;
             }
         }
         for budget in self.chain() {
             budget.used.fetch_add(n, Ordering::AcqRel);
         }
-        true
+        Some(one_at_a_time)
     }
 
     /// Whether, with `n` more bytes held by claim `id`, the open claims here
