@@ -226,36 +226,28 @@ pub(crate) async fn start_local(
         .iter()
         .map(OsString::from),
     );
-    let starts = (0..n).map(|_| {
-        start_worker(
-            command.clone(),
-            &shared.settings.token,
-            shared.settings.connect_timeout,
-        )
-    });
-    for started in futures_util::future::join_all(starts).await {
-        let (child, addr, fingerprint, _) = started?;
-        let exited = add_local(shared, child, addr, fingerprint);
+    let respawns = (0..n).map(|_| Respawn::Local(command.clone())).collect();
+    start_all(shared, respawns).await
+}
+
+/// Starts a worker process for each of `respawns` concurrently and adds
+/// them; with `restart_workers`, each is started again the same way when
+/// it exits on its own.
+async fn start_all(shared: &Arc<Shared>, respawns: Vec<Respawn>) -> Result<(), StartError> {
+    let launched = futures_util::future::join_all(respawns.iter().map(|r| r.launch(shared))).await;
+    for (launched, respawn) in launched.into_iter().zip(respawns) {
+        let Launched {
+            name,
+            child,
+            addr,
+            fingerprint,
+        } = launched?;
+        let exited = add_process(shared, name, child, addr, fingerprint);
         if shared.settings.restart_workers {
-            tokio::spawn(keep_worker(
-                Arc::downgrade(shared),
-                Respawn::Local(command.clone()),
-                exited,
-            ));
+            tokio::spawn(keep_worker(Arc::downgrade(shared), respawn, exited));
         }
     }
     Ok(())
-}
-
-/// Adds a local worker process that announced `addr` and `fingerprint`;
-/// the receiver hears when it exits on its own.
-fn add_local(
-    shared: &Arc<Shared>,
-    child: Child,
-    addr: SocketAddr,
-    fingerprint: Fingerprint,
-) -> tokio::sync::oneshot::Receiver<()> {
-    add_process(shared, local_name(&child, addr), child, addr, fingerprint)
 }
 
 /// Adds the worker process `child` (local or over ssh) that announced
@@ -303,35 +295,25 @@ struct Launched {
 
 impl Respawn {
     async fn launch(&self, shared: &Shared) -> Result<Launched, StartError> {
-        let token = &shared.settings.token;
-        let wait = shared.settings.connect_timeout;
-        match self {
-            Respawn::Local(command) => {
-                let (child, addr, fingerprint, _) =
-                    start_worker(command.clone(), token, wait).await?;
-                Ok(Launched {
-                    name: local_name(&child, addr),
-                    child,
-                    addr,
-                    fingerprint,
-                })
-            }
-            Respawn::Ssh {
-                command,
-                source,
-                index,
-            } => {
-                let (child, announced, fingerprint, _) =
-                    start_worker(command.clone(), token, wait).await?;
+        let command = match self {
+            Respawn::Local(command) | Respawn::Ssh { command, .. } => command.clone(),
+        };
+        let settings = &shared.settings;
+        let (child, announced, fingerprint, _) =
+            start_worker(command, &settings.token, settings.connect_timeout).await?;
+        let (name, addr) = match self {
+            Respawn::Local(_) => (local_name(&child, announced), announced),
+            Respawn::Ssh { source, index, .. } => {
                 let addr = dial_address(&source.host, announced).await?;
-                Ok(Launched {
-                    name: ssh_name(source, *index, addr),
-                    child,
-                    addr,
-                    fingerprint,
-                })
+                (ssh_name(source, *index, addr), addr)
             }
-        }
+        };
+        Ok(Launched {
+            name,
+            child,
+            addr,
+            fingerprint,
+        })
     }
 }
 
@@ -422,8 +404,8 @@ pub(crate) async fn start_ssh(
             .map(|w| shell_quote(w)),
     );
     let remote_line = remote_words.join(" ");
-    let commands: Vec<WorkerCommand> = (0..source.workers)
-        .map(|_| {
+    let respawns: Vec<Respawn> = (0..source.workers)
+        .map(|index| {
             let mut command = ssh.clone();
             if let Some(port) = source.port {
                 command.args.push("-p".into());
@@ -432,32 +414,14 @@ pub(crate) async fn start_ssh(
             command.args.push(source.destination().into());
             command.args.push("--".into());
             command.args.push(remote_line.clone().into());
-            command
+            Respawn::Ssh {
+                command,
+                source: source.clone(),
+                index,
+            }
         })
         .collect();
-    let respawns: Vec<Respawn> = commands
-        .into_iter()
-        .enumerate()
-        .map(|(index, command)| Respawn::Ssh {
-            command,
-            source: source.clone(),
-            index,
-        })
-        .collect();
-    let launched = futures_util::future::join_all(respawns.iter().map(|r| r.launch(shared))).await;
-    for (launched, respawn) in launched.into_iter().zip(respawns) {
-        let Launched {
-            name,
-            child,
-            addr,
-            fingerprint,
-        } = launched?;
-        let exited = add_process(shared, name, child, addr, fingerprint);
-        if shared.settings.restart_workers {
-            tokio::spawn(keep_worker(Arc::downgrade(shared), respawn, exited));
-        }
-    }
-    Ok(())
+    start_all(shared, respawns).await
 }
 
 /// Where to dial a worker on `host` that announced `announced`: a worker
