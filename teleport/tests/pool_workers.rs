@@ -40,14 +40,44 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// The pids of the pool's workers, from `info` on each.
 async fn worker_pids(pool: &Pool) -> Vec<u32> {
+    pids_by_name(pool)
+        .await
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect()
+}
+
+/// Each server's name in the pool and its pid (from `info`).
+async fn pids_by_name(pool: &Pool) -> Vec<(String, u32)> {
     let results = within("info on every worker", pool.run_on_all("info", ())).await;
     results
         .into_iter()
         .map(|(name, r)| {
             let info = r.unwrap_or_else(|e| panic!("info on {name}: {e}"));
-            info.get("pid").unwrap().as_int().unwrap() as u32
+            let pid = info.get("pid").unwrap().as_int().unwrap() as u32;
+            (name, pid)
         })
         .collect()
+}
+
+/// Kills process `pid` with SIGKILL.
+fn kill9(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// `add2` over 0..100 through `pool`, unordered: the results.
+async fn map_add2(pool: &Pool, what: &str) -> Vec<i64> {
+    within(
+        what,
+        pool.map_unordered("add2", 0i64..100)
+            .map(|r| r.unwrap().as_int().unwrap())
+            .collect(),
+    )
+    .await
 }
 
 fn local_pool(n: usize) -> teleport::PoolBuilder {
@@ -148,11 +178,7 @@ async fn a_worker_killed_mid_map() {
         })
         .await;
         let victim = pids[1];
-        let status = Command::new("kill")
-            .args(["-9", &victim.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        kill9(victim);
         let results: Vec<Result<Tree, PoolError>> =
             within("the map ends", collector).await.unwrap();
         assert_eq!(results.len(), 200);
@@ -266,45 +292,26 @@ async fn workers_over_ssh_with_a_fake_ssh() {
         // Announced 0.0.0.0:PORT, dialled at the ssh host.
         assert_eq!(server.addr.ip().to_string(), "127.0.0.1");
     }
-    let ys: Vec<i64> = within(
-        "a map",
-        pool.map_unordered("add2", 0i64..100)
-            .map(|r| r.unwrap().as_int().unwrap())
-            .collect(),
-    )
-    .await;
-    assert_eq!(ys.len(), 100);
+    assert_eq!(map_add2(&pool, "a map").await.len(), 100);
     let pids = worker_pids(&pool).await;
     token_stays_off_command_lines(&pool, &pids).await;
     // A worker killed is started again through ssh, as worker 1 of the source.
-    let victim = pool
-        .servers()
+    let (victim, victim_pid) = pids_by_name(&pool)
+        .await
         .into_iter()
-        .find(|s| s.name.contains("/2 worker 1 at "))
+        .find(|(name, _)| name.contains("/2 worker 1 at "))
         .expect("worker 1");
-    let victim_pid = pids_by_name(&pool).await[&victim.name];
-    let status = Command::new("kill")
-        .args(["-9", &victim_pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kill9(victim_pid);
     wait_until("another ssh worker takes the killed one's place", || {
         let servers = pool.servers();
         servers.len() == 2
-            && servers.iter().all(|s| s.up && s.name != victim.name)
+            && servers.iter().all(|s| s.up && s.name != victim)
             && servers.iter().any(|s| s.name.contains("/2 worker 1 at "))
     })
     .await;
     let args = std::fs::read_to_string(dir.join("ssh-args")).unwrap();
     assert_eq!(args.lines().count(), 3, "started again through ssh: {args}");
-    let ys: Vec<i64> = within(
-        "a map after the restart",
-        pool.map_unordered("add2", 0i64..100)
-            .map(|r| r.unwrap().as_int().unwrap())
-            .collect(),
-    )
-    .await;
-    assert_eq!(ys.len(), 100);
+    assert_eq!(map_add2(&pool, "a map after the restart").await.len(), 100);
     let pids = worker_pids(&pool).await;
     assert!(!pids.contains(&victim_pid), "{pids:?}");
     drop(pool);
@@ -313,18 +320,6 @@ async fn workers_over_ssh_with_a_fake_ssh() {
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Each server's pid (from `info`), by its name in the pool.
-async fn pids_by_name(pool: &Pool) -> std::collections::HashMap<String, u32> {
-    let results = within("info on every worker", pool.run_on_all("info", ())).await;
-    results
-        .into_iter()
-        .map(|(name, r)| {
-            let info = r.unwrap_or_else(|e| panic!("info on {name}: {e}"));
-            (name, info.get("pid").unwrap().as_int().unwrap() as u32)
-        })
-        .collect()
 }
 
 /// `teleport worker --connect` to the pool `registration` names, its token
