@@ -169,6 +169,54 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
     good_client_works(&fixture).await;
 }
 
+/// Sections between the first 64 KiB charging step and the size received
+/// into a mapping of its own come from the heap: they too must cost the pages
+/// the bytes filled, not the size declared (the budget charges what arrived).
+#[tokio::test]
+async fn calls_that_declare_megabytes_and_stop_cost_what_they_sent() {
+    let fixture = Fixture::start_with(|b| {
+        b.call_progress_timeout(Some(Duration::from_secs(2)))
+            .max_in_flight(64)
+    })
+    .await;
+    // 128 calls on two connections, each declaring 7 MiB (under the 8 MiB
+    // that get a mapping) and sending one byte: 896 MiB declared in all, far
+    // less than each connection's budget, so every one may start at once.
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        sessions.push(raw_session(&fixture).await);
+    }
+    let before = rss();
+    let mut streams: Vec<(SendStream, RecvStream)> = Vec::new();
+    for (_, connection, _) in &sessions {
+        for id in 0..64 {
+            let (mut send, recv) = connection.open_stream().await.unwrap();
+            let mut bytes = call_prefix(id + 1, 7 * MIB);
+            bytes.push(0);
+            send.send_raw(&bytes).await.unwrap();
+            streams.push((send, recv));
+        }
+    }
+    common::wait_until("every call's byte is charged", || {
+        fixture.server.receive_memory() >= 128 * (64 << 10)
+    })
+    .await;
+    let reserved = fixture.server.receive_memory();
+    let grown = rss().saturating_sub(before);
+    eprintln!("128 stalled 7 MiB calls: {reserved} bytes reserved, RSS grew {grown} bytes");
+    assert!(reserved <= 128 * (64 << 10), "{reserved} bytes reserved");
+    assert!(grown < 64 * MIB, "RSS grew by {grown} bytes");
+    good_client_works(&fixture).await;
+    // The progress timeout refuses them and gives their memory back.
+    for (_send, recv) in &mut streams {
+        assert!(reply_on(recv).await.result.is_err());
+    }
+    common::wait_until("the memory is given back", || {
+        fixture.server.receive_memory() == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn declarations_over_the_budget_or_the_limit_are_refused_at_the_header() {
     let fixture = Fixture::start_with(|b| b.connection_receive_memory(64 * MIB)).await;
