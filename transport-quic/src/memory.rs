@@ -66,10 +66,23 @@ fn large_mapping(len: usize, recycler: Option<&Arc<Recycler>>) -> Option<Mapping
     Some(Mapping::new(map, len, recycler))
 }
 
-/// A fresh anonymous mapping of at least `len` bytes, rounded up to whole
-/// huge pages (so a kept one fits the next message of about its size).
+/// The size a mapping for a section of `len` bytes is rounded up to a
+/// multiple of (so a kept one fits the next message of about its size):
+/// huge pages for large sections, the first charging step below that (a
+/// kept mapping is charged whole when reused, so it should not be much
+/// bigger than the section).
+pub(crate) fn mapping_step(len: usize) -> usize {
+    if len >= LARGE_DATA {
+        HUGE_PAGE
+    } else {
+        SMALL_STEP
+    }
+}
+
+/// A fresh anonymous mapping of at least `len` bytes, rounded up to a
+/// multiple of [`mapping_step`].
 fn map(len: usize) -> Option<memmap2::MmapMut> {
-    let len = len.checked_next_multiple_of(HUGE_PAGE)?;
+    let len = len.checked_next_multiple_of(mapping_step(len))?;
     // On failure the decoder falls back to the heap.
     let map = memmap2::MmapOptions::new().len(len).map_anon().ok()?;
     #[cfg(target_os = "linux")]
@@ -437,8 +450,9 @@ pub(crate) fn charge(end: usize, total: usize) -> usize {
     end.div_ceil(step).saturating_mul(step).min(total)
 }
 
-/// Receives every data section into memory charged to a budget: large ones
-/// into a mapping (as [`LargeMessageMemory`]), small ones into the heap. The
+/// Receives every data section into memory charged to a budget: those
+/// within the first charging step into the heap, larger ones into a mapping
+/// (as [`LargeMessageMemory`] does from 8 MiB, kept for reuse alike). The
 /// buffer holds the [`Reservation`], so the memory is given back when the
 /// message's arrays are dropped; the stream takes a handle of it from
 /// [`take`](Self::take) to grow it as bytes arrive.
@@ -530,7 +544,13 @@ impl DataAllocator for BudgetedMemory {
         }
         let reservation = Arc::new(Reservation::new(self.budget.clone()));
         *lock(&self.made) = Some(reservation.clone());
-        if len >= LARGE_DATA {
+        // Beyond the first step a section is charged as its bytes arrive, so
+        // its memory must become resident only as they arrive too: a mapping
+        // (whose pages the kernel supplies on first write), never a zeroed
+        // heap buffer, which is resident whole at once (a peer declaring
+        // 7 MiB sections and sending one byte of each would otherwise hold
+        // 7 MiB per call against 64 KiB charged).
+        if len > SMALL_STEP {
             let recycler = self.recycler.as_ref();
             // A kept mapping is memory already: it is charged whole, now, or
             // not used, so what a stalled section holds is always charged.
@@ -556,9 +576,10 @@ impl DataAllocator for BudgetedMemory {
 }
 
 /// A 64-byte aligned buffer of `len` bytes on the heap, holding `held`.
+/// Zeroing makes it resident whole at once: used for sections within the
+/// first charging step (charged that much at their first byte anyway), and
+/// for larger ones only when no mapping could be made.
 fn heap_buffer(len: usize, held: Held) -> Option<Box<dyn DataBuffer>> {
-    // Zeroed memory: large allocations come from the kernel untouched, so
-    // pages still count only as they are written.
     let mut buf: Vec<u8> = Vec::new();
     buf.try_reserve_exact(len.checked_add(63)?).ok()?;
     buf.resize(len + 63, 0);
@@ -706,6 +727,31 @@ mod tests {
             }
         }
         assert_eq!(budget.reserved(), 100);
+    }
+
+    /// Past the first step, sections of any size are received into a mapping
+    /// (resident only as written) and reuse a kept one, charged whole.
+    #[test]
+    fn a_section_past_the_first_step_gets_a_mapping_kept_for_the_next() {
+        use crate::recycle::KeptMemory;
+        let budget = MemoryBudget::new("server", 64 << 20);
+        let recycler = Recycler::new(KeptMemory::new(), 1 << 30);
+        let memory = BudgetedMemory::new(budget.clone(), Some(recycler.clone()));
+        let len = (1 << 20) + 100;
+        let first = memory.allocate(len).expect("a buffer");
+        let address = (*first).as_ref().as_ptr();
+        drop((first, memory.take()));
+        // Rounded up to the next 64 KiB, not to a huge page.
+        assert_eq!(recycler.kept_bytes(), (1 << 20) + SMALL_STEP);
+        let again = memory.allocate(len).expect("a buffer");
+        assert_eq!((*again).as_ref().as_ptr(), address);
+        assert_eq!((*again).as_ref().len(), len);
+        assert_eq!(budget.reserved(), (1 << 20) + SMALL_STEP);
+        drop((again, memory.take()));
+        assert_eq!(budget.reserved(), 0);
+        // A much smaller section does not take (and pay for) the kept one.
+        let small = memory.allocate(SMALL_STEP + 1).expect("a buffer");
+        assert_ne!((*small).as_ref().as_ptr(), address);
     }
 
     #[test]

@@ -76,11 +76,12 @@ impl Recycler {
     }
 
     /// A kept mapping for a data section of `len` bytes: the smallest of at
-    /// least `len` and at most an eighth (or one huge page) more, so a small
+    /// least `len` and at most an eighth (or one rounding step of
+    /// [`mapping_step`](super::memory::mapping_step)) more, so a small
     /// message cannot pin a big mapping. Without one, the kept mappings
     /// smaller than `len` are returned to the kernel.
     pub(crate) fn take(&self, len: usize) -> Option<MmapMut> {
-        let slack = (len / 8).max(super::memory::HUGE_PAGE);
+        let slack = (len / 8).max(super::memory::mapping_step(len));
         let mut kept = self.lock();
         let fit = kept
             .iter()
