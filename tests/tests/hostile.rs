@@ -74,6 +74,10 @@ fn million_key_map_call() -> Vec<u8> {
     message
 }
 
+/// Held by the tests that measure the process's resident memory and by those
+/// that hold hundreds of MiB, so the measured never see the others' arrays.
+static RESIDENT_MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The process's resident memory, from `/proc/self/status` (0 elsewhere).
 fn rss() -> usize {
     std::fs::read_to_string("/proc/self/status")
@@ -110,6 +114,7 @@ async fn good_client_works(fixture: &Fixture) {
 
 #[tokio::test]
 async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let fixture = Fixture::start_with(|b| {
         b.call_progress_timeout(Some(Duration::from_secs(2)))
             .max_in_flight(64)
@@ -174,6 +179,7 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
 /// the bytes filled, not the size declared (the budget charges what arrived).
 #[tokio::test]
 async fn calls_that_declare_megabytes_and_stop_cost_what_they_sent() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let fixture = Fixture::start_with(|b| {
         b.call_progress_timeout(Some(Duration::from_secs(2)))
             .max_in_flight(64)
@@ -498,6 +504,7 @@ async fn eight_echoes_at_once(client: &teleport_client::Client) {
 /// is never exceeded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let fixture = Fixture::start_with(|b| b.connection_receive_memory(20 * MIB)).await;
     let client = fixture.client().await;
     eight_echoes_at_once(&client).await;
@@ -513,6 +520,7 @@ async fn more_concurrent_uploads_than_the_budget_holds_all_complete() {
 /// starve the call the budget lets through (and the client's pings with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_waiting_for_memory_do_not_starve_the_others_of_flow_control_credit() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let mut transport = teleport_quic::TransportConfig::default();
     transport.stream_receive_window = 2 * MIB as u64;
     transport.receive_window = 4 * MIB as u64;
