@@ -28,8 +28,14 @@ use crate::TransportError;
 /// speaking anything else fails the TLS handshake instead of a later decode.
 pub const ALPN: &[u8] = b"teleport/1";
 
+/// rustls' crypto provider for every connection, TLS and packet protection
+/// alike: aws-lc-rs with the `aws-lc-rs` feature (the default), else ring.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(not(feature = "aws-lc-rs"))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
 }
 
 /// The SHA-256 hash of a DER certificate: what a client pins and what a server
