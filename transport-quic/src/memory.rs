@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 
 use crate::recycle::{Mapping, Recycler};
 
-/// Data sections of at least this many bytes are received into their own
-/// anonymous mapping instead of the heap.
+/// Data sections of at least this many bytes get mappings rounded up to
+/// whole huge pages (smaller ones, to the first charging step).
 pub(crate) const LARGE_DATA: usize = 8 << 20;
 
 /// A data section is charged to its budget in steps of this size while its
@@ -20,8 +20,9 @@ const SMALL_STEP: usize = 64 << 10;
 /// ... and in steps of a huge page after that.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
-/// Receives large data sections into fresh anonymous memory, asking the kernel
-/// for transparent huge pages.
+/// Receives data sections past the first 64 KiB into anonymous memory (for
+/// sections of 8 MiB and more, with transparent huge pages), kept by the
+/// connection for reuse; smaller ones go to the decoder's heap buffer.
 ///
 /// The one copy on receive writes into memory nobody has touched, so for a
 /// 256 MiB array the kernel takes 65,536 page faults with 4 KiB pages; with
@@ -50,7 +51,9 @@ impl LargeMessageMemory {
 
 impl DataAllocator for LargeMessageMemory {
     fn allocate(&self, len: usize) -> Option<Box<dyn DataBuffer>> {
-        if len < LARGE_DATA {
+        // A kept mapping spares a reply of 64 KiB-8 MiB the allocator's
+        // fresh pages (or its zeroing) every call, as it does a larger one.
+        if len <= SMALL_STEP {
             return None;
         }
         large_mapping(len, self.recycler.as_ref()).map(|m| Box::new(m) as Box<dyn DataBuffer>)
@@ -596,16 +599,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn large_buffers_are_mapped_aligned_and_small_ones_left_to_the_heap() {
+    fn buffers_past_the_first_step_are_mapped_aligned_and_small_ones_left_to_the_heap() {
         assert!(LargeMessageMemory::default().allocate(1024).is_none());
-        let mut buf = LargeMessageMemory::default()
-            .allocate(LARGE_DATA)
-            .expect("a mapping");
-        let mem = (*buf).as_mut();
-        assert_eq!(mem.len(), LARGE_DATA);
-        assert_eq!(mem.as_ptr() as usize % 64, 0);
-        mem[LARGE_DATA - 1] = 7;
-        assert_eq!((*buf).as_ref()[LARGE_DATA - 1], 7);
+        assert!(LargeMessageMemory::default().allocate(SMALL_STEP).is_none());
+        for len in [SMALL_STEP + 1, 3 << 20, LARGE_DATA] {
+            let mut buf = LargeMessageMemory::default()
+                .allocate(len)
+                .expect("a mapping");
+            let mem = (*buf).as_mut();
+            assert_eq!(mem.len(), len);
+            assert_eq!(mem.as_ptr() as usize % 64, 0);
+            mem[len - 1] = 7;
+            assert_eq!((*buf).as_ref()[len - 1], 7);
+        }
     }
 
     #[test]
