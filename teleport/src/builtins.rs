@@ -1,11 +1,12 @@
 //! The functions `teleport serve` and `teleport demo` bind.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use teleport::{tree, Array, DType, Function, HandlerError, Map, ServerBuilder, Tree};
 
 /// The names bound by [`bind_builtins`], for `info` and the help text.
-pub(crate) const METHODS: [&str; 6] = ["echo", "info", "sink", "sleep", "sum", "zeros"];
+pub(crate) const METHODS: [&str; 7] = ["echo", "info", "sink", "sleep", "source", "sum", "zeros"];
 
 /// `zeros` refuses to allocate more than this for one caller.
 const MAX_ZEROS_BYTES: usize = 1 << 30;
@@ -16,6 +17,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Binds the built-in functions on `builder`.
 pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
     let started = Instant::now();
+    let kept_source: Arc<Mutex<Option<Array>>> = Arc::default();
     builder
         // Moves the tree back: the array buffers are not copied again.
         .bind("echo", |args: Tree| async move { Ok(args) })
@@ -29,6 +31,15 @@ pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
             }))
         })
         .bind("zeros", |args: Tree| async move { zeros(&args) })
+        // `teleport bench` measures downloads with it: `source({"bytes": n})`
+        // answers with n zero bytes, the same kept array for calls of one
+        // size, so a download measures sending what the server has, not
+        // making fresh memory (the bare-quinn and TCP references do the same).
+        // A call of another size replaces it; `{"bytes": 0}` lets it go.
+        .bind("source", move |args: Tree| {
+            let kept = kept_source.clone();
+            async move { source(&kept, &args) }
+        })
         // Takes anything and answers with the bytes of array data it got:
         // `teleport bench --connect` measures uploads with it.
         .bind("sink", |args: Tree| async move {
@@ -64,6 +75,31 @@ fn zeros(args: &Tree) -> Result<Tree, HandlerError> {
         ));
     }
     Ok(Tree::Array(Array::zeros(dtype, shape)?))
+}
+
+/// `source({"bytes": n})`: `n` zero bytes, kept in `kept` for the next call
+/// of the same size.
+fn source(kept: &Mutex<Option<Array>>, args: &Tree) -> Result<Tree, HandlerError> {
+    let bytes = usize::try_from(args.get("bytes")?.as_int()?)
+        .ok()
+        .filter(|&n| n <= MAX_ZEROS_BYTES)
+        .ok_or_else(|| {
+            HandlerError::with_type(
+                "ValueError",
+                format!("source sends from 0 to {MAX_ZEROS_BYTES} bytes"),
+            )
+        })?;
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    match kept.as_ref() {
+        Some(array) if array.nbytes() == bytes => Ok(Tree::Array(array.clone())),
+        _ => {
+            // The old one goes before the new one is made.
+            *kept = None;
+            let array = Array::zeros(DType::U8, [bytes])?;
+            *kept = Some(array.clone());
+            Ok(Tree::Array(array))
+        }
+    }
 }
 
 /// `sleep(2.5)` or `sleep({"seconds": 2.5})`.
@@ -185,6 +221,26 @@ mod tests {
         assert_eq!(err.type_name(), "ValueError");
         let ok = zeros(&tree!({"dtype": "u8", "shape": [2, 3]})).unwrap();
         assert_eq!(ok.as_array().unwrap().shape(), &[2, 3]);
+    }
+
+    #[test]
+    fn source_keeps_one_array_per_size_and_lets_it_go_at_zero() {
+        let kept = Mutex::new(None);
+        let first = source(&kept, &tree!({"bytes": 4096})).unwrap();
+        let again = source(&kept, &tree!({"bytes": 4096})).unwrap();
+        let (first, again) = (first.as_array().unwrap(), again.as_array().unwrap());
+        assert_eq!(first.nbytes(), 4096);
+        assert!(first.data().iter().all(|&b| b == 0));
+        assert_eq!(
+            first.data().as_ptr(),
+            again.data().as_ptr(),
+            "the same bytes"
+        );
+        source(&kept, &tree!({"bytes": 0})).unwrap();
+        assert_eq!(kept.lock().unwrap().as_ref().unwrap().nbytes(), 0);
+        let err = source(&kept, &tree!({"bytes": -1})).unwrap_err();
+        assert_eq!(err.type_name(), "ValueError");
+        assert!(source(&kept, &tree!({"bytes": ((MAX_ZEROS_BYTES + 1) as i64)})).is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the built-in functions: echo, info, sink, sleep, sum, zeros.
+    /// Serve the built-in functions: echo, info, sink, sleep, source, sum, zeros.
     Serve(ServeArgs),
     /// Call a function on a server, with arguments as JSON; print the result as JSON.
     Call(CallArgs),

@@ -7,13 +7,16 @@
 //! payload and finishes its side; the server reads everything, then either
 //! writes the same bytes back ([`ReferenceMode::Echo`]) or answers with the
 //! byte count as eight little-endian bytes ([`ReferenceMode::Sink`]), or
-//! sends as many zero bytes as the request asks for ([`ReferenceMode::Source`]).
+//! sends as many zero bytes as the request asks for ([`ReferenceMode::Source`];
+//! the same kept buffer for requests of one size, as a server sends what it
+//! has, until a request of another size, or of 0 bytes, replaces it).
 //!
 //! It lives here because this is the only crate that knows quinn. Nothing in
 //! Teleport's call path uses it; do not build applications on it (it has no
 //! limits on what a peer may send).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
@@ -100,22 +103,38 @@ impl Drop for ReferenceServer {
     }
 }
 
+/// The zero bytes [`ReferenceMode::Source`] sends, kept across requests.
+type KeptSource = Arc<Mutex<Bytes>>;
+
 async fn accept_loop(endpoint: quinn::Endpoint) {
+    let kept = KeptSource::default();
     while let Some(incoming) = endpoint.accept().await {
+        let kept = kept.clone();
         tokio::spawn(async move {
             let Ok(connection) = incoming.await else {
                 return;
             };
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(answer(send, recv));
+                tokio::spawn(answer(send, recv, kept.clone()));
             }
         });
     }
 }
 
+/// `len` zero bytes: the kept ones if they are that many, else new ones, kept.
+fn source(kept: &Mutex<Bytes>, len: usize) -> Bytes {
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() != len {
+        // The old buffer goes before the new one is made.
+        *kept = Bytes::new();
+        *kept = Bytes::from(vec![0u8; len]);
+    }
+    kept.clone()
+}
+
 /// Reads a whole request, then answers it. Errors end the stream quietly:
 /// the client sees them as its own failure.
-async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, kept: KeptSource) {
     let mut mode = None;
     let mut received = 0u64;
     // Chunks are kept as quinn hands them over, so an echo copies nothing.
@@ -156,8 +175,7 @@ async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
                 }
             }
             let len = usize::try_from(u64::from_le_bytes(count)).unwrap_or(0);
-            let data = Bytes::from(vec![0u8; len]);
-            send.write_chunk(data).await.is_ok()
+            send.write_chunk(source(&kept, len)).await.is_ok()
         }
         None => false,
     };

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use indicatif::ProgressBar;
 use teleport::quic::reference::ReferenceClient;
-use teleport::{Array, Client, Fingerprint};
+use teleport::{Array, Client, DType, Fingerprint};
 
 use super::measure::{drive, drive_op, memcpy_gbps, Link, Op, Sample};
 use super::model::{self, BATCH_IN_FLIGHT};
@@ -177,6 +177,7 @@ async fn large(
         let sample = drive_op(&links, k, op, payload, plan.at_least).await?;
         let server_peak_rss = stacks.server_pid.and_then(peak_rss);
         let client_peak_rss = peak_rss(me);
+        release_source(op, &links[0]).await?;
         let gbps = Some(sample.gbps(moved));
 
         let mut references = Vec::new();
@@ -197,6 +198,7 @@ async fn large(
             }
             links[0].call(op, payload).await?;
             let sample = drive_op(links, k, op, payload, plan.at_least).await?;
+            release_source(op, &links[0]).await?;
             let reference = Some(sample.gbps(moved));
             references.push(Reference {
                 name,
@@ -229,6 +231,15 @@ async fn large(
             ..Row::default()
         });
         bar.inc(1);
+    }
+    Ok(())
+}
+
+/// After a download case, a download of nothing: the server's source lets
+/// the payload it kept go, so the next cases' memory does not include it.
+async fn release_source(op: Op, link: &Link) -> anyhow::Result<()> {
+    if op == Op::Download {
+        link.call(op, &Array::zeros(DType::U8, [0])?).await?;
     }
     Ok(())
 }

@@ -74,10 +74,11 @@ impl Link {
                 let reply = client.call("sink", tree!({"x": (payload.clone())})).await?;
                 usize::try_from(reply.get("bytes")?.as_int()?)?
             }
-            (Link::Teleport(client), Op::Download) => {
-                let args = tree!({"dtype": "float32", "shape": [((n / 4) as i64)]});
-                client.call("zeros", args).await?.into_array()?.nbytes()
-            }
+            (Link::Teleport(client), Op::Download) => client
+                .call("source", tree!({"bytes": (n as i64)}))
+                .await?
+                .into_array()?
+                .nbytes(),
             (Link::Quinn(client), Op::Echo) => client
                 .request(ReferenceMode::Echo, payload.data().clone())
                 .await?

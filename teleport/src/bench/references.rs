@@ -5,11 +5,13 @@
 //! One request at a time per connection (k calls in flight take k
 //! connections): `[mode: u8][length: u64 LE][payload]`, answered with
 //! `[length: u64 LE][bytes]`. Echo sends the payload back; sink answers with
-//! the byte count; source reads a byte count and sends that many zero bytes.
+//! the byte count; source reads a byte count and sends that many zero bytes
+//! (one kept buffer per server for requests of one size, replaced by a
+//! request of another size or of 0 bytes, as bare quinn's source does).
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::ServerName;
 use teleport::{ClientTls, Fingerprint, Identity, ServerTls};
@@ -49,17 +51,19 @@ impl TcpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let acceptor = tls.map(TlsAcceptor::from);
+        let kept: KeptSource = Arc::default();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
+                let kept = kept.clone();
                 tokio::spawn(async move {
                     let _ = match acceptor {
                         Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(stream) => answer(stream).await,
+                            Ok(stream) => answer(stream, &kept).await,
                             Err(e) => Err(e),
                         },
-                        None => answer(stream).await,
+                        None => answer(stream, &kept).await,
                     };
                 });
             }
@@ -78,8 +82,22 @@ impl Drop for TcpServer {
     }
 }
 
+/// The zero bytes a source sends, kept across requests and connections.
+type KeptSource = Arc<Mutex<Arc<Vec<u8>>>>;
+
+/// `len` zero bytes: the kept ones if they are that many, else new ones, kept.
+fn source(kept: &Mutex<Arc<Vec<u8>>>, len: usize) -> Arc<Vec<u8>> {
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() != len {
+        // The old buffer goes before the new one is made.
+        *kept = Arc::default();
+        *kept = Arc::new(vec![0u8; len]);
+    }
+    kept.clone()
+}
+
 /// Answers requests on one connection until the peer closes it.
-async fn answer<S: Io>(mut stream: S) -> io::Result<()> {
+async fn answer<S: Io>(mut stream: S, kept: &Mutex<Arc<Vec<u8>>>) -> io::Result<()> {
     loop {
         let mut header = [0u8; 9];
         match stream.read_exact(&mut header).await {
@@ -113,7 +131,9 @@ async fn answer<S: Io>(mut stream: S) -> io::Result<()> {
                 let count: [u8; 8] = count[..]
                     .try_into()
                     .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-                let data = vec![0u8; u64::from_le_bytes(count) as usize];
+                let len = usize::try_from(u64::from_le_bytes(count))
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+                let data = source(kept, len);
                 write_message(&mut stream, &data).await?;
             }
             _ => return Err(io::ErrorKind::InvalidData.into()),
