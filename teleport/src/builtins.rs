@@ -1,7 +1,9 @@
 //! The functions `teleport serve` and `teleport demo` bind.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use teleport::quic::reference::KeptPayload;
 
 use teleport::{tree, Array, DType, Function, HandlerError, Map, ServerBuilder, Tree};
 
@@ -17,7 +19,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Binds the built-in functions on `builder`.
 pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
     let started = Instant::now();
-    let kept_source: Arc<Mutex<Option<Array>>> = Arc::default();
+    let kept_source = Arc::new(KeptPayload::default());
     builder
         // Moves the tree back: the array buffers are not copied again.
         .bind("echo", |args: Tree| async move { Ok(args) })
@@ -32,9 +34,8 @@ pub(crate) fn bind_builtins(builder: ServerBuilder) -> ServerBuilder {
         })
         .bind("zeros", |args: Tree| async move { zeros(&args) })
         // `teleport bench` measures downloads with it: `source({"bytes": n})`
-        // answers with n zero bytes, the same kept array for calls of one
-        // size, so a download measures sending what the server has, not
-        // making fresh memory (the bare-quinn and TCP references do the same).
+        // answers with n bytes from a kept payload, as the bare-quinn and TCP
+        // references do, so a download measures sending what the server has.
         // A call of another size replaces it; `{"bytes": 0}` lets it go.
         .bind("source", move |args: Tree| {
             let kept = kept_source.clone();
@@ -77,9 +78,8 @@ fn zeros(args: &Tree) -> Result<Tree, HandlerError> {
     Ok(Tree::Array(Array::zeros(dtype, shape)?))
 }
 
-/// `source({"bytes": n})`: `n` zero bytes, kept in `kept` for the next call
-/// of the same size.
-fn source(kept: &Mutex<Option<Array>>, args: &Tree) -> Result<Tree, HandlerError> {
+/// `source({"bytes": n})`: a `uint8` array of `n` bytes from `kept`.
+fn source(kept: &KeptPayload, args: &Tree) -> Result<Tree, HandlerError> {
     let bytes = usize::try_from(args.get("bytes")?.as_int()?)
         .ok()
         .filter(|&n| n <= MAX_ZEROS_BYTES)
@@ -89,17 +89,11 @@ fn source(kept: &Mutex<Option<Array>>, args: &Tree) -> Result<Tree, HandlerError
                 format!("source sends from 0 to {MAX_ZEROS_BYTES} bytes"),
             )
         })?;
-    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-    match kept.as_ref() {
-        Some(array) if array.nbytes() == bytes => Ok(Tree::Array(array.clone())),
-        _ => {
-            // The old one goes before the new one is made.
-            *kept = None;
-            let array = Array::zeros(DType::U8, [bytes])?;
-            *kept = Some(array.clone());
-            Ok(Tree::Array(array))
-        }
-    }
+    Ok(Tree::Array(Array::new(
+        DType::U8,
+        [bytes],
+        kept.get(bytes),
+    )?))
 }
 
 /// `sleep(2.5)` or `sleep({"seconds": 2.5})`.
@@ -224,20 +218,26 @@ mod tests {
     }
 
     #[test]
-    fn source_keeps_one_array_per_size_and_lets_it_go_at_zero() {
-        let kept = Mutex::new(None);
+    fn source_keeps_one_payload_per_size_and_lets_it_go_at_zero() {
+        let kept = KeptPayload::default();
         let first = source(&kept, &tree!({"bytes": 4096})).unwrap();
         let again = source(&kept, &tree!({"bytes": 4096})).unwrap();
         let (first, again) = (first.as_array().unwrap(), again.as_array().unwrap());
         assert_eq!(first.nbytes(), 4096);
-        assert!(first.data().iter().all(|&b| b == 0));
+        assert!(first.data().iter().all(|&b| b == KeptPayload::BYTE));
         assert_eq!(
             first.data().as_ptr(),
             again.data().as_ptr(),
             "the same bytes"
         );
-        source(&kept, &tree!({"bytes": 0})).unwrap();
-        assert_eq!(kept.lock().unwrap().as_ref().unwrap().nbytes(), 0);
+        let gone = source(&kept, &tree!({"bytes": 0})).unwrap();
+        assert_eq!(gone.as_array().unwrap().nbytes(), 0);
+        let made_again = source(&kept, &tree!({"bytes": 4096})).unwrap();
+        assert_ne!(
+            made_again.as_array().unwrap().data().as_ptr(),
+            first.data().as_ptr(),
+            "made again after a call of 0 bytes"
+        );
         let err = source(&kept, &tree!({"bytes": -1})).unwrap_err();
         assert_eq!(err.type_name(), "ValueError");
         assert!(source(&kept, &tree!({"bytes": ((MAX_ZEROS_BYTES + 1) as i64)})).is_err());

@@ -174,20 +174,22 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
     good_client_works(&fixture).await;
 }
 
-/// Sections between the first 64 KiB charging step and the size received
-/// into a mapping of its own come from the heap: they too must cost the pages
-/// the bytes filled, not the size declared (the budget charges what arrived).
+/// Sections between the first 64 KiB charging step and 8 MiB (the size that
+/// always had a mapping of its own) must cost the pages the bytes filled, not
+/// the size declared: the budget charges what arrived. (They went to a zeroed
+/// heap buffer, resident whole, until 2026-12-04.)
 #[tokio::test]
 async fn calls_that_declare_megabytes_and_stop_cost_what_they_sent() {
     let _measured_alone = RESIDENT_MEMORY.lock().await;
     let fixture = Fixture::start_with(|b| {
-        b.call_progress_timeout(Some(Duration::from_secs(2)))
+        b.call_progress_timeout(Some(Duration::from_secs(6)))
             .max_in_flight(64)
     })
     .await;
-    // 128 calls on two connections, each declaring 7 MiB (under the 8 MiB
-    // that get a mapping) and sending one byte: 896 MiB declared in all, far
-    // less than each connection's budget, so every one may start at once.
+    // 128 calls on two connections, each declaring 7 MiB and sending one
+    // byte: 896 MiB declared in all, less than each connection's budget, so
+    // every one may start at once. The progress timeout is long enough for
+    // all 128 to be open before the first is refused, on a slow machine too.
     let mut sessions = Vec::new();
     for _ in 0..2 {
         sessions.push(raw_session(&fixture).await);
@@ -255,6 +257,7 @@ async fn declarations_over_the_budget_or_the_limit_are_refused_at_the_header() {
 
 #[tokio::test]
 async fn a_call_waits_for_memory_held_by_arrays_still_in_use() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let kept: Arc<Mutex<Vec<Tree>>> = Arc::default();
     let fixture = Fixture::start_with(|b| {
         let kept = kept.clone();
@@ -399,6 +402,7 @@ async fn a_slow_trickle_is_refused_once_bytes_stop_for_the_progress_timeout() {
 
 #[tokio::test]
 async fn garbage_bombs_and_stream_floods_get_errors_and_a_good_client_is_served() {
+    let _measured_alone = RESIDENT_MEMORY.lock().await;
     let fixture = Fixture::start().await;
     let (_connector, connection, _control) = raw_session(&fixture).await;
     let before = rss();

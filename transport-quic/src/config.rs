@@ -153,7 +153,7 @@ pub struct TransportConfig {
     /// starts at 1,200 and probes up. Default `Some(65_527)`; `None` treats
     /// loopback like any other path.
     pub loopback_udp_payload: Option<u16>,
-    /// Bytes of large receive buffers (data sections of 8 MiB or more) the
+    /// Bytes of receive buffers (data sections of more than 64 KiB) the
     /// connections of this process keep, all together (every endpoint's,
     /// every client's), once a message's arrays are dropped, for their next
     /// message of about the same size; a connection keeps a buffer only

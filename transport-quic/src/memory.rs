@@ -20,17 +20,16 @@ const SMALL_STEP: usize = 64 << 10;
 /// ... and in steps of a huge page after that.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
-/// Receives data sections past the first 64 KiB into anonymous memory (for
-/// sections of 8 MiB and more, with transparent huge pages), kept by the
-/// connection for reuse; smaller ones go to the decoder's heap buffer.
+/// Receives data sections past the first 64 KiB into anonymous memory (past
+/// its first 2 MiB with transparent huge pages), kept by the connection for
+/// reuse; smaller ones go to the decoder's heap buffer.
 ///
 /// The one copy on receive writes into memory nobody has touched, so for a
 /// 256 MiB array the kernel takes 65,536 page faults with 4 KiB pages; with
 /// 2 MiB pages it takes 128. On this project's loopback benchmark that was the
 /// difference between a one-way transfer well below bare quinn and one close to
 /// it (see `docs/performance.md`). A mapping is page aligned, so arrays stay
-/// 64-byte aligned; it is returned to the kernel when the last array of the
-/// message is dropped.
+/// 64-byte aligned.
 ///
 /// A fresh mapping has the declared size but is only address space: pages
 /// become memory as the bytes that fill them arrive. Its first 2 MiB keep
@@ -549,10 +548,10 @@ impl DataAllocator for BudgetedMemory {
         *lock(&self.made) = Some(reservation.clone());
         // Beyond the first step a section is charged as its bytes arrive, so
         // its memory must become resident only as they arrive too: a mapping
-        // (whose pages the kernel supplies on first write), never a zeroed
-        // heap buffer, which is resident whole at once (a peer declaring
-        // 7 MiB sections and sending one byte of each would otherwise hold
-        // 7 MiB per call against 64 KiB charged).
+        // (whose pages the kernel supplies on first write), not a zeroed heap
+        // buffer, which is resident whole at once (a peer declaring 7 MiB
+        // sections and sending one byte of each would otherwise hold 7 MiB
+        // per call against 64 KiB charged).
         if len > SMALL_STEP {
             let recycler = self.recycler.as_ref();
             // A kept mapping is memory already: it is charged whole, now, or
@@ -573,6 +572,10 @@ impl DataAllocator for BudgetedMemory {
                     _held: Held::Reservation(reservation),
                 }));
             }
+            // The system refused a mapping: a zeroed heap buffer is resident
+            // whole at once, so it is charged whole first where the budgets
+            // allow (where they do not, it is charged as its bytes arrive).
+            let _ = reservation.try_grow_to(len);
         }
         heap_buffer(len, Held::Reservation(reservation))
     }

@@ -1,5 +1,6 @@
-//! Large receive mappings kept, once their arrays are dropped, for the next
-//! large message of the same connection.
+//! Receive mappings (data sections of more than 64 KiB) kept, once their
+//! arrays are dropped, for the next message of about their size on the same
+//! connection.
 //!
 //! A fresh mapping costs the kernel a page fault and a page cleared for every
 //! page the message fills. Measured on this project's 2-core VMs, clearing

@@ -7,9 +7,8 @@
 //! payload and finishes its side; the server reads everything, then either
 //! writes the same bytes back ([`ReferenceMode::Echo`]) or answers with the
 //! byte count as eight little-endian bytes ([`ReferenceMode::Sink`]), or
-//! sends as many zero bytes as the request asks for ([`ReferenceMode::Source`];
-//! the same kept buffer for requests of one size, as a server sends what it
-//! has, until a request of another size, or of 0 bytes, replaces it).
+//! sends as many bytes as the request asks for ([`ReferenceMode::Source`], from
+//! a [`KeptPayload`]).
 //!
 //! It lives here because this is the only crate that knows quinn. Nothing in
 //! Teleport's call path uses it; do not build applications on it (it has no
@@ -103,11 +102,33 @@ impl Drop for ReferenceServer {
     }
 }
 
-/// The zero bytes [`ReferenceMode::Source`] sends, kept across requests.
-type KeptSource = Arc<Mutex<Bytes>>;
+/// What a benchmark's source sends: `len` bytes of [`KeptPayload::BYTE`],
+/// written once and kept for the next request of the same size, as a server
+/// sends what it has (fresh memory would measure the allocator's page faults,
+/// never-written memory the kernel's shared zero page). A request of another
+/// size replaces it; one of 0 bytes lets it go. Shared by every source of
+/// `teleport bench`, so all its stacks send alike.
+#[derive(Debug, Default)]
+pub struct KeptPayload(Mutex<Bytes>);
+
+impl KeptPayload {
+    /// The byte every payload is made of.
+    pub const BYTE: u8 = 0x5a;
+
+    /// `len` bytes: the kept ones if they are that many, else new ones, kept.
+    pub fn get(&self, len: usize) -> Bytes {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() != len {
+            // The old payload goes before the new one is made.
+            *kept = Bytes::new();
+            *kept = Bytes::from(vec![Self::BYTE; len]);
+        }
+        kept.clone()
+    }
+}
 
 async fn accept_loop(endpoint: quinn::Endpoint) {
-    let kept = KeptSource::default();
+    let kept = Arc::new(KeptPayload::default());
     while let Some(incoming) = endpoint.accept().await {
         let kept = kept.clone();
         tokio::spawn(async move {
@@ -121,20 +142,9 @@ async fn accept_loop(endpoint: quinn::Endpoint) {
     }
 }
 
-/// `len` zero bytes: the kept ones if they are that many, else new ones, kept.
-fn source(kept: &Mutex<Bytes>, len: usize) -> Bytes {
-    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-    if kept.len() != len {
-        // The old buffer goes before the new one is made.
-        *kept = Bytes::new();
-        *kept = Bytes::from(vec![0u8; len]);
-    }
-    kept.clone()
-}
-
 /// Reads a whole request, then answers it. Errors end the stream quietly:
 /// the client sees them as its own failure.
-async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, kept: KeptSource) {
+async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, kept: Arc<KeptPayload>) {
     let mut mode = None;
     let mut received = 0u64;
     // Chunks are kept as quinn hands them over, so an echo copies nothing.
@@ -175,7 +185,7 @@ async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, kept: 
                 }
             }
             let len = usize::try_from(u64::from_le_bytes(count)).unwrap_or(0);
-            send.write_chunk(source(&kept, len)).await.is_ok()
+            send.write_chunk(kept.get(len)).await.is_ok()
         }
         None => false,
     };

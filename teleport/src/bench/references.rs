@@ -5,15 +5,15 @@
 //! One request at a time per connection (k calls in flight take k
 //! connections): `[mode: u8][length: u64 LE][payload]`, answered with
 //! `[length: u64 LE][bytes]`. Echo sends the payload back; sink answers with
-//! the byte count; source reads a byte count and sends that many zero bytes
-//! (one kept buffer per server for requests of one size, replaced by a
-//! request of another size or of 0 bytes, as bare quinn's source does).
+//! the byte count; source reads a byte count and sends that many bytes from a
+//! [`KeptPayload`] (as bare quinn's source and Teleport's `source` do).
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
+use teleport::quic::reference::KeptPayload;
 use teleport::{ClientTls, Fingerprint, Identity, ServerTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -51,7 +51,7 @@ impl TcpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let acceptor = tls.map(TlsAcceptor::from);
-        let kept: KeptSource = Arc::default();
+        let kept = Arc::new(KeptPayload::default());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
@@ -82,22 +82,8 @@ impl Drop for TcpServer {
     }
 }
 
-/// The zero bytes a source sends, kept across requests and connections.
-type KeptSource = Arc<Mutex<Arc<Vec<u8>>>>;
-
-/// `len` zero bytes: the kept ones if they are that many, else new ones, kept.
-fn source(kept: &Mutex<Arc<Vec<u8>>>, len: usize) -> Arc<Vec<u8>> {
-    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-    if kept.len() != len {
-        // The old buffer goes before the new one is made.
-        *kept = Arc::default();
-        *kept = Arc::new(vec![0u8; len]);
-    }
-    kept.clone()
-}
-
 /// Answers requests on one connection until the peer closes it.
-async fn answer<S: Io>(mut stream: S, kept: &Mutex<Arc<Vec<u8>>>) -> io::Result<()> {
+async fn answer<S: Io>(mut stream: S, kept: &KeptPayload) -> io::Result<()> {
     loop {
         let mut header = [0u8; 9];
         match stream.read_exact(&mut header).await {
@@ -133,7 +119,7 @@ async fn answer<S: Io>(mut stream: S, kept: &Mutex<Arc<Vec<u8>>>) -> io::Result<
                     .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
                 let len = usize::try_from(u64::from_le_bytes(count))
                     .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-                let data = source(kept, len);
+                let data = kept.get(len);
                 write_message(&mut stream, &data).await?;
             }
             _ => return Err(io::ErrorKind::InvalidData.into()),
