@@ -454,7 +454,7 @@ pub(crate) fn charge(end: usize, total: usize) -> usize {
 
 /// Receives every data section into memory charged to a budget: those
 /// within the first charging step into the heap, larger ones into a mapping
-/// (as [`LargeMessageMemory`] does from 8 MiB, kept for reuse alike). The
+/// (as [`LargeMessageMemory`] does, kept for reuse alike). The
 /// buffer holds the [`Reservation`], so the memory is given back when the
 /// message's arrays are dropped; the stream takes a handle of it from
 /// [`take`](Self::take) to grow it as bytes arrive.
