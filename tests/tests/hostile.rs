@@ -89,6 +89,33 @@ fn rss() -> usize {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// What `raw_session` returns: endpoint, connection, control stream.
+type Session = (
+    teleport_quic::Connector,
+    teleport_quic::Connection,
+    (SendStream, RecvStream),
+);
+
+/// `per_connection` calls on each session's connection, each declaring
+/// `declared` bytes of data and sending one byte of it, then nothing.
+async fn stalled_calls(
+    sessions: &[Session],
+    per_connection: u64,
+    declared: usize,
+) -> Vec<(SendStream, RecvStream)> {
+    let mut streams = Vec::new();
+    for (_, connection, _) in sessions {
+        for id in 0..per_connection {
+            let (mut send, recv) = connection.open_stream().await.unwrap();
+            let mut bytes = call_prefix(id + 1, declared);
+            bytes.push(0); // one data byte, then nothing
+            send.send_raw(&bytes).await.unwrap();
+            streams.push((send, recv));
+        }
+    }
+    streams
+}
+
 async fn reply_on(recv: &mut RecvStream) -> Reply {
     match within("a reply", recv.receive(|_| {})).await {
         Ok(Some(Message::Reply(reply))) => reply,
@@ -127,16 +154,7 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
         sessions.push(raw_session(&fixture).await);
     }
     let before = rss();
-    let mut streams: Vec<(SendStream, RecvStream)> = Vec::new();
-    for (_, connection, _) in &sessions {
-        for id in 0..64 {
-            let (mut send, recv) = connection.open_stream().await.unwrap();
-            let mut bytes = call_prefix(id + 1, 1 << 30);
-            bytes.push(0); // one data byte, then nothing
-            send.send_raw(&bytes).await.unwrap();
-            streams.push((send, recv));
-        }
-    }
+    let mut streams = stalled_calls(&sessions, 64, 1 << 30).await;
     // The calls of a connection declare together far more than its budget,
     // so one of them at a time may hold memory (its first 64 KiB step, for
     // its one byte); the others wait, holding nothing, until it completes.
@@ -195,16 +213,7 @@ async fn calls_that_declare_megabytes_and_stop_cost_what_they_sent() {
         sessions.push(raw_session(&fixture).await);
     }
     let before = rss();
-    let mut streams: Vec<(SendStream, RecvStream)> = Vec::new();
-    for (_, connection, _) in &sessions {
-        for id in 0..64 {
-            let (mut send, recv) = connection.open_stream().await.unwrap();
-            let mut bytes = call_prefix(id + 1, 7 * MIB);
-            bytes.push(0);
-            send.send_raw(&bytes).await.unwrap();
-            streams.push((send, recv));
-        }
-    }
+    let mut streams = stalled_calls(&sessions, 64, 7 * MIB).await;
     common::wait_until("every call's byte is charged", || {
         fixture.server.receive_memory() >= 128 * (64 << 10)
     })
