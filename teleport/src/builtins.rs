@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use teleport::quic::reference::KeptPayload;
-
 use teleport::{tree, Array, DType, Function, HandlerError, Map, ServerBuilder, Tree};
 
 /// The names bound by [`bind_builtins`], for `info` and the help text.
