@@ -59,6 +59,9 @@ enum Command {
         /// As `teleport bench --recycled-receive-memory`.
         #[arg(long)]
         recycled_receive_memory: Option<usize>,
+        /// As `teleport bench --worker-threads`.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
 }
 
@@ -136,10 +139,36 @@ struct BenchArgs {
     /// measure without reuse.
     #[arg(long)]
     recycled_receive_memory: Option<usize>,
+    /// Worker threads of the async runtime of every process the bench runs
+    /// (the client, Teleport's server, the references' servers). Without it:
+    /// half the cores, at least one, when the bench starts its own servers
+    /// (client and server share the machine, as two hosts would not); every
+    /// core with --connect.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     /// Only these groups of cases, comma-separated: large (echo, upload and
     /// download of one array per size), small, clients, batched, pool.
     #[arg(long, value_delimiter = ',', value_parser = ["large", "small", "clients", "batched", "pool"])]
     only: Vec<String>,
+}
+
+/// The runtime's worker threads where a command sets them (tokio's default,
+/// one per core, otherwise).
+fn runtime_threads(command: &Command) -> Option<usize> {
+    match command {
+        Command::Bench(args) => bench_threads(args),
+        Command::BenchServer { worker_threads, .. } => worker_threads.map(usize::from),
+        _ => None,
+    }
+}
+
+fn bench_threads(args: &BenchArgs) -> Option<usize> {
+    match (args.worker_threads, &args.connect) {
+        (Some(threads), _) => Some(threads.into()),
+        // The bench's own servers share the machine with its client.
+        (None, None) => Some(bench::default_worker_threads()),
+        (None, Some(_)) => None,
+    }
 }
 
 /// Prints a line to stdout for whoever reads it, and carries on if nobody
@@ -161,10 +190,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = runtime_threads(&cli.command) {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -180,6 +210,7 @@ fn main() -> ExitCode {
             Command::Pull(args) => queue_cli::pull(args).await,
             Command::Demo => demo::run().await,
             Command::Bench(args) => {
+                let worker_threads = bench_threads(&args);
                 bench::run(bench::Options {
                     quick: args.quick,
                     json: args.json,
@@ -189,6 +220,7 @@ fn main() -> ExitCode {
                     tuning: bench::Tuning {
                         mtu: args.mtu,
                         recycled_receive_memory: args.recycled_receive_memory,
+                        worker_threads,
                     },
                 })
                 .await
@@ -199,10 +231,12 @@ fn main() -> ExitCode {
                 identity_dir,
                 mtu,
                 recycled_receive_memory,
+                worker_threads,
             } => {
                 let tuning = bench::Tuning {
                     mtu,
                     recycled_receive_memory,
+                    worker_threads: worker_threads.map(usize::from),
                 };
                 bench::serve(&role, &identity_dir, &tuning).await
             }

@@ -61,6 +61,8 @@ pub(crate) struct Tuning {
     pub(crate) mtu: Option<u16>,
     /// `--recycled-receive-memory`.
     pub(crate) recycled_receive_memory: Option<usize>,
+    /// `--worker-threads`, as the runtime of this process was built with it.
+    pub(crate) worker_threads: Option<usize>,
 }
 
 impl Tuning {
@@ -89,8 +91,20 @@ impl Tuning {
         if let Some(bytes) = self.recycled_receive_memory {
             args.extend(["--recycled-receive-memory".to_owned(), bytes.to_string()]);
         }
+        if let Some(threads) = self.worker_threads {
+            args.extend(["--worker-threads".to_owned(), threads.to_string()]);
+        }
         args
     }
+}
+
+/// Worker threads of each process when the bench runs its own servers: half
+/// the cores (at least one). Client and server share this machine; with
+/// tokio's default (a worker per core in each process) their runtimes had
+/// twice as many threads as cores, and a connection's work spread over them
+/// (docs/performance.md, "Runtime threads").
+pub(crate) fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// `teleport bench-server` (hidden): the servers the bench measures.
@@ -220,7 +234,7 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
 
     if options.json {
         for row in &rows {
-            for line in report::json_lines(row) {
+            for line in report::json_lines(row, options.tuning.worker_threads) {
                 println!("{line}");
             }
         }

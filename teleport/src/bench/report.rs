@@ -59,7 +59,8 @@ pub(crate) fn ratio(teleport: Option<f64>, reference: Option<f64>) -> Option<f64
 }
 
 /// One JSON object per reference (one with `reference: null` if none).
-pub(crate) fn json_lines(row: &Row) -> Vec<String> {
+/// `worker_threads`: of every process's runtime, if the bench set them.
+pub(crate) fn json_lines(row: &Row, worker_threads: Option<usize>) -> Vec<String> {
     let line = |reference: Option<&Reference>| {
         json!({
             "case": row.case,
@@ -87,6 +88,7 @@ pub(crate) fn json_lines(row: &Row) -> Vec<String> {
             "reference_server_cpu_us_per_call": reference.and_then(|r| r.server_cpu_us_per_call),
             "datagrams_per_call": row.datagrams_per_call,
             "reference_datagrams_per_call": reference.and_then(|r| r.datagrams_per_call),
+            "worker_threads": worker_threads,
         })
         .to_string()
     };
