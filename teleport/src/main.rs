@@ -386,3 +386,53 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn threads(args: &[&str]) -> Option<usize> {
+        let cli = Cli::try_parse_from(args).expect("the arguments parse");
+        runtime_threads(&cli.command)
+    }
+
+    #[test]
+    fn the_bench_sizes_the_runtime_of_each_of_its_processes() {
+        // Its own servers share the machine: half the cores, at least one.
+        assert_eq!(
+            threads(&["teleport", "bench"]),
+            Some(bench::default_worker_threads())
+        );
+        assert!(bench::default_worker_threads() >= 1);
+        assert_eq!(
+            threads(&["teleport", "bench", "--worker-threads", "3"]),
+            Some(3)
+        );
+        // A server elsewhere: the client keeps tokio's default.
+        assert_eq!(
+            threads(&[
+                "teleport",
+                "bench",
+                "--connect",
+                "127.0.0.1:4433",
+                "--pin",
+                &"ab".repeat(32)
+            ]),
+            None
+        );
+        // The children get the count on their command line.
+        assert_eq!(
+            threads(&[
+                "teleport",
+                "bench-server",
+                "teleport",
+                "/tmp",
+                "--worker-threads",
+                "1"
+            ]),
+            Some(1)
+        );
+        assert_eq!(threads(&["teleport", "serve"]), None);
+        assert!(Cli::try_parse_from(["teleport", "bench", "--worker-threads", "0"]).is_err());
+    }
+}
