@@ -360,7 +360,14 @@ impl ClientTls {
     /// comparison (the benchmark's reference) uses to trust the same server
     /// the same way.
     pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TransportError> {
-        let provider = provider();
+        self.rustls_config_with(provider())
+    }
+
+    /// [`rustls_config`](Self::rustls_config) on another crypto provider.
+    pub(crate) fn rustls_config_with(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<rustls::ClientConfig, TransportError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -450,7 +457,14 @@ impl ServerTls {
     /// These settings as a rustls server configuration (TLS 1.3, ALPN
     /// [`ALPN`]); see [`ClientTls::rustls_config`].
     pub fn rustls_config(&self) -> Result<rustls::ServerConfig, TransportError> {
-        let provider = provider();
+        self.rustls_config_with(provider())
+    }
+
+    /// [`rustls_config`](Self::rustls_config) on another crypto provider.
+    pub(crate) fn rustls_config_with(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<rustls::ServerConfig, TransportError> {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -622,6 +636,62 @@ impl ClientCertVerifier for PinnedClientVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A QUIC connection between `server` and `client` providers: a
+    /// handshake with the server's certificate pinned, then one stream
+    /// echoed. Both directions of the exchange are encrypted by each side's
+    /// own provider.
+    #[cfg(feature = "aws-lc-rs")]
+    async fn echo_across(server: Arc<CryptoProvider>, client: Arc<CryptoProvider>) {
+        use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+        let identity = Identity::self_signed(["localhost"]).unwrap();
+        let pin = identity.fingerprint();
+        let server_crypto = ServerTls::new(identity).rustls_config_with(server).unwrap();
+        let client_crypto = ClientTls::pinned(pin).rustls_config_with(client).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(
+                QuicServerConfig::try_from(server_crypto).unwrap(),
+            )),
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let echo = tokio::spawn(async move {
+            let connection = server.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+            let got = recv.read_to_end(1 << 20).await.unwrap();
+            send.write_all(&got).await.unwrap();
+            send.finish().unwrap();
+            connection.closed().await;
+        });
+        let mut client =
+            quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_crypto).unwrap(),
+        )));
+        let connection = client.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        send.write_all(&payload).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(recv.read_to_end(1 << 20).await.unwrap(), payload);
+        connection.close(0u32.into(), b"done");
+        echo.await.unwrap();
+    }
+
+    #[cfg(feature = "aws-lc-rs")]
+    #[tokio::test]
+    async fn peers_on_ring_and_on_aws_lc_rs_talk_to_each_other() {
+        let ring = || Arc::new(rustls::crypto::ring::default_provider());
+        let aws_lc = || Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let both_ways = async {
+            echo_across(ring(), aws_lc()).await;
+            echo_across(aws_lc(), ring()).await;
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), both_ways)
+            .await
+            .expect("the handshakes and echoes finished");
+    }
 
     #[test]
     fn fingerprint_display_and_parse_round_trip() {
