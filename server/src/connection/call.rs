@@ -1,14 +1,66 @@
-//! The task serving one call stream: it reads the call, runs it when the
-//! state machine says so, and writes the reply (or abandons the stream), doing
-//! exactly what the machine's outputs for its stream say.
+//! Serving one call stream: reading the call, running it when the state
+//! machine says so, and writing the reply (or abandoning the stream), doing
+//! exactly what the machine's outputs for its stream say. [`start`] runs the
+//! first step in the accept loop and spawns the rest only if it waits.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
 
 use teleport_protocol::server::{CallHead, CallStreamError, StreamIndex};
 use teleport_protocol::Message;
 use teleport_quic::{Progress, RecvStream, SendStream, TransportError};
 
 use super::state::{Action, Conn};
+
+/// How long a call's first step may run in the accept loop's task. A
+/// function that computes longer than this before it first waits holds up
+/// the calls behind it on the connection, so after such a step the next
+/// [`SPAWNED_AFTER_LONG_STEP`] calls of the connection start in tasks of
+/// their own. (A step can also run long because the thread was preempted;
+/// that costs only those calls' tasks.)
+pub(crate) const INLINE_STEP_LIMIT: Duration = Duration::from_micros(200);
+
+/// Calls started in tasks of their own after a long first step: a function
+/// that always computes long before it waits delays the calls behind it on
+/// one call in this many.
+pub(crate) const SPAWNED_AFTER_LONG_STEP: u32 = 64;
+
+/// Starts serving one call: its first step runs here, in the accept loop's
+/// task, and only a call that then waits (for its arguments, a worker, a
+/// timer, a slow reader) gets a task of its own. A small call is read,
+/// answered and written in that one step: no task to spawn, schedule and
+/// wake (`docs/performance.md`, "Small calls in the accept loop").
+/// `spawn_next` counts the calls still to be spawned after a long step.
+pub(crate) fn start<F>(serve: F, spawn_next: &AtomicU32)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Only the accept loop touches the count: no race between load and store.
+    let to_spawn = spawn_next.load(Ordering::Relaxed);
+    if to_spawn > 0 {
+        spawn_next.store(to_spawn - 1, Ordering::Relaxed);
+        tokio::spawn(serve);
+        return;
+    }
+    let mut serve = Box::pin(serve);
+    let started = Instant::now();
+    // A waker that does nothing: a call that waits is spawned right after,
+    // and its task's first poll looks at everything again, registering its
+    // own waker.
+    let waits = serve
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending();
+    if started.elapsed() > INLINE_STEP_LIMIT {
+        spawn_next.store(SPAWNED_AFTER_LONG_STEP, Ordering::Relaxed);
+    }
+    if waits {
+        tokio::spawn(serve);
+    }
+}
 
 /// Serves call stream `stream` until the machine is done with it.
 /// `in_span`: the task runs in a call span of its own, whose id and method
@@ -168,4 +220,89 @@ async fn read_call(conn: &Conn, stream: StreamIndex, recv: &mut RecvStream) -> O
         e => CallStreamError::Malformed(e.to_string()),
     };
     conn.call_unreadable(stream, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn a_call_that_finishes_in_its_first_step_runs_in_place() {
+        let spawn_next = AtomicU32::new(0);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counted = ran.clone();
+        start(
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+            },
+            &spawn_next,
+        );
+        // Done before `start` returned: no task was needed.
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_waits_goes_on_in_a_task_of_its_own() {
+        let spawn_next = AtomicU32::new(0);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        start(
+            async move {
+                let _ = wait.await;
+                let _ = done.send(());
+            },
+            &spawn_next,
+        );
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the spawned call finished")
+            .unwrap();
+        assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_long_first_step_the_next_calls_start_in_tasks() {
+        let spawn_next = AtomicU32::new(0);
+        start(
+            async {
+                // Computes (here: sleeps the thread) past the limit.
+                std::thread::sleep(INLINE_STEP_LIMIT * 5);
+            },
+            &spawn_next,
+        );
+        assert_eq!(spawn_next.load(Ordering::SeqCst), SPAWNED_AFTER_LONG_STEP);
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..SPAWNED_AFTER_LONG_STEP {
+            let counted = ran.clone();
+            start(
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                },
+                &spawn_next,
+            );
+        }
+        // None of them ran in place: each waits for its task.
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "a call ran in place");
+        assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
+        // The one after them runs in place again.
+        let counted = ran.clone();
+        start(
+            async move {
+                counted.fetch_add(1000, Ordering::SeqCst);
+            },
+            &spawn_next,
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 1000);
+        // The spawned ones still run.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while ran.load(Ordering::SeqCst) < 1000 + SPAWNED_AFTER_LONG_STEP as usize {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the spawned calls ran");
+    }
 }

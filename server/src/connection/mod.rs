@@ -4,8 +4,9 @@
 //! The driver decides nothing: the handshake runs until it completes or the
 //! machine's Hello deadline closes the connection; the client's first stream
 //! is the control stream; every further stream is a call, reported to the
-//! machine in the order it was accepted and served by a task of its own
-//! ([`call`]); the timer task calls `handle_timeout` when the machine asks.
+//! machine in the order it was accepted and served by [`call`]: its first
+//! step in the accept loop, the rest (if it has to wait) in a task of its
+//! own; the timer task calls `handle_timeout` when the machine asks.
 
 mod call;
 mod state;
@@ -192,9 +193,9 @@ async fn drive(conn: &Arc<Conn>, start: Start) {
                         id = tracing::field::Empty,
                         method = tracing::field::Empty,
                     );
-                    tokio::spawn(serve.instrument(span));
+                    call::start(serve.instrument(span), &conn.spawn_next);
                 } else {
-                    tokio::spawn(serve);
+                    call::start(serve, &conn.spawn_next);
                 }
                 next_stream += 1;
             }

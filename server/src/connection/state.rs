@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -138,6 +139,9 @@ pub(crate) struct Conn {
     /// Told when the connection ends, for the contexts of its calls
     /// ([`Context::connection_closed`](crate::Context::connection_closed)).
     life: Arc<ConnectionLife>,
+    /// How many of the next calls start in a task of their own instead of
+    /// the accept loop (see [`start`](super::call::start)).
+    pub(crate) spawn_next: AtomicU32,
 }
 
 impl Drop for Conn {
@@ -177,6 +181,7 @@ impl Conn {
             shared,
             slot,
             life: ConnectionLife::new(id),
+            spawn_next: AtomicU32::new(0),
         }
     }
 
