@@ -4,9 +4,10 @@
 //! first step in the accept loop and spawns the rest only if it waits.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use teleport_protocol::server::{CallHead, CallStreamError, StreamIndex};
@@ -49,16 +50,26 @@ where
     let started = Instant::now();
     // A waker that does nothing: a call that waits is spawned right after,
     // and its task's first poll looks at everything again, registering its
-    // own waker.
-    let waits = serve
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-        .is_pending();
+    // own waker. A panic that escapes the call (the function's own panics
+    // are its call's error already) ends this call alone, as it would end
+    // a task of its own, not the accept loop.
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        serve.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }));
     if started.elapsed() > INLINE_STEP_LIMIT {
         spawn_next.store(SPAWNED_AFTER_LONG_STEP, Ordering::Relaxed);
     }
-    if waits {
-        tokio::spawn(serve);
+    match polled {
+        Ok(Poll::Ready(())) => {}
+        Ok(Poll::Pending) => drop(tokio::spawn(serve)),
+        Err(panic) => {
+            tracing::error!(
+                panic = %crate::function::panic_text(&*panic),
+                "serving a call panicked; the call is abandoned"
+            );
+            // Its drop may panic too; it must not reach the accept loop.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(serve)));
+        }
     }
 }
 
@@ -261,6 +272,25 @@ mod tests {
             .expect("the spawned call finished")
             .unwrap();
         assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_first_step_ends_that_call_only() {
+        let spawn_next = AtomicU32::new(0);
+        start(async { panic!("while serving") }, &spawn_next);
+        // The accept loop carries on and serves the next call (in a task if
+        // printing the panic made the step a long one).
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        start(
+            async move {
+                let _ = done.send(());
+            },
+            &spawn_next,
+        );
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the next call was served")
+            .unwrap();
     }
 
     #[tokio::test]

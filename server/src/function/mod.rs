@@ -31,6 +31,7 @@ pub(crate) use blocking::RunFunction;
 pub(crate) use context::ConnectionLife;
 pub use context::Context;
 pub use deferred::Responder;
+pub(crate) use panic::panic_text;
 pub use queue::{stack_calls, CallQueue, QueuedCall, StackedCalls};
 pub(crate) use spec::Env;
 pub use spec::{
