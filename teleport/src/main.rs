@@ -156,18 +156,14 @@ struct BenchArgs {
 /// one per core, otherwise).
 fn runtime_threads(command: &Command) -> Option<usize> {
     match command {
-        Command::Bench(args) => bench_threads(args),
+        Command::Bench(args) => match (args.worker_threads, &args.connect) {
+            (Some(threads), _) => Some(threads.into()),
+            // The bench's own servers share the machine with its client.
+            (None, None) => Some(bench::default_worker_threads()),
+            (None, Some(_)) => None,
+        },
         Command::BenchServer { worker_threads, .. } => worker_threads.map(usize::from),
         _ => None,
-    }
-}
-
-fn bench_threads(args: &BenchArgs) -> Option<usize> {
-    match (args.worker_threads, &args.connect) {
-        (Some(threads), _) => Some(threads.into()),
-        // The bench's own servers share the machine with its client.
-        (None, None) => Some(bench::default_worker_threads()),
-        (None, Some(_)) => None,
     }
 }
 
@@ -191,7 +187,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = runtime_threads(&cli.command) {
+    // The bench's processes also tell their servers (`Tuning`) what they got.
+    let worker_threads = runtime_threads(&cli.command);
+    if let Some(threads) = worker_threads {
         builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
@@ -210,7 +208,6 @@ fn main() -> ExitCode {
             Command::Pull(args) => queue_cli::pull(args).await,
             Command::Demo => demo::run().await,
             Command::Bench(args) => {
-                let worker_threads = bench_threads(&args);
                 bench::run(bench::Options {
                     quick: args.quick,
                     json: args.json,
@@ -231,12 +228,12 @@ fn main() -> ExitCode {
                 identity_dir,
                 mtu,
                 recycled_receive_memory,
-                worker_threads,
+                ..
             } => {
                 let tuning = bench::Tuning {
                     mtu,
                     recycled_receive_memory,
-                    worker_threads: worker_threads.map(usize::from),
+                    worker_threads,
                 };
                 bench::serve(&role, &identity_dir, &tuning).await
             }
