@@ -96,6 +96,15 @@ type Session = (
     (SendStream, RecvStream),
 );
 
+/// `count` sessions of `raw_session`, each its own connection.
+async fn raw_sessions(fixture: &Fixture, count: usize) -> Vec<Session> {
+    let mut sessions = Vec::with_capacity(count);
+    for _ in 0..count {
+        sessions.push(raw_session(fixture).await);
+    }
+    sessions
+}
+
 /// `per_connection` calls on each session's connection, each declaring
 /// `declared` bytes of data and sending one byte of it, then nothing.
 async fn stalled_calls(
@@ -149,10 +158,7 @@ async fn calls_that_declare_a_gigabyte_and_stop_cost_what_they_sent_and_time_out
     .await;
     // Four connections, 64 calls each (the most in flight per connection),
     // each call declaring 1 GiB and sending one byte of it.
-    let mut sessions = Vec::new();
-    for _ in 0..4 {
-        sessions.push(raw_session(&fixture).await);
-    }
+    let sessions = raw_sessions(&fixture, 4).await;
     let before = rss();
     let mut streams = stalled_calls(&sessions, 64, 1 << 30).await;
     // The calls of a connection declare together far more than its budget,
@@ -208,10 +214,7 @@ async fn calls_that_declare_megabytes_and_stop_cost_what_they_sent() {
     // byte: 896 MiB declared in all, less than each connection's budget, so
     // every one may start at once. The progress timeout is long enough for
     // all 128 to be open before the first is refused, on a slow machine too.
-    let mut sessions = Vec::new();
-    for _ in 0..2 {
-        sessions.push(raw_session(&fixture).await);
-    }
+    let sessions = raw_sessions(&fixture, 2).await;
     let before = rss();
     let mut streams = stalled_calls(&sessions, 64, 7 * MIB).await;
     common::wait_until("every call's byte is charged", || {

@@ -238,17 +238,30 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// Starts a call that adds `by` to `ran` and does nothing else.
+    fn start_counting(ran: &Arc<AtomicUsize>, by: usize, spawn_next: &AtomicU32) {
+        let counted = ran.clone();
+        start(
+            async move {
+                counted.fetch_add(by, Ordering::SeqCst);
+            },
+            spawn_next,
+        );
+    }
+
+    /// Waits (bounded) for a call to send on `done`'s other end.
+    async fn finished(finished: tokio::sync::oneshot::Receiver<()>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 5 s"))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_call_that_finishes_in_its_first_step_runs_in_place() {
         let spawn_next = AtomicU32::new(0);
         let ran = Arc::new(AtomicUsize::new(0));
-        let counted = ran.clone();
-        start(
-            async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-            },
-            &spawn_next,
-        );
+        start_counting(&ran, 1, &spawn_next);
         // Done before `start` returned: no task was needed.
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
@@ -258,7 +271,7 @@ mod tests {
     async fn a_call_that_waits_goes_on_in_a_task_of_its_own() {
         let spawn_next = AtomicU32::new(0);
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
         start(
             async move {
                 let _ = wait.await;
@@ -267,10 +280,7 @@ mod tests {
             &spawn_next,
         );
         go.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), finished)
-            .await
-            .expect("the spawned call finished")
-            .unwrap();
+        finished(done_rx, "the spawned call finished").await;
         assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
     }
 
@@ -280,17 +290,14 @@ mod tests {
         start(async { panic!("while serving") }, &spawn_next);
         // The accept loop carries on and serves the next call (in a task if
         // printing the panic made the step a long one).
-        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
         start(
             async move {
                 let _ = done.send(());
             },
             &spawn_next,
         );
-        tokio::time::timeout(Duration::from_secs(5), finished)
-            .await
-            .expect("the next call was served")
-            .unwrap();
+        finished(done_rx, "the next call was served").await;
     }
 
     #[tokio::test]
@@ -306,25 +313,13 @@ mod tests {
         assert_eq!(spawn_next.load(Ordering::SeqCst), SPAWNED_AFTER_LONG_STEP);
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..SPAWNED_AFTER_LONG_STEP {
-            let counted = ran.clone();
-            start(
-                async move {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                },
-                &spawn_next,
-            );
+            start_counting(&ran, 1, &spawn_next);
         }
         // None of them ran in place: each waits for its task.
         assert_eq!(ran.load(Ordering::SeqCst), 0, "a call ran in place");
         assert_eq!(spawn_next.load(Ordering::SeqCst), 0);
         // The one after them runs in place again.
-        let counted = ran.clone();
-        start(
-            async move {
-                counted.fetch_add(1000, Ordering::SeqCst);
-            },
-            &spawn_next,
-        );
+        start_counting(&ran, 1000, &spawn_next);
         assert_eq!(ran.load(Ordering::SeqCst), 1000);
         // The spawned ones still run.
         tokio::time::timeout(Duration::from_secs(5), async {
