@@ -47,6 +47,7 @@ pub mod client;
 mod codes;
 mod deadlines;
 mod dtype;
+mod id_map;
 mod limits;
 mod liveness;
 mod message;

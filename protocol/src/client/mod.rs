@@ -93,13 +93,14 @@ mod link;
 #[cfg(test)]
 mod tests;
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::time::Duration;
 
 use crate::deadlines::Deadlines;
+use crate::id_map::IdMap;
 use crate::liveness::{Liveness, LivenessEvent};
 use crate::server::token_matches;
 use crate::{
@@ -296,7 +297,7 @@ struct Entry {
 pub struct ClientProtocol {
     config: ClientConfig,
     link: Link,
-    calls: BTreeMap<RequestId, Entry>,
+    calls: IdMap<RequestId, Entry>,
     /// Calls waiting to be sent, in order.
     queue: VecDeque<RequestId>,
     in_flight: usize,
@@ -345,7 +346,7 @@ impl ClientProtocol {
         ClientProtocol {
             config,
             link: Link::Idle,
-            calls: BTreeMap::new(),
+            calls: IdMap::default(),
             queue: VecDeque::new(),
             in_flight: 0,
             timers: Deadlines::default(),
@@ -1262,7 +1263,9 @@ impl ClientProtocol {
 
     /// Fails every pending call, in flight or queued, with `cause`.
     fn fail_all(&mut self, now: Timestamp, cause: &CallError) {
-        let ids: Vec<RequestId> = self.calls.keys().copied().collect();
+        // In the order the calls were made.
+        let mut ids: Vec<RequestId> = self.calls.keys().copied().collect();
+        ids.sort_unstable();
         for id in ids {
             self.complete(now, id, Err(cause.clone()));
         }

@@ -5,6 +5,45 @@
 
 use super::*;
 
+/// The streams not yet admitted or refused, in stream order. Streams are
+/// reported in the order the transport accepted them, so a new one goes at
+/// the back and admission takes from the front: no tree to keep per call.
+/// One that leaves from the middle (a reset, a refusal) is found by binary
+/// search; there are at most as many as the peer may have streams open.
+#[derive(Debug, Default)]
+pub(super) struct Gate(VecDeque<StreamIndex>);
+
+impl Gate {
+    pub(super) fn insert(&mut self, stream: StreamIndex) {
+        match self.0.back() {
+            Some(&last) if last >= stream => {
+                if let Err(at) = self.0.binary_search(&stream) {
+                    self.0.insert(at, stream);
+                }
+            }
+            _ => self.0.push_back(stream),
+        }
+    }
+
+    pub(super) fn remove(&mut self, stream: &StreamIndex) {
+        if let Ok(at) = self.0.binary_search(stream) {
+            self.0.remove(at);
+        }
+    }
+
+    pub(super) fn first(&self) -> Option<&StreamIndex> {
+        self.0.front()
+    }
+
+    pub(super) fn pop_first(&mut self) -> Option<StreamIndex> {
+        self.0.pop_front()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 impl ServerProtocol {
     /// Admits or refuses the streams at the front of the gate, in order, for
     /// as long as the front one has its header.

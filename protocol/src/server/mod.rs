@@ -90,7 +90,7 @@ mod error;
 #[cfg(test)]
 mod tests;
 
-use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -99,10 +99,12 @@ use core::time::Duration;
 use subtle::ConstantTimeEq;
 
 use crate::deadlines::Deadlines;
+use crate::id_map::IdMap;
 use crate::{
     Call, CloseCode, ErrorKind, Goodbye, GoodbyeReason, Hello, Message, RemoteError, Reply,
     RequestId, StreamCode, Timestamp, Tree,
 };
+use admission::Gate;
 
 pub use capacity::Capacity;
 pub use config::{ServerConfig, DEFAULT_AGENT};
@@ -241,9 +243,9 @@ pub struct ServerProtocol {
     config: ServerConfig,
     phase: Phase,
     /// Call streams reported and not yet finished.
-    streams: BTreeMap<StreamIndex, Stream>,
+    streams: IdMap<StreamIndex, Stream>,
     /// Streams not yet admitted or refused, in order: the admission gate.
-    gate: BTreeSet<StreamIndex>,
+    gate: Gate,
     /// Admitted calls not yet answered.
     open: BTreeMap<RequestId, Open>,
     timers: Deadlines<Timer>,
@@ -277,8 +279,8 @@ impl ServerProtocol {
         ServerProtocol {
             config,
             phase: Phase::AwaitingHello,
-            streams: BTreeMap::new(),
-            gate: BTreeSet::new(),
+            streams: IdMap::default(),
+            gate: Gate::default(),
             open: BTreeMap::new(),
             timers,
             peer_agent: None,
@@ -896,7 +898,10 @@ impl ServerProtocol {
                 id,
             });
         }
-        for (stream, state) in core::mem::take(&mut self.streams) {
+        // In stream order, for outputs that do not depend on the map's.
+        let mut streams: Vec<_> = self.streams.drain().collect();
+        streams.sort_unstable_by_key(|&(stream, _)| stream);
+        for (stream, state) in streams {
             // A reply being written is let through: the client may read it.
             if matches!(state, Stream::Replying) {
                 self.streams.insert(stream, state);
