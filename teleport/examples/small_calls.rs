@@ -1,0 +1,129 @@
+//! A fixed number of small calls (1 KiB echoes) with a fixed number in
+//! flight, server and client in this one process on one runtime thread, over
+//! Teleport or over bare quinn with the same TLS and transport settings.
+//!
+//! It is the workload of `teleport bench`'s small calls made repeatable, for
+//! counting instructions per call with callgrind, which counts the same for
+//! the same binary and input whatever else the shared machine is doing
+//! (`docs/performance.md`, "Cheaper bookkeeping per call"):
+//!
+//! ```sh
+//! cargo build --release -p teleport --example small_calls
+//! for n in 5000 25000; do
+//!   valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.$n \
+//!     target/release/examples/small_calls teleport $n 64
+//! done
+//! ```
+//!
+//! The instructions of 20,000 calls are the difference of the two totals
+//! (`callgrind_annotate`'s first line), which leaves out the handshake and
+//! the certificate. Without valgrind it prints calls per second.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use teleport::quic::reference::{ReferenceClient, ReferenceMode, ReferenceServer};
+use teleport::{Array, Client, ClientTls, Identity, Server, ServerTls, TransportConfig, Tree};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: small_calls teleport|quinn CALLS IN_FLIGHT";
+    let (Some(stack), Some(calls), Some(in_flight)) = (args.get(1), args.get(2), args.get(3))
+    else {
+        bail!(usage);
+    };
+    let calls: usize = calls.parse().context(usage)?;
+    let in_flight: usize = in_flight.parse().context(usage)?;
+    if in_flight == 0 {
+        bail!("IN_FLIGHT must be at least 1");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::env::var("THREADS").map_or(1, |t| t.parse().unwrap_or(1)))
+        .enable_all()
+        .build()?
+        .block_on(run(stack, calls, in_flight))
+}
+
+async fn run(stack: &str, calls: usize, in_flight: usize) -> anyhow::Result<()> {
+    let identity = Identity::self_signed(["localhost"])?;
+    let fingerprint = identity.fingerprint();
+    let transport = TransportConfig::default();
+    let payload = Array::from_vec([256], vec![1.0f32; 256])?;
+    // Each of the `in_flight` loops makes its share of the calls.
+    let share = |worker: usize| calls / in_flight + usize::from(worker < calls % in_flight);
+    let started;
+    match stack {
+        "teleport" => {
+            let server = Server::builder()
+                .bind("echo", |args: Tree| async move { Ok(args) })
+                .identity(identity)
+                .transport(transport.clone())
+                .listen("127.0.0.1:0")
+                .await?;
+            let client = Client::builder(server.local_addr())
+                .pin(fingerprint)
+                .transport(transport)
+                .max_in_flight(in_flight)
+                .connect()
+                .await?;
+            started = Instant::now();
+            let loops = (0..in_flight).map(|worker| {
+                let (client, payload) = (client.clone(), payload.clone());
+                async move {
+                    for _ in 0..share(worker) {
+                        let reply = client.call("echo", Tree::Array(payload.clone())).await?;
+                        anyhow::ensure!(reply.into_array()?.nbytes() == 1024, "a short echo");
+                    }
+                    Ok(())
+                }
+            });
+            for done in futures_util::future::join_all(loops).await {
+                done?;
+            }
+            client.close();
+            server.shutdown(std::time::Duration::from_millis(100)).await;
+        }
+        "quinn" => {
+            let server = ReferenceServer::start(
+                "127.0.0.1:0".parse()?,
+                &ServerTls::new(identity),
+                &transport,
+            )?;
+            let client = Arc::new(
+                ReferenceClient::connect(
+                    server.local_addr()?,
+                    "localhost",
+                    &ClientTls::pinned(fingerprint),
+                    &transport,
+                )
+                .await?,
+            );
+            started = Instant::now();
+            let bytes: Bytes = payload.data().clone();
+            let loops = (0..in_flight).map(|worker| {
+                let (client, bytes) = (client.clone(), bytes.clone());
+                async move {
+                    for _ in 0..share(worker) {
+                        let reply = client.request(ReferenceMode::Echo, bytes.clone()).await?;
+                        anyhow::ensure!(reply.len() == 1024, "a short echo");
+                    }
+                    Ok(())
+                }
+            });
+            for done in futures_util::future::join_all(loops).await {
+                done?;
+            }
+            client.close().await;
+            server.close();
+        }
+        other => bail!("{other:?}: the stack is teleport or quinn"),
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{stack}: {calls} calls, {in_flight} in flight, {:.0} calls/s",
+        calls as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
