@@ -1,6 +1,7 @@
 //! A fixed number of small calls (1 KiB echoes) with a fixed number in
-//! flight, server and client in this one process on one runtime thread, over
-//! Teleport or over bare quinn with the same TLS and transport settings.
+//! flight, server and client in this one process on one tokio runtime (one
+//! worker thread; `THREADS=N` for more), over Teleport or over bare quinn
+//! with the same TLS and transport settings.
 //!
 //! It is the workload of `teleport bench`'s small calls made repeatable, for
 //! counting instructions per call with callgrind, which counts the same for
@@ -17,7 +18,11 @@
 //!
 //! The instructions of 20,000 calls are the difference of the two totals
 //! (`callgrind_annotate`'s first line), which leaves out the handshake and
-//! the certificate. Without valgrind it prints calls per second.
+//! the certificate. Without valgrind it prints calls per second. How many
+//! calls share a packet depends on the order the runtime polls things in,
+//! which differs between this one process and the bench's two (and between
+//! a current-thread and a one-worker runtime): compare builds with this,
+//! stacks with `teleport bench`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,8 +44,9 @@ fn main() -> anyhow::Result<()> {
     if in_flight == 0 {
         bail!("IN_FLIGHT must be at least 1");
     }
+    let threads = std::env::var("THREADS").map_or(Ok(1), |t| t.parse::<usize>());
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::env::var("THREADS").map_or(1, |t| t.parse().unwrap_or(1)))
+        .worker_threads(threads.context("THREADS is a number of threads")?.max(1))
         .enable_all()
         .build()?
         .block_on(run(stack, calls, in_flight))
