@@ -21,6 +21,13 @@
 //! connection moving to bigger messages does not hold the old sizes beside
 //! the new.
 //!
+//! A kept mapping goes to a section charged its whole size at once, or, when
+//! the budget cannot take that much now, is lent to it: charged as its bytes
+//! arrive like a fresh mapping, and still counted as kept (a [`Loan`]) until
+//! it is dropped. So the memory that sections hold uncharged never exceeds
+//! the bound on kept memory, as when the mapping stayed kept, while no fresh
+//! mapping is zeroed beside a kept one that waits.
+//!
 //! Reuse exposes nothing of an earlier message: the decoder writes a data
 //! section's every byte, in order, before any array of it is handed out, and
 //! an array sees only its own bytes.
@@ -82,6 +89,13 @@ impl Recycler {
     /// message cannot pin a big mapping. Without one, the kept mappings
     /// smaller than `len` are returned to the kernel.
     pub(crate) fn take(&self, len: usize) -> Option<MmapMut> {
+        // The loan ends here: the mapping counts as kept no longer.
+        self.lend(len).map(|(map, _loan)| map)
+    }
+
+    /// [`take`](Self::take), with the mapping's bytes still counted as kept
+    /// for as long as the [`Loan`] lives.
+    pub(crate) fn lend(&self, len: usize) -> Option<(MmapMut, Loan)> {
         let slack = (len / 8).max(super::memory::mapping_step(len));
         let mut kept = self.lock();
         let fit = kept
@@ -93,8 +107,11 @@ impl Recycler {
         match fit {
             Some(i) => {
                 let map = kept.swap_remove(i);
-                self.shared.give_back(map.len());
-                Some(map)
+                let loan = Loan {
+                    shared: self.shared.clone(),
+                    bytes: map.len(),
+                };
+                Some((map, loan))
             }
             None => {
                 let (smaller, rest): (Vec<_>, Vec<_>) = kept.drain(..).partition(|m| m.len() < len);
@@ -134,6 +151,12 @@ impl Recycler {
         self.lock().iter().map(|m| m.len()).sum()
     }
 
+    /// Bytes counted against the kept bound, lent mappings included.
+    #[cfg(test)]
+    pub(crate) fn counted_bytes(&self) -> usize {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MmapMut>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -147,6 +170,20 @@ impl Drop for Recycler {
     }
 }
 
+/// Bytes of the kept bound still counted for a mapping taken out of a
+/// recycler; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Loan {
+    shared: Arc<KeptMemory>,
+    bytes: usize,
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.shared.give_back(self.bytes);
+    }
+}
+
 /// A mapping holding one data section of `len` bytes; when dropped, it goes
 /// back to the connection it came from, if that connection is still there.
 #[derive(Debug)]
@@ -154,6 +191,8 @@ pub(crate) struct Mapping {
     map: Option<MmapMut>,
     len: usize,
     home: Weak<Recycler>,
+    /// A kept mapping lent to a section not charged for it whole.
+    loan: Option<Loan>,
 }
 
 impl Mapping {
@@ -165,7 +204,16 @@ impl Mapping {
             map: Some(map),
             len,
             home: home.map_or_else(Weak::new, Arc::downgrade),
+            loan: None,
         }
+    }
+
+    /// A kept mapping lent by `home` (see [`Recycler::lend`]): its bytes
+    /// count as kept until it is dropped.
+    pub(crate) fn lent(map: MmapMut, len: usize, home: &Arc<Recycler>, loan: Loan) -> Mapping {
+        let mut mapping = Mapping::new(map, len, Some(home));
+        mapping.loan = Some(loan);
+        mapping
     }
 }
 
@@ -184,6 +232,8 @@ impl AsMut<[u8]> for Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // The loan ends first, so the mapping can be kept again.
+        drop(self.loan.take());
         if let (Some(map), Some(home)) = (self.map.take(), self.home.upgrade()) {
             home.keep(map);
         }
@@ -255,6 +305,27 @@ mod tests {
         );
         drop(orphan); // its connection is gone: simply unmapped
         assert_eq!(shared.bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lent_mapping_counts_as_kept_until_it_is_dropped() {
+        let recycler = Recycler::new(KeptMemory::new(), 16 * MIB);
+        drop(Mapping::new(anon(16 * MIB), 16 * MIB, Some(&recycler)));
+        let (map, loan) = recycler.lend(16 * MIB).expect("the kept mapping fits");
+        let lent = Mapping::lent(map, 16 * MIB, &recycler, loan);
+        assert_eq!(recycler.kept_bytes(), 0);
+        assert_eq!(recycler.counted_bytes(), 16 * MIB);
+        // The bound is full while it is lent: nothing else is kept.
+        drop(Mapping::new(anon(MIB), MIB, Some(&recycler)));
+        assert_eq!(recycler.kept_bytes(), 0);
+        // Dropped, it is kept again and counted once.
+        drop(lent);
+        assert_eq!(recycler.kept_bytes(), 16 * MIB);
+        assert_eq!(recycler.counted_bytes(), 16 * MIB);
+        // Taken (not lent), it counts no longer.
+        let taken = recycler.take(16 * MIB).expect("kept again");
+        assert_eq!(recycler.counted_bytes(), 0);
+        drop(taken);
     }
 
     #[test]
