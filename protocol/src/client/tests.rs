@@ -964,6 +964,37 @@ fn a_lost_connection_fails_its_calls_unless_idempotent_which_go_first_next_time(
 }
 
 #[test]
+fn calls_lost_with_their_connection_are_resent_and_failed_in_the_order_they_were_made() {
+    let config = ClientConfig {
+        max_in_flight: 64,
+        ..ClientConfig::default()
+    };
+    let (mut c, conn) = client(config);
+    let (mut idempotent, mut plain) = (Vec::new(), Vec::new());
+    for i in 0..40 {
+        if i % 2 == 0 {
+            let options = CallOptions::default().idempotent(true);
+            idempotent.push(c.start_call(at(0), "g", tree!([1]), options).unwrap());
+        } else {
+            plain.push(start(&mut c, at(0), None));
+        }
+    }
+    drain(&mut c);
+    c.connection_lost(at(1), conn, "reset by peer");
+    let out = drain(&mut c);
+    let failed: Vec<RequestId> = completed(&out).iter().map(|(id, _)| *id).collect();
+    assert_eq!(failed, plain, "failed in the order they were made");
+    let wait = c.poll_timeout().unwrap();
+    c.handle_timeout(wait);
+    let (_, out) = establish(&mut c, wait);
+    assert_eq!(
+        sent(&out),
+        idempotent,
+        "re-sent in the order they were made"
+    );
+}
+
+#[test]
 fn without_reconnecting_a_lost_connection_fails_everything_until_connect() {
     let config = ClientConfig {
         reconnect: None,
