@@ -557,10 +557,9 @@ impl DataAllocator for BudgetedMemory {
             // A kept mapping is memory already: charged whole now if the
             // budget can take it, else lent (charged as its bytes arrive and
             // counted as kept until dropped), so what a stalled section holds
-            // uncharged stays within the kept bound. Before, a kept mapping
-            // the budget could not take whole was left kept and a fresh one
-            // zeroed beside it: with eight 256 MiB uploads in flight nearly
-            // every buffer was fresh (`docs/performance.md`).
+            // uncharged stays within the kept bound, and no fresh mapping is
+            // zeroed while a kept one waits (`docs/performance.md`, "256 MiB
+            // with 8 in flight").
             let kept = recycler.and_then(|r| {
                 let (map, loan) = r.lend(len)?;
                 Some(if reservation.try_grow_to(map.len()) {
