@@ -24,8 +24,9 @@
 //! a current-thread and a one-worker runtime): compare builds with this,
 //! stacks with `teleport bench`.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -57,10 +58,7 @@ async fn run(stack: &str, calls: usize, in_flight: usize) -> anyhow::Result<()> 
     let fingerprint = identity.fingerprint();
     let transport = TransportConfig::default();
     let payload = Array::from_vec([256], vec![1.0f32; 256])?;
-    // Each of the `in_flight` loops makes its share of the calls.
-    let share = |worker: usize| calls / in_flight + usize::from(worker < calls % in_flight);
-    let started;
-    match stack {
+    let elapsed = match stack {
         "teleport" => {
             let server = Server::builder()
                 .bind("echo", |args: Tree| async move { Ok(args) })
@@ -74,22 +72,17 @@ async fn run(stack: &str, calls: usize, in_flight: usize) -> anyhow::Result<()> 
                 .max_in_flight(in_flight)
                 .connect()
                 .await?;
-            started = Instant::now();
-            let loops = (0..in_flight).map(|worker| {
+            let elapsed = echo_loops(calls, in_flight, || {
                 let (client, payload) = (client.clone(), payload.clone());
                 async move {
-                    for _ in 0..share(worker) {
-                        let reply = client.call("echo", Tree::Array(payload.clone())).await?;
-                        anyhow::ensure!(reply.into_array()?.nbytes() == 1024, "a short echo");
-                    }
-                    Ok(())
+                    let reply = client.call("echo", Tree::Array(payload)).await?;
+                    Ok(reply.into_array()?.nbytes())
                 }
-            });
-            for done in futures_util::future::join_all(loops).await {
-                done?;
-            }
+            })
+            .await?;
             client.close();
-            server.shutdown(std::time::Duration::from_millis(100)).await;
+            server.shutdown(Duration::from_millis(100)).await;
+            elapsed
         }
         "quinn" => {
             let server = ReferenceServer::start(
@@ -106,30 +99,46 @@ async fn run(stack: &str, calls: usize, in_flight: usize) -> anyhow::Result<()> 
                 )
                 .await?,
             );
-            started = Instant::now();
             let bytes: Bytes = payload.data().clone();
-            let loops = (0..in_flight).map(|worker| {
+            let elapsed = echo_loops(calls, in_flight, || {
                 let (client, bytes) = (client.clone(), bytes.clone());
-                async move {
-                    for _ in 0..share(worker) {
-                        let reply = client.request(ReferenceMode::Echo, bytes.clone()).await?;
-                        anyhow::ensure!(reply.len() == 1024, "a short echo");
-                    }
-                    Ok(())
-                }
-            });
-            for done in futures_util::future::join_all(loops).await {
-                done?;
-            }
+                async move { Ok(client.request(ReferenceMode::Echo, bytes).await?.len()) }
+            })
+            .await?;
             client.close().await;
             server.close();
+            elapsed
         }
         other => bail!("{other:?}: the stack is teleport or quinn"),
-    }
-    let elapsed = started.elapsed();
+    };
     println!(
         "{stack}: {calls} calls, {in_flight} in flight, {:.0} calls/s",
         calls as f64 / elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// Makes `calls` echoes with `in_flight` loops, each its share of them, and
+/// returns how long they took. `echo` makes one and returns the bytes that
+/// came back.
+async fn echo_loops<F, Fut>(calls: usize, in_flight: usize, echo: F) -> anyhow::Result<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<usize>>,
+{
+    let share = |worker: usize| calls / in_flight + usize::from(worker < calls % in_flight);
+    let started = Instant::now();
+    let loops = (0..in_flight).map(|worker| {
+        let echo = &echo;
+        async move {
+            for _ in 0..share(worker) {
+                anyhow::ensure!(echo().await? == 1024, "a short echo");
+            }
+            Ok(())
+        }
+    });
+    for done in futures_util::future::join_all(loops).await {
+        done?;
+    }
+    Ok(started.elapsed())
 }
