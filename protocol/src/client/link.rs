@@ -38,14 +38,7 @@ impl ClientProtocol {
         let reconnect = self.config.reconnect;
         // Calls that may run twice go first on the next connection, in their
         // original order; the others fail.
-        let mut lost: Vec<RequestId> = self
-            .calls
-            .iter()
-            .filter(|(_, e)| e.at == Where::InFlight { conn })
-            .map(|(&id, _)| id)
-            .collect();
-        // The map is not in id order; the calls' order is.
-        lost.sort_unstable();
+        let lost = self.ids_in_order(|e| e.at == Where::InFlight { conn });
         let mut resend = Vec::new();
         for id in lost {
             let entry = self.calls.get_mut(&id).expect("listed above");

@@ -1261,12 +1261,23 @@ impl ClientProtocol {
         self.fill(now);
     }
 
+    /// The ids of the pending calls `keep` accepts, in the order the calls
+    /// were made (the map's own order is not theirs), for outputs that must
+    /// come out in that order.
+    fn ids_in_order(&self, keep: impl Fn(&Entry) -> bool) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = self
+            .calls
+            .iter()
+            .filter(|(_, e)| keep(e))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Fails every pending call, in flight or queued, with `cause`.
     fn fail_all(&mut self, now: Timestamp, cause: &CallError) {
-        // In the order the calls were made.
-        let mut ids: Vec<RequestId> = self.calls.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
+        for id in self.ids_in_order(|_| true) {
             self.complete(now, id, Err(cause.clone()));
         }
     }
